@@ -1,0 +1,1 @@
+"""Load balancing over registered instances (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Consumer groups: topics, groups, members, assignment and rebalancing (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The service registry: services, leases, health, label selectors and API tokens."""

@@ -1,0 +1,197 @@
+"""Operators' admin: services with effective health and lease time left, deregister and drain; API tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+
+from . import leases
+from .models import ApiToken, Health, Service
+from .validators import parse_selector
+
+BADGE_COLOURS = {
+    Health.HEALTHY: "#1e7e34",
+    Health.DEGRADED: "#c77c02",
+    Health.UNHEALTHY: "#c0392b",
+    Health.UNKNOWN: "#6c757d",
+}
+
+
+def _seconds(delta_seconds: float) -> str:
+    seconds = int(abs(delta_seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds}s"
+
+
+class EffectiveHealthFilter(admin.SimpleListFilter):
+    title = "health"
+    parameter_name = "health"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Health.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in Health.values:
+            return queryset.with_effective_health(self.value(), leases.lapsed_ids(timezone.now()))
+        return queryset
+
+
+class LiveLeaseChangeList(ChangeList):
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        # One Redis round trip for the page, so health and time left are current.
+        self.result_list = leases.attach_live_leases(self.result_list)
+
+
+@admin.register(Service)
+class ServiceAdmin(admin.ModelAdmin):
+    list_display = [
+        "service_id",
+        "service_name",
+        "service_type",
+        "health_badge",
+        "lease_left",
+        "endpoint",
+        "group_id",
+        "weight",
+        "registered_at",
+    ]
+    list_filter = [
+        "service_type",
+        EffectiveHealthFilter,
+        ("service_name", admin.AllValuesFieldListFilter),
+        ("group_id", admin.AllValuesFieldListFilter),
+    ]
+    search_fields = ["service_id", "service_name", "endpoint", "label_rows__key", "label_rows__value"]
+    search_help_text = "Search id, name, endpoint or label; k=v (or k=v,k2=v2) matches labels exactly."
+    actions = ["deregister", "drain"]
+    list_per_page = 100
+    fieldsets = [
+        (None, {"fields": ["service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display"]}),
+        ("Health and lease", {"fields": ["health_badge", "health", "lease_left", "live_lease_expires_at",
+                                         "last_heartbeat", "lease_duration", "deregister_after", "registered_at"]}),
+        ("Balancing", {"fields": ["weight"], "description": "Weight 0 drains the instance: it is never selected."}),
+        ("Ownership", {"fields": ["owner"]}),
+    ]
+    readonly_fields = [
+        "service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display",
+        "health_badge", "health", "lease_left", "live_lease_expires_at", "last_heartbeat",
+        "lease_duration", "deregister_after", "registered_at", "owner",
+    ]
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return LiveLeaseChangeList
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Service | None:
+        service = super().get_object(request, object_id, from_field)
+        if service is not None:
+            leases.attach_live_leases([service])
+        return service
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        if "=" in search_term:
+            try:
+                return queryset.matching(parse_selector(search_term)), False
+            except Exception:  # noqa: BLE001 - not a selector: fall back to plain search
+                pass
+        return super().get_search_results(request, queryset, search_term)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # services register themselves through the API
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # "deregister" also clears the lease store
+        return actions
+
+    @admin.display(description="health")
+    def health_badge(self, service: Service) -> str:
+        health = service.effective_health(timezone.now())
+        note = " (lease lapsed)" if health == Health.UNHEALTHY and service.health != Health.UNHEALTHY else ""
+        return format_html(
+            '<span style="background:{};color:#fff;padding:2px 8px;border-radius:10px;font-weight:600">{}</span>{}',
+            BADGE_COLOURS[health], health, note,
+        )
+
+    @admin.display(description="lease")
+    def lease_left(self, service: Service) -> str:
+        now: datetime = timezone.now()
+        left = (service.expires_at - now).total_seconds()
+        if left > 0:
+            return f"{_seconds(left)} left"
+        removal = left + service.deregister_after
+        tail = f"removal in {_seconds(removal)}" if removal > 0 else "removal due"
+        return f"lapsed {_seconds(left)} ago, {tail}"
+
+    @admin.display(description="lease expires at")
+    def live_lease_expires_at(self, service: Service) -> datetime:
+        return service.expires_at
+
+    @admin.display(description="labels")
+    def labels_display(self, service: Service) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(service.labels.items())) or "-"
+
+    @admin.action(description="Deregister selected services", permissions=["delete"])
+    def deregister(self, request: HttpRequest, queryset: QuerySet) -> None:
+        removed = 0
+        for service_id in queryset.values_list("pk", flat=True):
+            try:
+                leases.deregister(service_id, None)
+                removed += 1
+            except leases.ServiceNotFound:
+                pass
+        self.message_user(request, f"Deregistered {removed} service(s).", messages.SUCCESS)
+
+    @admin.action(description="Drain selected services (weight 0)", permissions=["change"])
+    def drain(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = leases.set_weight(list(queryset.values_list("pk", flat=True)), 0)
+        self.message_user(request, f"Drained {changed} service(s): weight set to 0.", messages.SUCCESS)
+
+    def delete_model(self, request: HttpRequest, obj: Service) -> None:
+        try:
+            leases.deregister(obj.pk, None)
+        except leases.ServiceNotFound:
+            pass
+
+    def save_model(self, request: HttpRequest, obj: Service, form: Any, change: bool) -> None:
+        # Only the weight is editable here; write just that column.
+        leases.set_weight([obj.pk], obj.weight)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "key_prefix", "is_staff", "is_active", "service_count", "created_at"]
+    list_filter = ["is_staff", "is_active"]
+    search_fields = ["name", "key_prefix"]
+    readonly_fields = ["key_prefix", "created_at"]
+    fields = ["name", "is_staff", "is_active", "key_prefix", "created_at"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).annotate(n_services=Count("services"))
+
+    @admin.display(description="services", ordering="n_services")
+    def service_count(self, token: ApiToken) -> int:
+        return token.n_services
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        if not change:
+            key = ApiToken.generate_key()
+            obj.set_key(key)
+            super().save_model(request, obj, form, change)
+            self.message_user(
+                request,
+                f"Token {obj.name!r} created. Its key, shown only this once: {key}",
+                messages.WARNING,
+            )
+            return
+        super().save_model(request, obj, form, change)

@@ -1,0 +1,114 @@
+"""The heartbeat fast path: an ASGI route in front of Django for POST /api/v1/services/{id}/heartbeat/.
+
+Heartbeats are most of the traffic. Here one is a body parse and one Redis script call on
+the event loop: no Django request cycle, no database. It runs the same ``heartbeat_flow``
+and ``parse_heartbeat_body`` as the DRF view, so validation, auth and answers are the same;
+only state changes (a new reported health, a missing lease entry, an uncached token) reach
+the database, through a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import redis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.http.request import split_domain_port, validate_host
+from django.utils import timezone
+
+from . import lease_store
+from .auth import token_from_header
+from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
+from .redis_client import get_async_redis
+from .serializers import parse_heartbeat_body
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PATH = re.compile(r"^/api/v1/services/([^/]+)/heartbeat/$")
+MAX_BODY = 64 * 1024
+
+
+def _with_fresh_connection(fn: Any, *args: Any) -> Any:
+    # Outside Django's request cycle nobody closes stale connections for us. (Inside an
+    # atomic block, as under a test's transaction, the connection is in use: leave it.)
+    if not connection.in_atomic_block:
+        close_old_connections()
+    return fn(*args)
+
+
+async def run_flow_async(flow: Any, r: Any) -> HeartbeatResult:
+    """Drive a heartbeat flow on the event loop; database steps run in Django's sync thread."""
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, Eval):
+                try:
+                    reply = await r.evalsha(lease_store.HEARTBEAT_SHA, len(step.keys), *step.keys, *step.args)
+                except redis.exceptions.NoScriptError:
+                    reply = await r.eval(lease_store.HEARTBEAT_LUA, len(step.keys), *step.keys, *step.args)
+            else:
+                assert isinstance(step, Call)
+                reply = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)
+            step = flow.send(reply)
+    except StopIteration as stop:
+        return stop.value
+
+
+class HeartbeatFastPath:
+    """ASGI middleware: serves heartbeats itself and passes every other request to ``app``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = HEARTBEAT_PATH.match(scope["path"])
+            if match:
+                await self.heartbeat(match.group(1), scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def heartbeat(self, service_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        domain, _port = split_domain_port(host)
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host!r}."})
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY:
+                await _respond(send, 413, {"detail": f"Heartbeat body is larger than {MAX_BODY} bytes."})
+                return
+        health, error = parse_heartbeat_body(body)
+        if error is not None:
+            await _respond(send, 400, error)
+            return
+        token = token_from_header(headers.get(b"authorization", b"").decode("latin-1"))
+        try:
+            result = await run_flow_async(heartbeat_flow(service_id, token, health, timezone.now()), get_async_redis())
+        except redis.RedisError as exc:
+            log.error("heartbeat for %s failed: Redis unavailable: %s", service_id, exc)
+            await _respond(send, 503, {"detail": "Lease store unavailable; retry shortly."})
+            return
+        await _respond(send, result.status, result.body)
+
+
+async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="api"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

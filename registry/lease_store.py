@@ -1,0 +1,210 @@
+"""Lease state in Redis: deadlines, removal deadlines, lease settings and reported health per service,
+the token cache the heartbeat fast path authenticates against, and the registry's shared counters.
+
+Redis is the authority for *when* a lease expires (a heartbeat is one Lua call here and no
+database write); the database is the authority for *what* is registered. Every service row
+has an entry here, written under the row lock by ``registry.leases``; when Redis has lost its
+state (no ``built`` marker), ``registry.leases.rebuild_lease_state`` restores it from the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from django.conf import settings
+
+# Heartbeat: authenticate, authorise, renew and compare reported health in one round trip.
+# Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
+#          | {"REBUILD"} | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
+HEARTBEAT_LUA = """
+if redis.call('EXISTS', KEYS[6]) == 0 then return {'REBUILD'} end
+local token = redis.call('GET', KEYS[5])
+if not token then return {'TOKEN_MISS'} end
+local conf = redis.call('HGET', KEYS[3], ARGV[1])
+if not conf then return {'NOT_FOUND'} end
+local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
+local token_id, staff = string.match(token, '^(.*):(%d)$')
+if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
+local deadline = tonumber(ARGV[3]) + tonumber(lease_ms)
+redis.call('ZADD', KEYS[1], deadline, ARGV[1])
+redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
+redis.call('INCR', KEYS[7])
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[4] then
+  return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
+end
+return {'OK', tostring(deadline), lease_ms}
+"""
+
+HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
+
+# Remove the given services whose removal deadline is before now; returns the ids removed.
+REMOVE_LAPSED_LUA = """
+local removed = {}
+for i, id in ipairs(ARGV) do
+  if i > 1 then
+    local score = redis.call('ZSCORE', KEYS[2], id)
+    if (not score) or tonumber(score) < tonumber(ARGV[1]) then
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], id)
+      redis.call('HDEL', KEYS[4], id)
+      table.insert(removed, id)
+    end
+  end
+end
+return removed
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    deadline: str
+    removal: str
+    conf: str
+    health: str
+    tokens: str
+    built: str
+    counters: str
+
+    def heartbeat_keys(self, key_hash: str) -> list[str]:
+        return [
+            self.deadline, self.removal, self.conf, self.health,
+            self.token(key_hash), self.built, self.counter("heartbeats"),
+        ]
+
+    def token(self, key_hash: str) -> str:
+        return f"{self.tokens}:{key_hash}"
+
+    def counter(self, name: str) -> str:
+        return f"{self.counters}:{name}"
+
+
+def keys() -> Keys:
+    p = settings.REGISTRY_REDIS_PREFIX
+    return Keys(
+        deadline=f"{p}lease:deadline",
+        removal=f"{p}lease:removal",
+        conf=f"{p}lease:conf",
+        health=f"{p}lease:health",
+        tokens=f"{p}tokens",
+        built=f"{p}lease:built",
+        counters=f"{p}counter",
+    )
+
+
+def to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int | float) -> datetime:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+
+
+def conf_value(lease_seconds: int, deregister_after: int, owner_id: int | None) -> str:
+    return f"{lease_seconds * 1000}:{deregister_after * 1000}:{owner_id or ''}"
+
+
+def token_value(token_id: int, is_staff: bool) -> str:
+    return f"{token_id}:{1 if is_staff else 0}"
+
+
+def put(
+    r: redis.Redis,
+    service_id: str,
+    *,
+    deadline_ms: int,
+    lease_seconds: int,
+    deregister_after: int,
+    owner_id: int | None,
+    health: str,
+    only_if_absent: bool = False,
+) -> None:
+    """Write a service's whole lease entry atomically (MULTI/EXEC)."""
+    k = keys()
+    pipe = r.pipeline(transaction=True)
+    pipe.zadd(k.deadline, {service_id: deadline_ms}, nx=only_if_absent)
+    pipe.zadd(k.removal, {service_id: deadline_ms + deregister_after * 1000}, nx=only_if_absent)
+    conf = conf_value(lease_seconds, deregister_after, owner_id)
+    if only_if_absent:
+        pipe.hsetnx(k.conf, service_id, conf)
+        pipe.hsetnx(k.health, service_id, health)
+    else:
+        pipe.hset(k.conf, service_id, conf)
+        pipe.hset(k.health, service_id, health)
+    pipe.execute()
+
+
+def remove(r: redis.Redis, service_ids: Sequence[str]) -> None:
+    if not service_ids:
+        return
+    k = keys()
+    pipe = r.pipeline(transaction=True)
+    pipe.zrem(k.deadline, *service_ids)
+    pipe.zrem(k.removal, *service_ids)
+    pipe.hdel(k.conf, *service_ids)
+    pipe.hdel(k.health, *service_ids)
+    pipe.execute()
+
+
+def set_health(r: redis.Redis, service_id: str, health: str) -> None:
+    r.hset(keys().health, service_id, health)
+
+
+def deadlines(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, int]:
+    if not service_ids:
+        return {}
+    scores = r.zmscore(keys().deadline, list(service_ids))
+    return {sid: int(score) for sid, score in zip(service_ids, scores, strict=True) if score is not None}
+
+
+def lapsed_ids(r: redis.Redis, now_ms: int) -> list[str]:
+    """Ids whose lease deadline is at or before now."""
+    return [raw.decode() for raw in r.zrangebyscore(keys().deadline, "-inf", now_ms)]
+
+
+def removal_candidates(r: redis.Redis, now_ms: int, limit: int) -> list[str]:
+    return [raw.decode() for raw in r.zrangebyscore(keys().removal, "-inf", f"({now_ms}", start=0, num=limit)]
+
+
+def remove_if_lapsed(r: redis.Redis, service_ids: Sequence[str], now_ms: int) -> list[str]:
+    if not service_ids:
+        return []
+    k = keys()
+    removed = r.eval(REMOVE_LAPSED_LUA, 4, k.deadline, k.removal, k.conf, k.health, now_ms, *service_ids)
+    return [raw.decode() for raw in removed]
+
+
+# A cached token is re-checked against the database at least this often, so a revocation
+# that could not reach Redis (Redis down at that moment) still takes effect.
+TOKEN_CACHE_SECONDS = 300
+
+
+def cache_token(r: redis.Redis, key_hash: str, token_id: int, is_staff: bool) -> None:
+    r.set(keys().token(key_hash), token_value(token_id, is_staff), ex=TOKEN_CACHE_SECONDS)
+
+
+def forget_token(r: redis.Redis, key_hash: str) -> None:
+    r.delete(keys().token(key_hash))
+
+
+def is_built(r: redis.Redis) -> bool:
+    return bool(r.exists(keys().built))
+
+
+def mark_built(r: redis.Redis) -> None:
+    r.set(keys().built, "1")
+
+
+def incr(r: redis.Redis, name: str, amount: int = 1) -> None:
+    if amount:
+        r.incrby(keys().counter(name), amount)
+
+
+def counters(r: redis.Redis, names: Iterable[str]) -> dict[str, int]:
+    names = list(names)
+    values = r.mget([keys().counter(n) for n in names])
+    return {n: int(v or 0) for n, v in zip(names, values, strict=True)}

@@ -1,0 +1,324 @@
+"""Registering, renewing, deregistering and expiring services.
+
+``register``, ``deregister`` and ``record_health`` change the database row and its Redis lease
+entry together, under the row lock, so readers and the cleanup job never see one without the
+other for longer than a crash window that ``reconcile`` repairs. ``heartbeat_flow`` is the
+heartbeat protocol written once, as a sequence of steps that a sync driver (the DRF view) or
+an async driver (the ASGI fast path) executes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+import redis
+from django.conf import settings
+from django.db import transaction
+
+from . import lease_store
+from .models import ApiToken, Health, Service, ServiceLabel, hash_token
+from .redis_client import get_redis
+
+log = logging.getLogger(__name__)
+
+
+class ServiceNotFound(Exception):
+    """No service is registered under this id (never was, deregistered, or expired)."""
+
+
+class NotOwner(Exception):
+    """The token may not change this service: it did not create it and is not staff."""
+
+
+def _set_labels(service: Service, labels: dict[str, str], *, replace: bool) -> None:
+    if replace:
+        ServiceLabel.objects.filter(service=service).delete()
+    ServiceLabel.objects.bulk_create(ServiceLabel(service=service, key=k, value=v) for k, v in labels.items())
+
+
+def _put_lease(r: redis.Redis, service: Service, deadline_ms: int, *, only_if_absent: bool = False) -> None:
+    lease_store.put(
+        r,
+        service.service_id,
+        deadline_ms=deadline_ms,
+        lease_seconds=service.lease_duration,
+        deregister_after=service.deregister_after,
+        owner_id=service.owner_id,
+        health=service.health,
+        only_if_absent=only_if_absent,
+    )
+
+
+def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Service, bool]:
+    """Register ``data['service_id']`` or re-register it (same owner, or a staff token).
+
+    Returns the service and whether it was created. A re-registration replaces every field
+    given, resets the lease from ``now`` and keeps ``registered_at`` and the owner.
+    """
+    r = get_redis()
+    lease = data.get("lease_duration") or settings.REGISTRY_DEFAULT_LEASE
+    deregister_after = data.get("deregister_after")
+    if deregister_after is None:
+        deregister_after = settings.REGISTRY_DEREGISTER_AFTER
+    deadline_ms = lease_store.to_ms(now) + lease * 1000
+    fields = {
+        "service_name": data["service_name"],
+        "service_type": data["service_type"],
+        "endpoint": data["endpoint"],
+        "labels": data.get("labels") or {},
+        "health": data.get("health") or Health.HEALTHY,
+        "group_id": data.get("group_id") or None,
+        "weight": 100 if data.get("weight") is None else data["weight"],
+        "lease_duration": lease,
+        "deregister_after": deregister_after,
+        "lease_expires_at": lease_store.from_ms(deadline_ms),
+    }
+    with transaction.atomic():
+        service = Service.objects.select_for_update().filter(pk=data["service_id"]).first()
+        created = service is None
+        if created:
+            service = Service.objects.create(
+                service_id=data["service_id"], registered_at=now, owner=token, **fields
+            )
+            _set_labels(service, fields["labels"], replace=False)
+        else:
+            if not token.may_change(service):
+                raise NotOwner(service.service_id)
+            labels_changed = service.labels != fields["labels"]
+            for name, value in fields.items():
+                setattr(service, name, value)
+            service.save(update_fields=list(fields))
+            if labels_changed:
+                _set_labels(service, fields["labels"], replace=True)
+        # The Redis entry is part of the record, written under the row lock (see module doc).
+        _put_lease(r, service, deadline_ms)
+        service.live_expires_at = service.lease_expires_at
+        transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
+    return service, created
+
+
+def deregister(service_id: str, actor: ApiToken | None) -> None:
+    """Remove a service. ``actor`` None is an operator acting through the admin (already authorised)."""
+    r = get_redis()
+    with transaction.atomic():
+        service = Service.objects.select_for_update().filter(pk=service_id).first()
+        if service is None:
+            raise ServiceNotFound(service_id)
+        if actor is not None and not actor.may_change(service):
+            raise NotOwner(service_id)
+        lease_store.remove(r, [service_id])
+        service.delete()
+        transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
+
+
+def set_weight(service_ids: Sequence[str], weight: int) -> int:
+    """Set the balancing weight of the given services (0 drains them); returns how many changed."""
+    return Service.objects.filter(pk__in=list(service_ids)).update(weight=weight)
+
+
+def attach_live_leases(services: Iterable[Service]) -> list[Service]:
+    """Load the Redis deadlines of ``services`` (one round trip) so their effective health is current."""
+    services = list(services)
+    live = lease_store.deadlines(get_redis(), [s.service_id for s in services])
+    for service in services:
+        ms = live.get(service.service_id)
+        service.live_expires_at = lease_store.from_ms(ms) if ms is not None else None
+    return services
+
+
+def lapsed_ids(now: datetime) -> list[str]:
+    return lease_store.lapsed_ids(get_redis(), lease_store.to_ms(now))
+
+
+def expire_lapsed(now: datetime, limit: int | None = None) -> list[str]:
+    """Remove up to ``limit`` services whose lease lapsed more than their ``deregister_after`` ago.
+
+    Returns the ids removed (empty when there was nothing to do). A heartbeat that renews a
+    candidate between selection and removal wins: Redis re-checks each deadline atomically.
+    """
+    r = get_redis()
+    now_ms = lease_store.to_ms(now)
+    candidates = lease_store.removal_candidates(r, now_ms, limit or settings.REGISTRY_CLEANUP_BATCH)
+    if not candidates:
+        return []
+    with transaction.atomic():
+        locked = set(Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True))
+        removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
+        Service.objects.filter(pk__in=removed).delete()
+        if removed:
+            log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
+            transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
+    return removed
+
+
+# --- heartbeat -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Eval:
+    """Step: run the heartbeat script with these keys and arguments; the reply is sent back."""
+
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass(frozen=True)
+class Call:
+    """Step: run this blocking (database) function; its return value is sent back."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    status: int
+    body: dict[str, Any]
+
+
+def _error(status: int, detail: str) -> HeartbeatResult:
+    return HeartbeatResult(status, {"detail": detail})
+
+
+def cache_token(key_hash: str) -> bool:
+    """Load an active token into the Redis token cache; False if there is no such token."""
+    token = ApiToken.objects.filter(key_hash=key_hash, is_active=True).first()
+    if token is None:
+        return False
+    lease_store.cache_token(get_redis(), key_hash, token.pk, token.is_staff)
+    return True
+
+
+def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
+    """Persist a change of reported health (and checkpoint the deadline); False if the service is gone."""
+    with transaction.atomic():
+        service = Service.objects.select_for_update().filter(pk=service_id).first()
+        if service is None:
+            return False
+        service.health = health
+        service.lease_expires_at = lease_store.from_ms(deadline_ms)
+        service.save(update_fields=["health", "lease_expires_at"])
+        lease_store.set_health(get_redis(), service_id, health)
+    return True
+
+
+def restore_lease(service_id: str) -> bool:
+    """Recreate a missing Redis entry from the database row; False if the service is not registered."""
+    with transaction.atomic():
+        service = Service.objects.select_for_update().filter(pk=service_id).first()
+        if service is None:
+            return False
+        _put_lease(get_redis(), service, lease_store.to_ms(service.lease_expires_at), only_if_absent=True)
+    return True
+
+
+def heartbeat_flow(
+    service_id: str, token_key: str | None, health: str, now: datetime
+) -> Generator[Eval | Call, Any, HeartbeatResult]:
+    """The heartbeat protocol: renew the lease in Redis; touch the database only on a state change."""
+    if not token_key:
+        return _error(401, "Authentication credentials were not provided.")
+    key_hash = hash_token(token_key)
+    now_ms = lease_store.to_ms(now)
+    for _attempt in range(4):
+        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash), [service_id, key_hash, now_ms, health])
+        code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if code in ("OK", "HEALTH_CHANGED"):
+            deadline_ms, lease_ms = int(reply[1]), int(reply[2])
+            if code == "HEALTH_CHANGED" and not (yield Call(record_health, (service_id, health, deadline_ms))):
+                return _error(404, "Service not registered; register it again.")
+            return HeartbeatResult(
+                200,
+                {
+                    "service_id": service_id,
+                    "health": health,
+                    "lease": {
+                        "duration": lease_ms // 1000,
+                        "heartbeat_interval": max(1, lease_ms // 3000),
+                        "expires_at": lease_store.from_ms(deadline_ms).isoformat().replace("+00:00", "Z"),
+                    },
+                },
+            )
+        if code == "TOKEN_MISS":
+            if not (yield Call(cache_token, (key_hash,))):
+                return _error(401, "Invalid token.")
+        elif code == "NOT_FOUND":
+            if not (yield Call(restore_lease, (service_id,))):
+                return _error(404, "Service not registered; register it again.")
+        elif code == "FORBIDDEN":
+            return _error(403, "You do not have permission to perform this action.")
+        elif code == "REBUILD":
+            yield Call(reconcile, (now, True))
+    raise RuntimeError(f"heartbeat for {service_id!r} did not settle; last reply {reply!r}")
+
+
+def run_flow(flow: Generator[Eval | Call, Any, HeartbeatResult], r: redis.Redis | None = None) -> HeartbeatResult:
+    """Drive a heartbeat flow synchronously."""
+    r = r or get_redis()
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, Eval):
+                try:
+                    reply = r.evalsha(lease_store.HEARTBEAT_SHA, len(step.keys), *step.keys, *step.args)
+                except redis.exceptions.NoScriptError:
+                    reply = r.eval(lease_store.HEARTBEAT_LUA, len(step.keys), *step.keys, *step.args)
+            else:
+                reply = step.fn(*step.args)
+            step = flow.send(reply)
+    except StopIteration as stop:
+        return stop.value
+
+
+def heartbeat(service_id: str, token_key: str | None, health: str, now: datetime) -> HeartbeatResult:
+    return run_flow(heartbeat_flow(service_id, token_key, health, now))
+
+
+# --- repair ----------------------------------------------------------------------------
+
+
+def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str, int]:
+    """Make Redis agree with the database: add missing lease entries, drop entries with no row.
+
+    With ``grace`` (Redis lost its state), every restored lease runs at least one full lease
+    from ``now``, as Consul resets TTLs after a leader change: the last heartbeats are unknown,
+    and marking every live service unhealthy would be worse than trusting them one more lease.
+    """
+    r = get_redis()
+    now_ms = lease_store.to_ms(now)
+    restored = dropped = 0
+    last = ""
+    while True:
+        rows = list(Service.objects.filter(pk__gt=last).order_by("pk")[:chunk])
+        if not rows:
+            break
+        last = rows[-1].pk
+        present = lease_store.deadlines(r, [s.pk for s in rows])
+        for service in rows:
+            if service.pk not in present:
+                deadline = lease_store.to_ms(service.lease_expires_at)
+                if grace:
+                    deadline = max(deadline, now_ms + service.lease_duration * 1000)
+                _put_lease(r, service, deadline, only_if_absent=True)
+                restored += 1
+    conf_key = lease_store.keys().conf
+    cursor = 0
+    while True:
+        cursor, entries = r.hscan(conf_key, cursor, count=chunk)
+        ids = [raw.decode() for raw in entries]
+        if ids:
+            known = set(Service.objects.filter(pk__in=ids).values_list("pk", flat=True))
+            orphans = [sid for sid in ids if sid not in known]
+            lease_store.remove(r, orphans)
+            dropped += len(orphans)
+        if cursor == 0:
+            break
+    lease_store.mark_built(r)
+    if restored or dropped:
+        log.warning("lease state reconciled: %d restored, %d orphan(s) dropped", restored, dropped)
+    return {"restored": restored, "dropped": dropped}
+

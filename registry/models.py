@@ -1,0 +1,139 @@
+"""Registry records: services, their labels (indexed for selectors) and API tokens.
+
+The lease deadline a heartbeat renews lives in Redis (see ``registry.lease_store``);
+``Service.lease_expires_at`` is the deadline as of the last persisted state change and
+is what reads fall back to when Redis has no entry for the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from django.db import models
+from django.db.models import Exists, OuterRef, Q
+
+
+class ServiceType(models.TextChoices):
+    SOURCE = "source", "source"
+    TRANSFORM = "transform", "transform"
+    SINK = "sink", "sink"
+
+
+class Health(models.TextChoices):
+    HEALTHY = "healthy", "healthy"
+    DEGRADED = "degraded", "degraded"
+    UNHEALTHY = "unhealthy", "unhealthy"
+    UNKNOWN = "unknown", "unknown"
+
+
+def hash_token(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """An API principal. Only the SHA-256 of its key is stored; the key is shown once, at creation."""
+
+    name = models.CharField(max_length=128, unique=True)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    key_prefix = models.CharField(max_length=12, editable=False, help_text="First characters of the key, to recognise it.")
+    is_staff = models.BooleanField(default=False, help_text="Staff tokens may change every service, not only their own.")
+    is_active = models.BooleanField(default=True, help_text="Inactive tokens are refused (401).")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "API token"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    # DRF treats request.user as the principal; a token is always authenticated.
+    is_authenticated = True
+    is_anonymous = False
+
+    @staticmethod
+    def generate_key() -> str:
+        return "cr_" + secrets.token_urlsafe(32)
+
+    def set_key(self, key: str) -> None:
+        self.key_hash = hash_token(key)
+        self.key_prefix = key[:10]
+
+    def may_change(self, service: Service) -> bool:
+        return self.is_staff or service.owner_id == self.pk
+
+
+class ServiceQuerySet(models.QuerySet["Service"]):
+    def matching(self, selector: dict[str, str]) -> ServiceQuerySet:
+        """Services carrying every ``key=value`` of the selector (indexed lookups on ServiceLabel)."""
+        qs = self
+        for key, value in selector.items():
+            qs = qs.filter(Exists(ServiceLabel.objects.filter(service=OuterRef("pk"), key=key, value=value)))
+        return qs
+
+    def with_effective_health(self, health: str, lapsed_ids: list[str]) -> ServiceQuerySet:
+        """Filter on effective health, given the ids whose lease has lapsed (from the lease store)."""
+        if health == Health.UNHEALTHY:
+            return self.filter(Q(health=Health.UNHEALTHY) | Q(pk__in=lapsed_ids))
+        return self.filter(health=health).exclude(pk__in=lapsed_ids)
+
+
+class Service(models.Model):
+    service_id = models.CharField(max_length=128, primary_key=True)
+    service_name = models.CharField(max_length=128, db_index=True)
+    service_type = models.CharField(max_length=16, choices=ServiceType.choices, db_index=True)
+    endpoint = models.CharField(max_length=300)
+    labels = models.JSONField(default=dict, blank=True)
+    health = models.CharField(
+        "reported health",
+        max_length=16,
+        choices=Health.choices,
+        default=Health.HEALTHY,
+        help_text="Health last reported by the service; a lapsed lease reads as unhealthy whatever this says.",
+    )
+    group_id = models.CharField(max_length=128, null=True, blank=True, db_index=True)
+    weight = models.PositiveSmallIntegerField(default=100, help_text="0..1000; 0 drains the instance.")
+    lease_duration = models.PositiveIntegerField(help_text="Seconds a heartbeat keeps the lease.")
+    deregister_after = models.PositiveIntegerField(help_text="Seconds after the lease lapses before removal.")
+    registered_at = models.DateTimeField()
+    lease_expires_at = models.DateTimeField(
+        db_index=True, help_text="Deadline at the last persisted change; heartbeats move it in Redis."
+    )
+    owner = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="services")
+
+    objects = ServiceQuerySet.as_manager()
+
+    # Set by registry.leases.attach_live_leases() from Redis for the records being read.
+    live_expires_at: datetime | None = None
+
+    class Meta:
+        ordering = ["service_name", "service_id"]
+
+    def __str__(self) -> str:
+        return f"{self.service_name}/{self.service_id}"
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.live_expires_at or self.lease_expires_at
+
+    @property
+    def last_heartbeat(self) -> datetime:
+        return self.expires_at - timedelta(seconds=self.lease_duration)
+
+    def effective_health(self, now: datetime) -> str:
+        """A lapsed lease reads as unhealthy from the instant it lapses, whatever was reported."""
+        return Health.UNHEALTHY if self.expires_at <= now else self.health
+
+
+class ServiceLabel(models.Model):
+    """One label of a service, so selectors are indexed equality lookups on any database."""
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="label_rows")
+    key = models.CharField(max_length=63)
+    value = models.CharField(max_length=256)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["service", "key"], name="unique_label_key_per_service")]
+        indexes = [models.Index(fields=["key", "value"], name="label_key_value")]

@@ -1,0 +1,9 @@
+"""Page-number pagination shaped {count, next, previous, results}."""
+
+from rest_framework.pagination import PageNumberPagination
+
+
+class RegistryPagination(PageNumberPagination):
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000

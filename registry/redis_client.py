@@ -1,0 +1,42 @@
+"""Shared Redis clients: one thread-safe sync client per URL, one asyncio client per URL and event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+import redis
+import redis.asyncio as aredis
+from django.conf import settings
+
+_sync_clients: dict[str, redis.Redis] = {}
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+_CLIENT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2, "health_check_interval": 30}
+
+
+def get_redis(url: str | None = None) -> redis.Redis:
+    url = url or settings.REDIS_URL
+    client = _sync_clients.get(url)
+    if client is None:
+        client = _sync_clients.setdefault(url, redis.Redis.from_url(url, **_CLIENT_OPTIONS))
+    return client
+
+
+def get_async_redis(url: str | None = None) -> aredis.Redis:
+    url = url or settings.REDIS_URL
+    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get(url)
+    if client is None:
+        client = per_loop[url] = aredis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    return client
+
+
+def reset_clients() -> None:
+    """Drop cached clients (tests point REDIS_URL at servers they start)."""
+    for client in _sync_clients.values():
+        client.close()
+    _sync_clients.clear()
+    _async_clients.clear()

@@ -1,0 +1,180 @@
+"""Request validation and response shapes for the services API (thin: rules live in validators and leases)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils import timezone
+from rest_framework import serializers
+
+from . import validators
+from .leases import attach_live_leases
+from .models import Health, Service, ServiceType
+
+
+def _django_rule(rule):  # type: ignore[no-untyped-def]
+    """Adapt a Django validator so DRF reports its message under the field."""
+
+    def check(value: Any) -> None:
+        try:
+            rule(value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+    return check
+
+
+class LabelsField(serializers.Field):
+    default_error_messages = {"invalid": "expected an object of string keys to string values"}
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:
+        _django_rule(validators.validate_labels)(data)
+        return dict(data)
+
+    def to_representation(self, value: dict[str, str]) -> dict[str, str]:
+        return value
+
+
+def identifier_field(**kwargs: Any) -> serializers.CharField:
+    return serializers.CharField(
+        max_length=None, trim_whitespace=False, validators=[_django_rule(validators.validate_identifier)], **kwargs
+    )
+
+
+class RegisterSerializer(serializers.Serializer):
+    """Body of POST /services/."""
+
+    service_id = identifier_field()
+    service_name = identifier_field()
+    service_type = serializers.ChoiceField(choices=ServiceType.choices)
+    endpoint = serializers.CharField(trim_whitespace=False, validators=[_django_rule(validators.validate_endpoint)])
+    labels = LabelsField(required=False)
+    group_id = identifier_field(required=False, allow_null=True)
+    lease_duration = serializers.IntegerField(min_value=1, max_value=3600, required=False)
+    deregister_after = serializers.IntegerField(min_value=0, max_value=86400, required=False)
+    weight = serializers.IntegerField(min_value=0, max_value=1000, required=False)
+    health = serializers.ChoiceField(choices=Health.choices, required=False)
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    """Body of POST /services/{id}/heartbeat/ (optional; no health means healthy)."""
+
+    health = serializers.ChoiceField(choices=Health.choices, required=False, default=Health.HEALTHY)
+
+
+class LeaseSerializer(serializers.Serializer):
+    duration = serializers.IntegerField()
+    heartbeat_interval = serializers.IntegerField()
+    expires_at = serializers.DateTimeField()
+
+
+class ServiceListSerializer(serializers.ListSerializer):
+    def to_representation(self, data: Any) -> list[dict[str, Any]]:
+        # One Redis round trip for the whole page, not one per service.
+        return super().to_representation(attach_live_leases(data))
+
+
+class ServiceSerializer(serializers.ModelSerializer):
+    """A service as read: ``health`` is the effective health at the time of the request."""
+
+    health = serializers.SerializerMethodField()
+    reported_health = serializers.CharField(source="health")
+    lease_expires_at = serializers.DateTimeField(source="expires_at")
+    last_heartbeat = serializers.DateTimeField()
+    labels = LabelsField()
+    owner = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Service
+        list_serializer_class = ServiceListSerializer
+        fields = [
+            "service_id",
+            "service_name",
+            "service_type",
+            "endpoint",
+            "labels",
+            "health",
+            "reported_health",
+            "group_id",
+            "weight",
+            "registered_at",
+            "last_heartbeat",
+            "lease_duration",
+            "deregister_after",
+            "lease_expires_at",
+            "owner",
+        ]
+        read_only_fields = fields
+
+    def _now(self):  # type: ignore[no-untyped-def]
+        return self.context.get("now") or timezone.now()
+
+    def get_health(self, service: Service) -> str:
+        return service.effective_health(self._now())
+
+    def to_representation(self, instance: Service) -> dict[str, Any]:
+        if instance.live_expires_at is None and not isinstance(self.parent, ServiceListSerializer):
+            attach_live_leases([instance])
+        return super().to_representation(instance)
+
+
+class RegisteredServiceSerializer(ServiceSerializer):
+    """Response of a registration: the service plus its lease terms."""
+
+    lease = serializers.SerializerMethodField()
+
+    class Meta(ServiceSerializer.Meta):
+        fields = [*ServiceSerializer.Meta.fields, "lease"]
+        read_only_fields = fields
+
+    def get_lease(self, service: Service) -> dict[str, Any]:
+        return LeaseSerializer(
+            {
+                "duration": service.lease_duration,
+                "heartbeat_interval": max(1, service.lease_duration // 3),
+                "expires_at": service.expires_at,
+            }
+        ).data
+
+
+class HeartbeatResponseSerializer(serializers.Serializer):
+    service_id = serializers.CharField()
+    health = serializers.ChoiceField(choices=Health.choices)
+    lease = LeaseSerializer()
+
+
+class ServiceQuerySerializer(serializers.Serializer):
+    """Query parameters of GET /services/."""
+
+    name = identifier_field(required=False)
+    type = serializers.ChoiceField(choices=ServiceType.choices, required=False)
+    health = serializers.ChoiceField(choices=Health.choices, required=False)
+    group_id = identifier_field(required=False)
+    selector = serializers.CharField(required=False, trim_whitespace=False)
+
+    def validate_selector(self, value: str) -> dict[str, str]:
+        try:
+            return validators.parse_selector(value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+
+def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """(health, None) for a valid heartbeat body, or (None, a 400 error body).
+
+    Shared by the DRF view and the ASGI fast path so both accept and refuse exactly the same input.
+    """
+    if not raw.strip():
+        return Health.HEALTHY, None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, {"detail": f"JSON parse error - {exc}"}
+    if not isinstance(data, dict):
+        return None, {"non_field_errors": ["expected a JSON object such as {\"health\": \"healthy\"}"]}
+    serializer = HeartbeatSerializer(data=data)
+    if not serializer.is_valid():
+        return None, {field: [str(e) for e in errors] for field, errors in serializer.errors.items()}
+    return serializer.validated_data["health"], None

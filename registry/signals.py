@@ -1,0 +1,31 @@
+"""Keep the Redis token cache in step with ApiToken rows: a changed or deleted token is forgotten at once."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from . import lease_store
+from .models import ApiToken
+from .redis_client import get_redis
+
+log = logging.getLogger(__name__)
+
+
+def _forget(key_hash: str) -> None:
+    try:
+        lease_store.forget_token(get_redis(), key_hash)
+    except redis.RedisError:
+        # Cached tokens expire after lease_store.TOKEN_CACHE_SECONDS, which bounds how long
+        # a revocation that could not reach Redis goes unnoticed.
+        log.exception("could not drop token %s from the Redis cache", key_hash[:8])
+
+
+@receiver(post_save, sender=ApiToken)
+@receiver(post_delete, sender=ApiToken)
+def forget_cached_token(sender, instance: ApiToken, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    transaction.on_commit(lambda: _forget(instance.key_hash))

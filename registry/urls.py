@@ -1,0 +1,14 @@
+"""Routes of the services API under /api/v1/."""
+
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from .views import ServiceHeartbeatView, ServiceViewSet
+
+router = SimpleRouter()
+router.register("services", ServiceViewSet, basename="service")
+
+urlpatterns = [
+    path("services/<str:service_id>/heartbeat/", ServiceHeartbeatView.as_view(), name="service-heartbeat"),
+    *router.urls,
+]

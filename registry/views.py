@@ -1,0 +1,162 @@
+"""HTTP views of the registry: parse, call ``registry.leases``, shape the response."""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from . import leases, metrics
+from .auth import token_from_header
+from .models import Service
+from .redis_client import get_redis
+from .serializers import (
+    HeartbeatResponseSerializer,
+    HeartbeatSerializer,
+    RegisteredServiceSerializer,
+    RegisterSerializer,
+    ServiceQuerySerializer,
+    ServiceSerializer,
+    parse_heartbeat_body,
+)
+
+_ERRORS = {
+    400: OpenApiResponse(description="Bad input; the body names each field and the rule it broke."),
+    401: OpenApiResponse(description="Missing or invalid token."),
+    403: OpenApiResponse(description="The token did not create this service and is not staff."),
+    404: OpenApiResponse(description="No such service."),
+}
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List services",
+        parameters=[
+            OpenApiParameter("name", str, description="service_name"),
+            OpenApiParameter("type", str, enum=["source", "transform", "sink"]),
+            OpenApiParameter("health", str, enum=["healthy", "degraded", "unhealthy", "unknown"],
+                             description="effective health (a lapsed lease is unhealthy)"),
+            OpenApiParameter("group_id", str),
+            OpenApiParameter("selector", str, description="labels, k=v,k2=v2: all must match"),
+        ],
+        responses={200: ServiceSerializer(many=True), 400: _ERRORS[400], 401: _ERRORS[401]},
+    ),
+    retrieve=extend_schema(summary="One service", responses={200: ServiceSerializer, 401: _ERRORS[401], 404: _ERRORS[404]}),
+    destroy=extend_schema(
+        summary="Deregister", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
+    ),
+)
+class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Service.objects.select_related("owner")
+    serializer_class = ServiceSerializer
+    lookup_value_regex = "[A-Za-z0-9._:-]{1,128}"
+
+    def get_serializer_context(self):  # type: ignore[no-untyped-def]
+        return {**super().get_serializer_context(), "now": self.now}
+
+    def initial(self, request: Request, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.now = timezone.now()
+        super().initial(request, *args, **kwargs)
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        qs = super().get_queryset()
+        if self.action != "list":
+            return qs
+        query = ServiceQuerySerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        if "name" in params:
+            qs = qs.filter(service_name=params["name"])
+        if "type" in params:
+            qs = qs.filter(service_type=params["type"])
+        if "group_id" in params:
+            qs = qs.filter(group_id=params["group_id"])
+        if "selector" in params:
+            qs = qs.matching(params["selector"])
+        if "health" in params:
+            qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
+        return qs
+
+    @extend_schema(
+        summary="Register or re-register",
+        request=RegisterSerializer,
+        responses={201: RegisteredServiceSerializer, 200: RegisteredServiceSerializer, **_ERRORS},
+    )
+    def create(self, request: Request) -> Response:
+        incoming = RegisterSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        try:
+            service, created = leases.register(incoming.validated_data, request.user, self.now)
+        except leases.NotOwner:
+            raise exceptions.PermissionDenied("This service_id is registered by another token.") from None
+        body = RegisteredServiceSerializer(service, context=self.get_serializer_context()).data
+        return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    def destroy(self, request: Request, pk: str) -> Response:
+        try:
+            leases.deregister(pk, request.user)
+        except leases.ServiceNotFound:
+            raise exceptions.NotFound("No service is registered under this id.") from None
+        except leases.NotOwner:
+            raise exceptions.PermissionDenied("This service is registered by another token.") from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ServiceHeartbeatView(APIView):
+    """POST /services/{id}/heartbeat/.
+
+    Under the ASGI server this path is answered by ``registry.fastpath`` before Django is
+    reached; both run ``leases.heartbeat_flow`` and ``parse_heartbeat_body``, so they answer
+    alike. Authentication is part of the flow (against the Redis token cache), not DRF's.
+    """
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        summary="Renew a lease",
+        description="Renews the lease; the optional body reports health (none means healthy). "
+        "404 once the service is deregistered or expired: register it again.",
+        request=HeartbeatSerializer,
+        responses={200: HeartbeatResponseSerializer, **_ERRORS},
+    )
+    def post(self, request: Request, service_id: str) -> Response:
+        health, error = parse_heartbeat_body(request.body)
+        if error is not None:
+            return Response(error, status=400)
+        result = leases.heartbeat(service_id, token_from_header(request.META.get("HTTP_AUTHORIZATION")), health, timezone.now())
+        headers = {"WWW-Authenticate": 'Bearer realm="api"'} if result.status == 401 else None
+        return Response(result.body, status=result.status, headers=headers)
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["database"] = f"error: {exc}"
+    try:
+        get_redis().ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["redis"] = f"error: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
+
+
+@extend_schema(exclude=True)
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(metrics.render(timezone.now()), content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,17 @@
+"""ASGI entry point: the heartbeat fast path, then static files, then Django (websockets join in later)."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "registry_project.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402  (needs Django set up first)
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from registry.fastpath import HeartbeatFastPath  # noqa: E402
+
+# Static files (admin, API docs) are served from the installed apps, so the docs and the
+# admin work offline with no collectstatic step.
+application = ProtocolTypeRouter({"http": HeartbeatFastPath(ASGIStaticFilesHandler(django_asgi_app))})

@@ -1,0 +1,113 @@
+"""Fixtures: a real redis-server for the session, a clean lease store per test, tokens and API clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from registry import lease_store
+from registry.models import ApiToken
+from registry.redis_client import get_redis, reset_clients
+from tests.redis_servers import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    settings.REDIS_URL = server.url
+    settings.REDLOCK_URLS = [server.url]
+    reset_clients()
+    yield server
+    reset_clients()
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def redis_clean(redis_server: RedisServer) -> Iterator[None]:
+    """Every test starts with an empty, healthy lease store (the 'built' marker set)."""
+    r = get_redis()
+    r.flushall()
+    lease_store.mark_built(r)
+    yield
+
+
+@pytest.fixture
+def make_token(db: Any) -> Callable[..., tuple[ApiToken, str]]:
+    def make(name: str = "svc", *, staff: bool = False) -> tuple[ApiToken, str]:
+        key = ApiToken.generate_key()
+        token = ApiToken(name=name, is_staff=staff)
+        token.set_key(key)
+        token.save()
+        return token, key
+
+    return make
+
+
+def client_for(key: str | None) -> APIClient:
+    client = APIClient()
+    if key:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+@pytest.fixture
+def owner(make_token: Callable[..., tuple[ApiToken, str]]) -> tuple[ApiToken, str]:
+    return make_token("owner")
+
+
+@pytest.fixture
+def api(owner: tuple[ApiToken, str]) -> APIClient:
+    return client_for(owner[1])
+
+
+def service_body(service_id: str = "svc-1", **overrides: Any) -> dict[str, Any]:
+    body = {
+        "service_id": service_id,
+        "service_name": "kafka-source",
+        "service_type": "source",
+        "endpoint": "10.0.0.1:50051",
+        "labels": {"env": "prod", "zone": "a"},
+    }
+    body.update(overrides)
+    return body
+
+
+class Heartbeater:
+    """Sends heartbeats through one of the two front doors: the DRF view or the ASGI fast path."""
+
+    def __init__(self, via: str) -> None:
+        self.via = via
+
+    def __call__(self, service_id: str, key: str | None, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        import json
+
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        path = f"/api/v1/services/{service_id}/heartbeat/"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if self.via == "drf":
+            client = APIClient()
+            response = client.generic("POST", path, payload, content_type="application/json",
+                                      **({"HTTP_AUTHORIZATION": headers["Authorization"]} if key else {}))
+            return response.status_code, response.json()
+        return async_to_sync(self._asgi)(path, payload, headers)
+
+    async def _asgi(self, path: str, payload: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        import httpx
+
+        from registry_project.asgi import application
+
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            response = await client.post(path, content=payload, headers={**headers, "content-type": "application/json"})
+        return response.status_code, response.json()
+
+
+@pytest.fixture(params=["drf", "asgi"])
+def heartbeat(request: pytest.FixtureRequest) -> Heartbeater:
+    """Every heartbeat test runs against both front doors, which must answer alike."""
+    return Heartbeater(request.param)
