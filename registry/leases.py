@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from . import lease_store
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
@@ -77,6 +77,20 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
         "deregister_after": deregister_after,
         "lease_expires_at": lease_store.from_ms(deadline_ms),
     }
+    for attempt in range(3):
+        try:
+            return _register_once(r, data, fields, token, now, deadline_ms)
+        except IntegrityError:
+            # Two first registrations of one id raced (there was no row to lock); the
+            # loser now finds the winner's row, locks it and re-registers over it.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _register_once(
+    r: redis.Redis, data: dict[str, Any], fields: dict[str, Any], token: ApiToken, now: datetime, deadline_ms: int
+) -> tuple[Service, bool]:
     with transaction.atomic():
         service = Service.objects.select_for_update().filter(pk=data["service_id"]).first()
         created = service is None

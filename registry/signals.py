@@ -28,4 +28,7 @@ def _forget(key_hash: str) -> None:
 @receiver(post_save, sender=ApiToken)
 @receiver(post_delete, sender=ApiToken)
 def forget_cached_token(sender, instance: ApiToken, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    # Now, so this change is seen at once; and again after commit, in case a heartbeat
+    # re-cached the old row in between.
+    _forget(instance.key_hash)
     transaction.on_commit(lambda: _forget(instance.key_hash))

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from rest_framework.test import APIClient
 
 from registry import lease_store
@@ -94,17 +97,30 @@ class Heartbeater:
             response = client.generic("POST", path, payload, content_type="application/json",
                                       **({"HTTP_AUTHORIZATION": headers["Authorization"]} if key else {}))
             return response.status_code, response.json()
-        return async_to_sync(self._asgi)(path, payload, headers)
-
-    async def _asgi(self, path: str, payload: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-        import httpx
-
-        from registry_project.asgi import application
-
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            response = await client.post(path, content=payload, headers={**headers, "content-type": "application/json"})
+        response = asgi_request("POST", path, content=payload, headers={**headers, "content-type": "application/json"})
         return response.status_code, response.json()
+
+
+def asgi_request(method: str, path: str, *, host: str = "127.0.0.1", **kwargs: Any) -> httpx.Response:
+    """One request through the project's whole ASGI application (fast path, static files, Django).
+
+    Like Django's own test clients, it keeps Django from closing the test's database
+    connection at the start and end of the request.
+    """
+    from registry_project.asgi import application
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
+            return await client.request(method, path, **kwargs)
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        return async_to_sync(send)()
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 @pytest.fixture(params=["drf", "asgi"])
