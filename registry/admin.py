@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -78,15 +79,40 @@ class ServiceAdmin(admin.ModelAdmin):
     list_per_page = 100
     fieldsets = [
         (None, {"fields": ["service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display"]}),
-        ("Health and lease", {"fields": ["health_badge", "health", "lease_left", "live_lease_expires_at",
-                                         "last_heartbeat", "lease_duration", "deregister_after", "registered_at"]}),
+        (
+            "Health and lease",
+            {
+                "fields": [
+                    "health_badge",
+                    "health",
+                    "lease_left",
+                    "live_lease_expires_at",
+                    "last_heartbeat",
+                    "lease_duration",
+                    "deregister_after",
+                    "registered_at",
+                ]
+            },
+        ),
         ("Balancing", {"fields": ["weight"], "description": "Weight 0 drains the instance: it is never selected."}),
         ("Ownership", {"fields": ["owner"]}),
     ]
     readonly_fields = [
-        "service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display",
-        "health_badge", "health", "lease_left", "live_lease_expires_at", "last_heartbeat",
-        "lease_duration", "deregister_after", "registered_at", "owner",
+        "service_id",
+        "service_name",
+        "service_type",
+        "endpoint",
+        "group_id",
+        "labels_display",
+        "health_badge",
+        "health",
+        "lease_left",
+        "live_lease_expires_at",
+        "last_heartbeat",
+        "lease_duration",
+        "deregister_after",
+        "registered_at",
+        "owner",
     ]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
@@ -120,7 +146,9 @@ class ServiceAdmin(admin.ModelAdmin):
         note = " (lease lapsed)" if health == Health.UNHEALTHY and service.health != Health.UNHEALTHY else ""
         return format_html(
             '<span style="background:{};color:#fff;padding:2px 8px;border-radius:10px;font-weight:600">{}</span>{}',
-            BADGE_COLOURS[health], health, note,
+            BADGE_COLOURS[health],
+            health,
+            note,
         )
 
     @admin.display(description="lease")
@@ -158,10 +186,8 @@ class ServiceAdmin(admin.ModelAdmin):
         self.message_user(request, f"Drained {changed} service(s): weight set to 0.", messages.SUCCESS)
 
     def delete_model(self, request: HttpRequest, obj: Service) -> None:
-        try:
+        with contextlib.suppress(leases.ServiceNotFound):
             leases.deregister(obj.pk, None)
-        except leases.ServiceNotFound:
-            pass
 
     def save_model(self, request: HttpRequest, obj: Service, form: Any, change: bool) -> None:
         # Only the weight is editable here; write just that column.

@@ -9,6 +9,7 @@ state (no ``built`` marker), ``registry.leases.rebuild_lease_state`` restores it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from django.conf import settings
 
 # Heartbeat: authenticate, authorise, renew and compare reported health in one round trip.
 # Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
-#          | {"REBUILD"} | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
+#          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
+# KEYS: deadline, removal, conf, health, token, heartbeat counter. ARGV: id, now_ms, health.
 HEARTBEAT_LUA = """
-if redis.call('EXISTS', KEYS[6]) == 0 then return {'REBUILD'} end
 local token = redis.call('GET', KEYS[5])
 if not token then return {'TOKEN_MISS'} end
 local conf = redis.call('HGET', KEYS[3], ARGV[1])
@@ -29,11 +30,11 @@ if not conf then return {'NOT_FOUND'} end
 local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
 local token_id, staff = string.match(token, '^(.*):(%d)$')
 if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
-local deadline = tonumber(ARGV[3]) + tonumber(lease_ms)
+local deadline = tonumber(ARGV[2]) + tonumber(lease_ms)
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
-redis.call('INCR', KEYS[7])
-if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[4] then
+redis.call('INCR', KEYS[6])
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[3] then
   return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
 end
 return {'OK', tostring(deadline), lease_ms}
@@ -72,8 +73,12 @@ class Keys:
 
     def heartbeat_keys(self, key_hash: str) -> list[str]:
         return [
-            self.deadline, self.removal, self.conf, self.health,
-            self.token(key_hash), self.built, self.counter("heartbeats"),
+            self.deadline,
+            self.removal,
+            self.conf,
+            self.health,
+            self.token(key_hash),
+            self.counter("heartbeats"),
         ]
 
     def token(self, key_hash: str) -> str:
@@ -84,7 +89,11 @@ class Keys:
 
 
 def keys() -> Keys:
-    p = settings.REGISTRY_REDIS_PREFIX
+    return _keys(settings.REGISTRY_REDIS_PREFIX)
+
+
+@functools.cache
+def _keys(p: str) -> Keys:
     return Keys(
         deadline=f"{p}lease:deadline",
         removal=f"{p}lease:removal",

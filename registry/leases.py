@@ -10,10 +10,10 @@ an async driver (the ASGI fast path) executes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -60,6 +60,7 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
     given, resets the lease from ``now`` and keeps ``registered_at`` and the owner.
     """
     r = get_redis()
+    now = lease_store.from_ms(lease_store.to_ms(now))  # the lease store keeps milliseconds
     lease = data.get("lease_duration") or settings.REGISTRY_DEFAULT_LEASE
     deregister_after = data.get("deregister_after")
     if deregister_after is None:
@@ -95,9 +96,7 @@ def _register_once(
         service = Service.objects.select_for_update().filter(pk=data["service_id"]).first()
         created = service is None
         if created:
-            service = Service.objects.create(
-                service_id=data["service_id"], registered_at=now, owner=token, **fields
-            )
+            service = Service.objects.create(service_id=data["service_id"], registered_at=now, owner=token, **fields)
             _set_labels(service, fields["labels"], replace=False)
         else:
             if not token.may_change(service):
@@ -160,7 +159,9 @@ def expire_lapsed(now: datetime, limit: int | None = None) -> list[str]:
     if not candidates:
         return []
     with transaction.atomic():
-        locked = set(Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True))
+        locked = set(
+            Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True)
+        )
         removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
         Service.objects.filter(pk__in=removed).delete()
         if removed:
@@ -238,8 +239,8 @@ def heartbeat_flow(
         return _error(401, "Authentication credentials were not provided.")
     key_hash = hash_token(token_key)
     now_ms = lease_store.to_ms(now)
-    for _attempt in range(4):
-        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash), [service_id, key_hash, now_ms, health])
+    for _attempt in range(3):
+        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash), [service_id, now_ms, health])
         code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if code in ("OK", "HEALTH_CHANGED"):
             deadline_ms, lease_ms = int(reply[1]), int(reply[2])
@@ -265,8 +266,6 @@ def heartbeat_flow(
                 return _error(404, "Service not registered; register it again.")
         elif code == "FORBIDDEN":
             return _error(403, "You do not have permission to perform this action.")
-        elif code == "REBUILD":
-            yield Call(reconcile, (now, True))
     raise RuntimeError(f"heartbeat for {service_id!r} did not settle; last reply {reply!r}")
 
 
@@ -335,4 +334,3 @@ def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str
     if restored or dropped:
         log.warning("lease state reconciled: %d restored, %d orphan(s) dropped", restored, dropped)
     return {"restored": restored, "dropped": dropped}
-

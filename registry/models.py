@@ -37,8 +37,12 @@ class ApiToken(models.Model):
 
     name = models.CharField(max_length=128, unique=True)
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    key_prefix = models.CharField(max_length=12, editable=False, help_text="First characters of the key, to recognise it.")
-    is_staff = models.BooleanField(default=False, help_text="Staff tokens may change every service, not only their own.")
+    key_prefix = models.CharField(
+        max_length=12, editable=False, help_text="First characters of the key, to recognise it."
+    )
+    is_staff = models.BooleanField(
+        default=False, help_text="Staff tokens may change every service, not only their own."
+    )
     is_active = models.BooleanField(default=True, help_text="Inactive tokens are refused (401).")
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -173,7 +173,7 @@ def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]
     except (ValueError, UnicodeDecodeError) as exc:
         return None, {"detail": f"JSON parse error - {exc}"}
     if not isinstance(data, dict):
-        return None, {"non_field_errors": ["expected a JSON object such as {\"health\": \"healthy\"}"]}
+        return None, {"non_field_errors": ['expected a JSON object such as {"health": "healthy"}']}
     serializer = HeartbeatSerializer(data=data)
     if not serializer.is_valid():
         return None, {field: [str(e) for e in errors] for field, errors in serializer.errors.items()}

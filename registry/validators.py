@@ -60,7 +60,9 @@ def validate_labels(value: object) -> None:
         raise ValidationError(f"at most {MAX_LABELS} labels, got {len(value)}", code="too_many_labels")
     for key, item in value.items():
         if not isinstance(key, str) or not 1 <= len(key) <= MAX_LABEL_KEY:
-            raise ValidationError(f"label keys must be 1..{MAX_LABEL_KEY} characters, got {key!r}", code="invalid_label")
+            raise ValidationError(
+                f"label keys must be 1..{MAX_LABEL_KEY} characters, got {key!r}", code="invalid_label"
+            )
         if not isinstance(item, str) or len(item) > MAX_LABEL_VALUE:
             raise ValidationError(
                 f"label {key!r}: values must be strings of at most {MAX_LABEL_VALUE} characters",

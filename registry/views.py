@@ -5,7 +5,6 @@ from __future__ import annotations
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.permissions import AllowAny
@@ -41,14 +40,20 @@ _ERRORS = {
         parameters=[
             OpenApiParameter("name", str, description="service_name"),
             OpenApiParameter("type", str, enum=["source", "transform", "sink"]),
-            OpenApiParameter("health", str, enum=["healthy", "degraded", "unhealthy", "unknown"],
-                             description="effective health (a lapsed lease is unhealthy)"),
+            OpenApiParameter(
+                "health",
+                str,
+                enum=["healthy", "degraded", "unhealthy", "unknown"],
+                description="effective health (a lapsed lease is unhealthy)",
+            ),
             OpenApiParameter("group_id", str),
             OpenApiParameter("selector", str, description="labels, k=v,k2=v2: all must match"),
         ],
         responses={200: ServiceSerializer(many=True), 400: _ERRORS[400], 401: _ERRORS[401]},
     ),
-    retrieve=extend_schema(summary="One service", responses={200: ServiceSerializer, 401: _ERRORS[401], 404: _ERRORS[404]}),
+    retrieve=extend_schema(
+        summary="One service", responses={200: ServiceSerializer, 401: _ERRORS[401], 404: _ERRORS[404]}
+    ),
     destroy=extend_schema(
         summary="Deregister", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
     ),
@@ -131,7 +136,9 @@ class ServiceHeartbeatView(APIView):
         health, error = parse_heartbeat_body(request.body)
         if error is not None:
             return Response(error, status=400)
-        result = leases.heartbeat(service_id, token_from_header(request.META.get("HTTP_AUTHORIZATION")), health, timezone.now())
+        result = leases.heartbeat(
+            service_id, token_from_header(request.META.get("HTTP_AUTHORIZATION")), health, timezone.now()
+        )
         headers = {"WWW-Authenticate": 'Bearer realm="api"'} if result.status == 401 else None
         return Response(result.body, status=result.status, headers=headers)
 

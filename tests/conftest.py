@@ -94,8 +94,13 @@ class Heartbeater:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if self.via == "drf":
             client = APIClient()
-            response = client.generic("POST", path, payload, content_type="application/json",
-                                      **({"HTTP_AUTHORIZATION": headers["Authorization"]} if key else {}))
+            response = client.generic(
+                "POST",
+                path,
+                payload,
+                content_type="application/json",
+                **({"HTTP_AUTHORIZATION": headers["Authorization"]} if key else {}),
+            )
             return response.status_code, response.json()
         response = asgi_request("POST", path, content=payload, headers={**headers, "content-type": "application/json"})
         return response.status_code, response.json()

@@ -31,8 +31,13 @@ def operator() -> Client:
 def three_services(api):
     with time_machine.travel(T0, tick=False):
         api.post("/api/v1/services/", service_body("src-1", lease_duration=30), format="json")
-        api.post("/api/v1/services/", service_body("sink-1", service_type="sink", service_name="pg-sink",
-                                                   labels={"team": "ingest"}, group_id="g1"), format="json")
+        api.post(
+            "/api/v1/services/",
+            service_body(
+                "sink-1", service_type="sink", service_name="pg-sink", labels={"team": "ingest"}, group_id="g1"
+            ),
+            format="json",
+        )
         api.post("/api/v1/services/", service_body("src-2", lease_duration=10, health="degraded"), format="json")
 
 
@@ -47,6 +52,7 @@ def test_changelist_shows_effective_health_badges_and_time_left(operator, three_
 
 def test_changelist_filters_by_effective_health_type_name_and_group(operator, three_services):
     with time_machine.travel(T0 + timedelta(seconds=12), tick=False):
+
         def ids(query: str) -> set[str]:
             response = operator.get(f"/admin/registry/service/?{query}")
             assert response.status_code == 200
@@ -95,8 +101,9 @@ def test_deregister_action_removes_row_and_lease(operator, three_services):
 
 
 def test_drain_action_sets_weight_zero(operator, three_services):
-    response = operator.post("/admin/registry/service/", {"action": "drain", "_selected_action": ["sink-1"]},
-                             follow=True)
+    response = operator.post(
+        "/admin/registry/service/", {"action": "drain", "_selected_action": ["sink-1"]}, follow=True
+    )
     assert "Drained 1 service(s)" in response.content.decode()
     assert dict(Service.objects.values_list("pk", "weight")) == {"src-1": 100, "sink-1": 0, "src-2": 100}
 

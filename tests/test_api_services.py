@@ -46,7 +46,11 @@ def test_register_returns_the_service_and_its_lease(api):
 def test_register_applies_defaults(api):
     body = api.post("/api/v1/services/", service_body(labels=None) | {"labels": {}}, format="json").json()
     assert (body["lease_duration"], body["deregister_after"], body["weight"], body["health"], body["group_id"]) == (
-        30, 60, 100, "healthy", None,
+        30,
+        60,
+        100,
+        "healthy",
+        None,
     )
     assert body["lease"]["heartbeat_interval"] == 10
 
@@ -55,8 +59,9 @@ def test_reregistering_is_idempotent_and_replaces_fields(api):
     with time_machine.travel(T0, tick=False) as clock:
         assert api.post("/api/v1/services/", service_body(), format="json").status_code == 201
         clock.shift(5)
-        again = api.post("/api/v1/services/", service_body(endpoint="db.internal:9000", labels={"env": "dev"}),
-                         format="json")
+        again = api.post(
+            "/api/v1/services/", service_body(endpoint="db.internal:9000", labels={"env": "dev"}), format="json"
+        )
     assert again.status_code == 200
     body = again.json()
     assert body["endpoint"] == "db.internal:9000"
@@ -78,8 +83,9 @@ def test_get_one_service(api):
 
 def test_list_filters_by_name_type_group_health_and_selector(api):
     api.post("/api/v1/services/", service_body("a", group_id="g1"), format="json")
-    api.post("/api/v1/services/", service_body("b", service_type="sink", labels={"env": "dev", "zone": "a"}),
-             format="json")
+    api.post(
+        "/api/v1/services/", service_body("b", service_type="sink", labels={"env": "dev", "zone": "a"}), format="json"
+    )
     api.post("/api/v1/services/", service_body("c", service_name="other", health="degraded"), format="json")
 
     def ids(query: str) -> list[str]:
@@ -177,8 +183,14 @@ def test_endpoint_accepts_dns_ipv4_and_ipv6(api):
 
 @pytest.mark.parametrize(
     ("query", "field"),
-    [("type=router", "type"), ("health=sick", "health"), ("selector=novalue", "selector"),
-     ("selector==v", "selector"), ("name=bad name", "name"), ("group_id=a/b", "group_id")],
+    [
+        ("type=router", "type"),
+        ("health=sick", "health"),
+        ("selector=novalue", "selector"),
+        ("selector==v", "selector"),
+        ("name=bad name", "name"),
+        ("group_id=a/b", "group_id"),
+    ],
 )
 def test_list_rejects_bad_filters_naming_the_parameter(api, query, field):
     response = api.get(f"/api/v1/services/?{query}")

