@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Stack, rss_kib  # noqa: E402
+from bench.common import Stack, rss_kib
 
 WRK_SCRIPT = """
 local n = {n}
