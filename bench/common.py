@@ -69,10 +69,25 @@ class Stack:
         self.manage("migrate", "--noinput")
         self.token = self.manage("create_token", f"bench-{os.getpid()}", "--staff").strip().splitlines()[-1]
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "registry_project.asgi:application", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers), "--lifespan", "off", "--no-access-log",
-             "--log-level", "warning"],
-            cwd=BASE, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "registry_project.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                "--lifespan",
+                "off",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=BASE,
+            env=self.env,
         )
         deadline = time.monotonic() + 30
         while True:

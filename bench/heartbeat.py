@@ -84,14 +84,21 @@ def run_wrk(url: str, token: str, n: int, seconds: int, connections: int, thread
         script = f.name
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", script, url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     match = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) errors=(\d+)", out)
     if not match:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     requests, duration, p50, p99, errors = map(int, match.groups())
-    return {"rps": requests / (duration / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "errors": errors,
-            "requests": requests}
+    return {
+        "rps": requests / (duration / 1e6),
+        "p50_ms": p50 / 1000,
+        "p99_ms": p99 / 1000,
+        "errors": errors,
+        "requests": requests,
+    }
 
 
 def main() -> None:
@@ -100,7 +107,7 @@ def main() -> None:
     parser.add_argument("--token", help="a staff token for --url")
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--connections", default="16,64", help="comma-separated wrk connection counts")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes when starting a server")
     parser.add_argument("--runs", type=int, default=3, help="wrk runs; the median is reported")
@@ -119,18 +126,24 @@ def main() -> None:
             pids = server.server_pids()
         took = asyncio.run(register_all(url, token, args.services))
         print(f"registered {args.services} services in {took:.1f}s ({args.services / took:.0f}/s)")
-        results = []
-        for run in range(args.runs):
-            result = run_wrk(url, token, args.services, args.seconds, args.connections, args.wrk_threads)
-            results.append(result)
-            print(f"run {run + 1}: {result['rps']:.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
-                  f"p99 {result['p99_ms']:.2f} ms  errors {result['errors']} of {result['requests']}")
-        med = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
-        print(f"\nheartbeats: median of {args.runs} runs of {args.seconds}s, {args.connections} connections, "
-              f"{args.services} services")
-        print(f"  throughput  {med['rps']:.0f} req/s")
-        print(f"  latency     p50 {med['p50_ms']:.2f} ms   p99 {med['p99_ms']:.2f} ms")
-        print(f"  errors      {sum(r['errors'] for r in results)} (all runs)")
+        for connections in [int(c) for c in args.connections.split(",")]:
+            results = []
+            for run in range(args.runs):
+                result = run_wrk(url, token, args.services, args.seconds, connections, args.wrk_threads)
+                results.append(result)
+                print(
+                    f"  {connections} connections, run {run + 1}: {result['rps']:.0f} req/s  "
+                    f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+                    f"errors {result['errors']} of {result['requests']}"
+                )
+            med = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+            print(
+                f"heartbeats, {connections} connections, {args.services} services "
+                f"(median of {args.runs} runs of {args.seconds}s):"
+            )
+            print(f"  throughput  {med['rps']:.0f} req/s")
+            print(f"  latency     p50 {med['p50_ms']:.2f} ms   p99 {med['p99_ms']:.2f} ms")
+            print(f"  errors      {sum(r['errors'] for r in results)} (all runs)")
         if pids:
             print(f"  server RSS  {rss_kib(pids) / 1024:.0f} MiB over {len(pids)} processes")
 

@@ -221,13 +221,17 @@ def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
     return True
 
 
-def restore_lease(service_id: str) -> bool:
-    """Recreate a missing Redis entry from the database row; False if the service is not registered."""
+def restore_lease(service_id: str, at_least_until_ms: int = 0) -> bool:
+    """Recreate a missing Redis entry from the database row; False if the service is not registered.
+
+    The deadline is the row's checkpoint, or ``at_least_until_ms`` if that is later.
+    """
     with transaction.atomic():
         service = Service.objects.select_for_update().filter(pk=service_id).first()
         if service is None:
             return False
-        _put_lease(get_redis(), service, lease_store.to_ms(service.lease_expires_at), only_if_absent=True)
+        deadline_ms = max(lease_store.to_ms(service.lease_expires_at), at_least_until_ms)
+        _put_lease(get_redis(), service, deadline_ms, only_if_absent=True)
     return True
 
 
@@ -313,11 +317,9 @@ def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str
         present = lease_store.deadlines(r, [s.pk for s in rows])
         for service in rows:
             if service.pk not in present:
-                deadline = lease_store.to_ms(service.lease_expires_at)
-                if grace:
-                    deadline = max(deadline, now_ms + service.lease_duration * 1000)
-                _put_lease(r, service, deadline, only_if_absent=True)
-                restored += 1
+                # Under the row lock, so a concurrent deregistration cannot leave an orphan.
+                grace_ms = now_ms + service.lease_duration * 1000 if grace else 0
+                restored += restore_lease(service.pk, grace_ms)
     conf_key = lease_store.keys().conf
     cursor = 0
     while True:

@@ -27,7 +27,9 @@ def _forget(key_hash: str) -> None:
 
 @receiver(post_save, sender=ApiToken)
 @receiver(post_delete, sender=ApiToken)
-def forget_cached_token(sender, instance: ApiToken, **kwargs) -> None:  # type: ignore[no-untyped-def]
+def forget_cached_token(sender, instance: ApiToken, created: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    if created:
+        return  # a new token has nothing cached yet
     # Now, so this change is seen at once; and again after commit, in case a heartbeat
     # re-cached the old row in between.
     _forget(instance.key_hash)
