@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,13 +14,7 @@ import httpx
 BASE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE))
 
-from tests.redis_servers import RedisServer  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from registry_project.embedded_redis import RedisServer, free_port  # noqa: E402
 
 
 def rss_kib(pids: list[int]) -> int:

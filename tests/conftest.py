@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 from registry import lease_store
 from registry.models import ApiToken
 from registry.redis_client import get_redis, reset_clients
-from tests.redis_servers import RedisServer
+from registry_project.embedded_redis import RedisServer
 
 
 @pytest.fixture(scope="session")

