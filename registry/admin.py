@@ -34,6 +34,10 @@ def _seconds(delta_seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 class EffectiveHealthFilter(admin.SimpleListFilter):
     title = "health"
     parameter_name = "health"
@@ -87,7 +91,7 @@ class ServiceAdmin(admin.ModelAdmin):
                     "health",
                     "lease_left",
                     "live_lease_expires_at",
-                    "last_heartbeat",
+                    "last_heartbeat_at",
                     "lease_duration",
                     "deregister_after",
                     "registered_at",
@@ -130,7 +134,8 @@ class ServiceAdmin(admin.ModelAdmin):
         health = service.effective_health(timezone.now())
         note = " (lease lapsed)" if health == Health.UNHEALTHY and service.health != Health.UNHEALTHY else ""
         return format_html(
-            '<span style="background:{};color:#fff;padding:2px 8px;border-radius:10px;font-weight:600">{}</span>{}',
+            '<span style="white-space:nowrap"><span style="background:{};color:#fff;padding:2px 8px;'
+            'border-radius:10px;font-weight:600">{}</span>{}</span>',
             BADGE_COLOURS[health],
             health,
             note,
@@ -141,14 +146,20 @@ class ServiceAdmin(admin.ModelAdmin):
         now: datetime = timezone.now()
         left = (service.expires_at - now).total_seconds()
         if left > 0:
-            return f"{_seconds(left)} left"
-        removal = left + service.deregister_after
-        tail = f"removal in {_seconds(removal)}" if removal > 0 else "removal due"
-        return f"lapsed {_seconds(left)} ago, {tail}"
+            text = f"{_seconds(left)} left"
+        else:
+            removal = left + service.deregister_after
+            tail = f"removal in {_seconds(removal)}" if removal > 0 else "removal due"
+            text = f"lapsed {_seconds(left)} ago, {tail}"
+        return format_html('<span style="white-space:nowrap">{}</span>', text)
 
     @admin.display(description="lease expires at")
-    def live_lease_expires_at(self, service: Service) -> datetime:
-        return service.expires_at
+    def live_lease_expires_at(self, service: Service) -> str:
+        return _when(service.expires_at)
+
+    @admin.display(description="last heartbeat")
+    def last_heartbeat_at(self, service: Service) -> str:
+        return _when(service.last_heartbeat)
 
     @admin.display(description="labels")
     def labels_display(self, service: Service) -> str:
