@@ -9,6 +9,7 @@ the database, through a worker thread.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -74,11 +75,14 @@ class HeartbeatFastPath:
         await self.app(scope, receive, send)
 
     async def heartbeat(self, service_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        headers = dict(scope["headers"])
-        host = headers.get(b"host", b"").decode("latin-1")
-        domain, _port = split_domain_port(host)
-        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
-            await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host!r}."})
+        host = authorization = b""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"authorization":
+                authorization = value
+        if not _host_allowed(host):
+            await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host.decode('latin-1')!r}."})
             return
         body = b""
         more = True
@@ -95,7 +99,7 @@ class HeartbeatFastPath:
         if error is not None:
             await _respond(send, 400, error)
             return
-        token = token_from_header(headers.get(b"authorization", b"").decode("latin-1"))
+        token = token_from_header(authorization.decode("latin-1"))
         try:
             result = await run_flow_async(heartbeat_flow(service_id, token, health, timezone.now()), get_async_redis())
         except redis.RedisError as exc:
@@ -103,6 +107,13 @@ class HeartbeatFastPath:
             await _respond(send, 503, {"detail": "Lease store unavailable; retry shortly."})
             return
         await _respond(send, result.status, result.body)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_allowed(host: bytes) -> bool:
+    """Django's ALLOWED_HOSTS check, remembered per Host header value."""
+    domain, _port = split_domain_port(host.decode("latin-1"))
+    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
 
 
 async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
