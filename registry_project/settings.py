@@ -138,6 +138,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "registry.exceptions.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {

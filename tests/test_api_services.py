@@ -252,3 +252,20 @@ def test_staff_token_may_change_any_service(api, make_token, heartbeat):
     assert response.json()["owner"] == "owner"  # the owner does not change hands
     assert heartbeat("svc-1", staff_key, {"health": "degraded"})[0] == 200
     assert staff.delete("/api/v1/services/svc-1/").status_code == 204
+
+
+def test_an_unreachable_lease_store_is_a_503_and_nothing_is_written(api, owner, settings):
+    from registry.redis_client import reset_clients
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    reset_clients()
+    try:
+        response = api.post("/api/v1/services/", service_body(), format="json")
+        beat = client_for(owner[1]).post("/api/v1/services/svc-1/heartbeat/")
+    finally:
+        reset_clients()
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Lease store unavailable; retry shortly."}
+    assert beat.status_code == 503
+    assert not Service.objects.exists()
+    assert not ServiceLabel.objects.exists()
