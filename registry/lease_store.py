@@ -1,5 +1,6 @@
 """Lease state in Redis: deadlines, removal deadlines, lease settings and reported health per service,
-the token cache the heartbeat fast path authenticates against, and the registry's shared counters.
+consumer-group member sessions (leases of their own), the token cache the heartbeat fast path
+authenticates against, and the registry's shared counters.
 
 Redis is the authority for *when* a lease expires (a heartbeat is one Lua call here and no
 database write); the database is the authority for *what* is registered. Every service row
@@ -21,7 +22,8 @@ from django.conf import settings
 # Heartbeat: authenticate, authorise, renew and compare reported health in one round trip.
 # Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
 #          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
-# KEYS: deadline, removal, conf, health, token, heartbeat counter. ARGV: id, now_ms, health.
+# KEYS: deadline, removal, conf, health, token, heartbeat counter, the service id's member groups,
+#       member sessions, member timeouts. ARGV: id, now_ms, health.
 HEARTBEAT_LUA = """
 local token = redis.call('GET', KEYS[5])
 if not token then return {'TOKEN_MISS'} end
@@ -34,6 +36,12 @@ local deadline = tonumber(ARGV[2]) + tonumber(lease_ms)
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
 redis.call('INCR', KEYS[6])
+-- a service that is also a group member keeps its memberships with the same heartbeat
+for _, group in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+  local session = group .. '/' .. ARGV[1]
+  local timeout = redis.call('HGET', KEYS[9], session)
+  if timeout then redis.call('ZADD', KEYS[8], 'XX', tonumber(ARGV[2]) + tonumber(timeout), session) end
+end
 if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[3] then
   return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
 end
@@ -71,7 +79,12 @@ class Keys:
     built: str
     counters: str
 
-    def heartbeat_keys(self, key_hash: str) -> list[str]:
+    sessions: str
+    timeouts: str
+    member_prefix: str
+    sessions_built: str
+
+    def heartbeat_keys(self, key_hash: str, service_id: str) -> list[str]:
         return [
             self.deadline,
             self.removal,
@@ -79,7 +92,13 @@ class Keys:
             self.health,
             self.token(key_hash),
             self.counter("heartbeats"),
+            self.member_groups(service_id),
+            self.sessions,
+            self.timeouts,
         ]
+
+    def member_groups(self, member_id: str) -> str:
+        return f"{self.member_prefix}{member_id}"
 
     def token(self, key_hash: str) -> str:
         return f"{self.tokens}:{key_hash}"
@@ -102,6 +121,10 @@ def _keys(p: str) -> Keys:
         tokens=f"{p}tokens",
         built=f"{p}lease:built",
         counters=f"{p}counter",
+        sessions=f"{p}member:session",
+        timeouts=f"{p}member:timeout",
+        member_prefix=f"{p}member:groups:",
+        sessions_built=f"{p}member:built",
     )
 
 
@@ -217,3 +240,109 @@ def counters(r: redis.Redis, names: Iterable[str]) -> dict[str, int]:
     names = list(names)
     values = r.mget([keys().counter(n) for n in names])
     return {n: int(v or 0) for n, v in zip(names, values, strict=True)}
+
+
+# --- member sessions ---------------------------------------------------------------------
+# A session is keyed "<group_id>/<member_id>" ('/' never appears in an identifier).
+
+RENEW_SESSION_LUA = """
+local timeout = redis.call('HGET', KEYS[2], ARGV[1])
+if not timeout then return false end
+local deadline = tonumber(ARGV[2]) + tonumber(timeout)
+redis.call('ZADD', KEYS[1], deadline, ARGV[1])
+return tostring(deadline)
+"""
+
+REMOVE_EXPIRED_SESSIONS_LUA = """
+local removed = {}
+for i, session in ipairs(ARGV) do
+  if i > 1 then
+    local score = redis.call('ZSCORE', KEYS[1], session)
+    if (not score) or tonumber(score) < tonumber(ARGV[1]) then
+      redis.call('ZREM', KEYS[1], session)
+      redis.call('HDEL', KEYS[2], session)
+      local group, member = string.match(session, '^(.*)/(.*)$')
+      redis.call('SREM', KEYS[3] .. member, group)
+      table.insert(removed, session)
+    end
+  end
+end
+return removed
+"""
+
+
+def session_key(group_id: str, member_id: str) -> str:
+    return f"{group_id}/{member_id}"
+
+
+def split_session(key: str) -> tuple[str, str]:
+    group_id, _, member_id = key.partition("/")
+    return group_id, member_id
+
+
+def put_session(
+    r: redis.Redis,
+    group_id: str,
+    member_id: str,
+    *,
+    timeout_seconds: int,
+    deadline_ms: int,
+    only_if_absent: bool = False,
+) -> None:
+    k = keys()
+    key = session_key(group_id, member_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.zadd(k.sessions, {key: deadline_ms}, nx=only_if_absent)
+    pipe.hset(k.timeouts, key, timeout_seconds * 1000)
+    pipe.sadd(k.member_groups(member_id), group_id)
+    pipe.execute()
+
+
+def remove_session(r: redis.Redis, group_id: str, member_id: str) -> None:
+    k = keys()
+    key = session_key(group_id, member_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.zrem(k.sessions, key)
+    pipe.hdel(k.timeouts, key)
+    pipe.srem(k.member_groups(member_id), group_id)
+    pipe.execute()
+
+
+def renew_session(r: redis.Redis, group_id: str, member_id: str, now_ms: int) -> int | None:
+    """Move the session's deadline to now + its timeout; None if there is no such session."""
+    k = keys()
+    deadline = r.eval(RENEW_SESSION_LUA, 2, k.sessions, k.timeouts, session_key(group_id, member_id), now_ms)
+    return int(deadline) if deadline is not None else None
+
+
+def session_deadlines(r: redis.Redis, sessions: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    if not sessions:
+        return {}
+    scores = r.zmscore(keys().sessions, [session_key(g, m) for g, m in sessions])
+    return {s: int(score) for s, score in zip(sessions, scores, strict=True) if score is not None}
+
+
+def expired_sessions(r: redis.Redis, now_ms: int, limit: int) -> list[tuple[str, str]]:
+    raw = r.zrangebyscore(keys().sessions, "-inf", f"({now_ms}", start=0, num=limit)
+    return [split_session(item.decode()) for item in raw]
+
+
+def remove_expired_sessions(r: redis.Redis, sessions: Sequence[tuple[str, str]], now_ms: int) -> list[tuple[str, str]]:
+    if not sessions:
+        return []
+    k = keys()
+    removed = r.eval(
+        REMOVE_EXPIRED_SESSIONS_LUA,
+        3,
+        k.sessions,
+        k.timeouts,
+        k.member_prefix,
+        now_ms,
+        *[session_key(g, m) for g, m in sessions],
+    )
+    return [split_session(item.decode()) for item in removed]
+
+
+def all_sessions(r: redis.Redis, chunk: int = 1000) -> Iterable[tuple[str, str]]:
+    for raw in r.hscan_iter(keys().timeouts, count=chunk):
+        yield split_session((raw[0] if isinstance(raw, tuple) else raw).decode())

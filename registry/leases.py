@@ -18,10 +18,12 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from . import lease_store
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
 from .redis_client import get_redis
+from .signals import services_removed
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,11 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
         lease_store.remove(r, [service_id])
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
+        transaction.on_commit(lambda: _announce_removed([service_id], "deregistered"))
+
+
+def _announce_removed(service_ids: list[str], reason: str, now: datetime | None = None) -> None:
+    services_removed.send(sender=Service, service_ids=service_ids, reason=reason, now=now or timezone.now())
 
 
 def set_weight(service_ids: Sequence[str], weight: int) -> int:
@@ -167,6 +174,7 @@ def expire_lapsed(now: datetime, limit: int | None = None) -> list[str]:
         if removed:
             log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
             transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
+            transaction.on_commit(lambda: _announce_removed(removed, "expired", now))
     return removed
 
 
@@ -244,7 +252,7 @@ def heartbeat_flow(
     key_hash = hash_token(token_key)
     now_ms = lease_store.to_ms(now)
     for _attempt in range(3):
-        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash), [service_id, now_ms, health])
+        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash, service_id), [service_id, now_ms, health])
         code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if code in ("OK", "HEALTH_CHANGED"):
             deadline_ms, lease_ms = int(reply[1]), int(reply[2])

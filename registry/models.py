@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import models
 from django.db.models import Exists, OuterRef, Q
@@ -67,6 +68,10 @@ class ApiToken(models.Model):
 
     def may_change(self, service: Service) -> bool:
         return self.is_staff or service.owner_id == self.pk
+
+    def may_change_member(self, member: Any) -> bool:
+        """For a consumer-group member (groups.models.GroupMember): staff, or the token that joined it."""
+        return self.is_staff or member.owner_id == self.pk
 
 
 class ServiceQuerySet(models.QuerySet["Service"]):

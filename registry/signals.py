@@ -1,4 +1,5 @@
-"""Keep the Redis token cache in step with ApiToken rows: a changed or deleted token is forgotten at once."""
+"""Registry signals: ``services_removed`` for other apps, and keeping the Redis token cache in step
+with ApiToken rows (a changed or deleted token is forgotten at once)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import logging
 import redis
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 
 from . import lease_store
 from .models import ApiToken
 from .redis_client import get_redis
 
 log = logging.getLogger(__name__)
+
+# Sent after the commit that removed services: service_ids (list of str), reason
+# ("deregistered" or "expired"), now. The groups app removes those ids from their groups.
+services_removed = Signal()
 
 
 def _forget(key_hash: str) -> None:

@@ -1,0 +1,110 @@
+"""Consumer-group records: topics, groups, members, per-partition ownership and rebalance history.
+
+One ``Partition`` row per partition of a group's subscribed topics holds its single current
+``owner`` and the ``target`` the assignor chose, so a partition can never be owned by two
+members: while ``owner`` and ``target`` differ the partition is being revoked from its owner
+(revoke before assign). A member's session deadline lives in Redis, like a service lease.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+from registry.models import ApiToken
+
+
+class GroupState(models.TextChoices):
+    EMPTY = "empty", "empty"
+    RECONCILING = "reconciling", "reconciling"
+    STABLE = "stable", "stable"
+
+
+class RebalanceReason(models.TextChoices):
+    JOIN = "join", "join"
+    LEAVE = "leave", "leave"
+    EXPIRY = "expiry", "expiry"
+    TOPIC_CHANGE = "topic_change", "topic change"
+    MANUAL = "manual", "manual"
+
+
+class Topic(models.Model):
+    name = models.CharField(max_length=128, primary_key=True)
+    partitions = models.PositiveIntegerField(help_text="1..10000; topics can grow, never shrink.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ServiceGroup(models.Model):
+    group_id = models.CharField(max_length=128, primary_key=True)
+    generation = models.PositiveBigIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=GroupState.choices, default=GroupState.EMPTY)
+    topics = models.JSONField(default=list, blank=True, help_text="Topics some member subscribes to.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["group_id"]
+        verbose_name = "consumer group"
+
+    def __str__(self) -> str:
+        return self.group_id
+
+
+class GroupMember(models.Model):
+    group = models.ForeignKey(ServiceGroup, on_delete=models.CASCADE, related_name="members")
+    member_id = models.CharField(max_length=128)
+    service_name = models.CharField(max_length=128)
+    topics = models.JSONField(default=list)
+    session_timeout = models.PositiveIntegerField(default=30, help_text="Seconds a member heartbeat keeps it.")
+    joined_at = models.DateTimeField()
+    acked_generation = models.PositiveBigIntegerField(default=0, help_text="Latest generation the member confirmed.")
+    owner = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="memberships")
+
+    class Meta:
+        ordering = ["group_id", "member_id"]
+        constraints = [models.UniqueConstraint(fields=["group", "member_id"], name="unique_member_per_group")]
+        indexes = [models.Index(fields=["member_id"], name="member_id_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.group_id}/{self.member_id}"
+
+
+class Partition(models.Model):
+    group = models.ForeignKey(ServiceGroup, on_delete=models.CASCADE, related_name="partitions")
+    topic = models.CharField(max_length=128)
+    number = models.PositiveIntegerField()
+    owner = models.ForeignKey(GroupMember, null=True, on_delete=models.SET_NULL, related_name="owned")
+    target = models.ForeignKey(GroupMember, null=True, on_delete=models.SET_NULL, related_name="targeted")
+    target_generation = models.PositiveBigIntegerField(
+        default=0, help_text="Generation that chose the target; the owner releases on confirming it."
+    )
+
+    class Meta:
+        ordering = ["group_id", "topic", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["group", "topic", "number"], name="unique_partition_per_group"),
+        ]
+
+
+class RebalanceEvent(models.Model):
+    group = models.ForeignKey(ServiceGroup, on_delete=models.CASCADE, related_name="history")
+    generation = models.PositiveBigIntegerField()
+    reason = models.CharField(max_length=16, choices=RebalanceReason.choices)
+    members_before = models.JSONField(default=list)
+    members_after = models.JSONField(default=list)
+    partitions_moved = models.PositiveIntegerField(default=0)
+    duration_ms = models.FloatField(default=0)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["group_id", "-generation"]
+        constraints = [
+            # a generation is never repeated; the group row lock makes them sequential
+            models.UniqueConstraint(fields=["group", "generation"], name="unique_generation_per_group"),
+        ]

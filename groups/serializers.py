@@ -1,0 +1,92 @@
+"""Request validation and response shapes for topics and consumer groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from registry.serializers import identifier_field
+
+from .models import Topic
+from .rebalance import MAX_PARTITIONS
+
+
+class TopicSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Topic
+        fields = ["name", "partitions", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class TopicPutSerializer(serializers.Serializer):
+    partitions = serializers.IntegerField(min_value=1, max_value=MAX_PARTITIONS)
+
+
+class JoinSerializer(serializers.Serializer):
+    member_id = identifier_field()
+    service_name = identifier_field()
+    topics = serializers.ListField(child=identifier_field(), min_length=1, max_length=100)
+    session_timeout = serializers.IntegerField(min_value=1, max_value=3600, required=False, default=30)
+
+
+class MemberHeartbeatSerializer(serializers.Serializer):
+    generation = serializers.IntegerField(min_value=0)
+
+
+class PartitionMapField(serializers.DictField):
+    child = serializers.ListField(child=serializers.IntegerField())
+
+
+class PartitionAssignmentSerializer(serializers.Serializer):
+    group_id = serializers.CharField()
+    member_id = serializers.CharField()
+    generation = serializers.IntegerField()
+    assigned_partitions = PartitionMapField(help_text="What the member owns now: {topic: [partition, ...]}.")
+    revoking = PartitionMapField(
+        help_text="Owned partitions it must give up: confirm the generation to hand them over."
+    )
+    pending = PartitionMapField(help_text="Partitions it will own once their current owner gives them up.")
+
+
+class MemberSerializer(PartitionAssignmentSerializer):
+    service_name = serializers.CharField()
+    topics = serializers.ListField(child=serializers.CharField())
+    joined_at = serializers.DateTimeField()
+    session_timeout = serializers.IntegerField()
+    session_expires_at = serializers.DateTimeField(allow_null=True)
+    acked_generation = serializers.IntegerField()
+
+
+class GroupSerializer(serializers.Serializer):
+    group_id = serializers.CharField()
+    generation = serializers.IntegerField()
+    state = serializers.CharField()
+    topics = serializers.ListField(child=serializers.CharField())
+    members = MemberSerializer(many=True)
+
+
+def group_body(group: Any, views: dict[str, Any], sessions: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    members = []
+    for member in group.members.all():
+        view = views[member.member_id].as_dict()
+        members.append(
+            {
+                **view,
+                "service_name": member.service_name,
+                "topics": member.topics,
+                "joined_at": member.joined_at,
+                "session_timeout": member.session_timeout,
+                "session_expires_at": sessions.get((group.group_id, member.member_id)),
+                "acked_generation": member.acked_generation,
+            }
+        )
+    return GroupSerializer(
+        {
+            "group_id": group.group_id,
+            "generation": group.generation,
+            "state": group.state,
+            "topics": group.topics,
+            "members": members,
+        }
+    ).data

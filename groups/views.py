@@ -1,0 +1,167 @@
+"""HTTP views for topics and consumer groups: parse, call ``groups.rebalance``, shape the response."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry import lease_store
+from registry.redis_client import get_redis
+
+from . import rebalance
+from .models import ServiceGroup, Topic
+from .serializers import (
+    GroupSerializer,
+    JoinSerializer,
+    MemberHeartbeatSerializer,
+    PartitionAssignmentSerializer,
+    TopicPutSerializer,
+    TopicSerializer,
+    group_body,
+)
+
+IDENTIFIER = "[A-Za-z0-9._:-]{1,128}"
+_ERRORS = {
+    400: OpenApiResponse(description="Bad input; the body names each field and the rule it broke."),
+    401: OpenApiResponse(description="Missing or invalid token."),
+    403: OpenApiResponse(description="The token did not create this member and is not staff."),
+    404: OpenApiResponse(description="No such group or member (rejoin)."),
+}
+
+
+class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Topic.objects.all()
+    serializer_class = TopicSerializer
+    lookup_value_regex = IDENTIFIER
+
+    @extend_schema(
+        summary="Create or grow a topic",
+        request=TopicPutSerializer,
+        responses={201: TopicSerializer, 200: TopicSerializer, 400: _ERRORS[400], 401: _ERRORS[401]},
+    )
+    def update(self, request: Request, pk: str) -> Response:
+        incoming = TopicPutSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        try:
+            topic, created = rebalance.put_topic(pk, incoming.validated_data["partitions"], timezone.now())
+        except rebalance.TopicShrink as exc:
+            raise exceptions.ValidationError({"partitions": [str(exc)]}) from None
+        return Response(TopicSerializer(topic).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+def _sessions(groups: list[ServiceGroup]) -> dict[tuple[str, str], object]:
+    keys = [(g.group_id, m.member_id) for g in groups for m in g.members.all()]
+    return {k: lease_store.from_ms(ms) for k, ms in lease_store.session_deadlines(get_redis(), keys).items()}
+
+
+class GroupViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = ServiceGroup.objects.prefetch_related("members")
+    serializer_class = GroupSerializer
+    lookup_value_regex = IDENTIFIER
+
+    def _body(self, groups: list[ServiceGroup]) -> list[dict]:
+        sessions = _sessions(groups)
+        return [group_body(g, rebalance.member_views(g), sessions) for g in groups]
+
+    @extend_schema(summary="List consumer groups", responses={200: GroupSerializer(many=True), 401: _ERRORS[401]})
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(self._body(list(page)))
+
+    @extend_schema(summary="One consumer group", responses={200: GroupSerializer, 401: _ERRORS[401], 404: _ERRORS[404]})
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return Response(self._body([self.get_object()])[0])
+
+
+class GroupMembersView(APIView):
+    """POST /groups/{group_id}/members/: join."""
+
+    @extend_schema(
+        summary="Join a group",
+        request=JoinSerializer,
+        responses={201: PartitionAssignmentSerializer, 200: PartitionAssignmentSerializer, **_ERRORS},
+    )
+    def post(self, request: Request, group_id: str) -> Response:
+        _check_identifier("group_id", group_id)
+        incoming = JoinSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        try:
+            assignment, created = rebalance.join(
+                group_id,
+                data["member_id"],
+                data["service_name"],
+                data["topics"],
+                request.user,
+                timezone.now(),
+                session_timeout=data["session_timeout"],
+            )
+        except rebalance.NotOwner:
+            raise exceptions.PermissionDenied("This member_id was joined by another token.") from None
+        return Response(assignment.as_dict(), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class GroupMemberView(APIView):
+    """GET and DELETE /groups/{group_id}/members/{member_id}/."""
+
+    @extend_schema(
+        summary="A member's current assignment",
+        responses={200: PartitionAssignmentSerializer, 401: _ERRORS[401], 404: _ERRORS[404]},
+    )
+    def get(self, request: Request, group_id: str, member_id: str) -> Response:
+        group = ServiceGroup.objects.filter(pk=group_id).first()
+        member = group.members.filter(member_id=member_id).first() if group else None
+        if member is None:
+            raise exceptions.NotFound("No such member in this group.")
+        return Response(rebalance.assignment_of(group, member).as_dict())
+
+    @extend_schema(
+        summary="Leave a group", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
+    )
+    def delete(self, request: Request, group_id: str, member_id: str) -> Response:
+        try:
+            rebalance.leave(group_id, member_id, request.user, timezone.now())
+        except rebalance.MemberNotFound:
+            raise exceptions.NotFound("No such member in this group.") from None
+        except rebalance.NotOwner:
+            raise exceptions.PermissionDenied("This member was joined by another token.") from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class GroupMemberHeartbeatView(APIView):
+    """POST /groups/{group_id}/members/{member_id}/heartbeat/."""
+
+    @extend_schema(
+        summary="Member heartbeat",
+        description="Keeps the member's session and confirms the generation it has seen (handing over what it "
+        "was revoking). Answers with the current assignment; 404 once the member is gone (join again).",
+        request=MemberHeartbeatSerializer,
+        responses={200: PartitionAssignmentSerializer, **_ERRORS},
+    )
+    def post(self, request: Request, group_id: str, member_id: str) -> Response:
+        incoming = MemberHeartbeatSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        try:
+            assignment = rebalance.heartbeat(
+                group_id, member_id, incoming.validated_data["generation"], request.user, timezone.now()
+            )
+        except rebalance.MemberNotFound:
+            raise exceptions.NotFound("No such member in this group; join again.") from None
+        except rebalance.NotOwner:
+            raise exceptions.PermissionDenied("This member was joined by another token.") from None
+        return Response(assignment.as_dict())
+
+
+def _check_identifier(field: str, value: str) -> None:
+    from django.core.exceptions import ValidationError
+
+    from registry.validators import validate_identifier
+
+    try:
+        validate_identifier(value)
+    except ValidationError as exc:
+        raise exceptions.ValidationError({field: exc.messages}) from None
