@@ -98,12 +98,20 @@ def member_views(group: ServiceGroup) -> dict[str, PartitionAssignment]:
     }
 
 
-def assignment_of(group: ServiceGroup, member: GroupMember) -> PartitionAssignment:
-    rows = member.group.partitions.filter(Q(owner=member) | Q(target=member)).values_list(
-        "topic", "number", "owner_id", "target_id"
+def _member_rows(member: GroupMember) -> list[tuple[str, int, int | None, int | None, int]]:
+    return list(
+        Partition.objects.filter(Q(owner=member) | Q(target=member))
+        .filter(group_id=member.group_id)
+        .values_list("topic", "number", "owner_id", "target_id", "target_generation")
     )
+
+
+def assignment_of(group: ServiceGroup, member: GroupMember, rows: list | None = None) -> PartitionAssignment:
+    """The member's view. ``group`` must have been read before the partition rows: a generation
+    label older than the rows is harmless (the member confirms less than it could), a newer one
+    would let it confirm a revocation it has not been shown."""
     owned, revoking, pending = [], [], []
-    for topic, number, owner_id, target_id in rows:
+    for topic, number, owner_id, target_id, _gen in _member_rows(member) if rows is None else rows:
         if owner_id == member.pk:
             owned.append((topic, number))
             if target_id != member.pk:
@@ -263,17 +271,18 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
             if member is None:
                 raise MemberNotFound(f"{group_id}/{member_id}")
             _put_session(member, now_ms)
-    if generation > member.acked_generation or (
-        Partition.objects.filter(group_id=group_id, owner=member, target_generation__lte=generation)
-        .exclude(target=member)
-        .exists()
-    ):
+    rows = _member_rows(member)
+    must_release = any(
+        owner_id == member.pk and target_id != member.pk and target_gen <= generation
+        for _t, _n, owner_id, target_id, target_gen in rows
+    )
+    if must_release or member.acked_generation < generation <= member.group.generation:
         acknowledge(group_id, member_id, generation)
-    group = ServiceGroup.objects.get(pk=group_id)
-    member = GroupMember.objects.filter(group=group, member_id=member_id).first()
-    if member is None:
-        raise MemberNotFound(f"{group_id}/{member_id}")
-    return assignment_of(group, member)
+        member = GroupMember.objects.select_related("group").filter(group_id=group_id, member_id=member_id).first()
+        if member is None:
+            raise MemberNotFound(f"{group_id}/{member_id}")
+        rows = _member_rows(member)
+    return assignment_of(member.group, member, rows)
 
 
 def acknowledge(group_id: str, member_id: str, generation: int) -> int:

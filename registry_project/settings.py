@@ -72,9 +72,17 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'registry.sqlite3'}")
 try:
-    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0))
+    # Under ASGI, Django runs each request's sync code in a thread of its own, so persistent
+    # per-thread connections (CONN_MAX_AGE > 0) pile up; PostgreSQL gets a connection pool instead.
+    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+if _db["ENGINE"] == "django.db.backends.postgresql":
+    _db.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
+        "timeout": 10,
+    }
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE makes every atomic block take SQLite's write lock up front, so a
     # read-then-write transaction cannot interleave with another writer (SQLite's
