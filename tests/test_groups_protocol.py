@@ -241,3 +241,36 @@ def test_other_validation_and_ownership_rules(api, make_token, orders):
     _, staff_key = make_token("ops", staff=True)
     assert client_for(staff_key).delete("/api/v1/groups/g1/members/m1/").status_code == 204
     assert client_for(None).get("/api/v1/groups/").status_code == 401
+
+
+def test_an_expired_service_leaves_its_groups(api, orders, django_capture_on_commit_callbacks):
+    from registry.tasks import cleanup_once
+
+    with time_machine.travel(T0, tick=False) as clock:
+        api.post("/api/v1/services/", service_body("m1", lease_duration=5, deregister_after=0), format="json")
+        join(api, "m1", session_timeout=3600)
+        join(api, "m2", session_timeout=3600)
+        clock.move_to(T0 + timedelta(seconds=6))
+        with django_capture_on_commit_callbacks(execute=True):
+            assert cleanup_once() == ["m1"]
+    body = api.get("/api/v1/groups/g1/").json()
+    assert [m["member_id"] for m in body["members"]] == ["m2"]
+    assert RebalanceEvent.objects.get(generation=3).reason == "expiry"
+
+
+def test_group_and_member_reads(api, orders):
+    join(api, "m1")
+    listed = api.get("/api/v1/groups/").json()
+    assert listed["count"] == 1
+    group = listed["results"][0]
+    assert (group["group_id"], group["generation"], group["state"], group["topics"]) == ("g1", 1, "stable", ["orders"])
+    member = group["members"][0]
+    assert member["member_id"] == "m1" and member["service_name"] == "orders-consumer"
+    assert member["assigned_partitions"] == {"orders": list(range(12))}
+    assert member["session_timeout"] == 30 and member["session_expires_at"] is not None
+    one = api.get("/api/v1/groups/g1/members/m1/").json()
+    assert one == {"group_id": "g1", "member_id": "m1", "generation": 1,
+                   "assigned_partitions": {"orders": list(range(12))}, "revoking": {}, "pending": {}}
+    assert api.get("/api/v1/groups/g1/members/nobody/").status_code == 404
+    assert api.get("/api/v1/groups/nope/").status_code == 404
+    assert api.get("/api/v1/topics/").json()["results"][0]["name"] == "orders"

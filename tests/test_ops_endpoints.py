@@ -67,6 +67,12 @@ def test_schema_documents_every_services_row(db):
     assert set(paths["/api/v1/services/"]) >= {"get", "post"}
     assert set(paths["/api/v1/services/{service_id}/"]) >= {"get", "delete"}
     assert "post" in paths["/api/v1/services/{service_id}/heartbeat/"]
+    assert "put" in paths["/api/v1/topics/{name}/"]
+    assert "get" in paths["/api/v1/topics/"]
+    assert "get" in paths["/api/v1/groups/"] and "get" in paths["/api/v1/groups/{group_id}/"]
+    assert "post" in paths["/api/v1/groups/{group_id}/members/"]
+    assert set(paths["/api/v1/groups/{group_id}/members/{member_id}/"]) >= {"get", "delete"}
+    assert "post" in paths["/api/v1/groups/{group_id}/members/{member_id}/heartbeat/"]
     params = {p["name"] for p in paths["/api/v1/services/"]["get"]["parameters"]}
     assert params >= {"name", "type", "health", "group_id", "selector", "page"}
 
@@ -102,3 +108,6 @@ def test_beat_schedules_cleanup_every_5_seconds_with_expiry(db):
 
     assert "registry.cleanup_expired_leases" in app.tasks
     assert "registry.reconcile_leases" in app.tasks
+    expiry = PeriodicTask.objects.get(task="groups.expire_members")
+    assert (expiry.interval.every, expiry.interval.period, expiry.expire_seconds) == (5, "seconds", 5)
+    assert "groups.expire_members" in app.tasks
