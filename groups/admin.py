@@ -101,6 +101,10 @@ class ServiceGroupAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # groups come into being when a member joins
 
+    def has_delete_permission(self, request: HttpRequest, obj: ServiceGroup | None = None) -> bool:
+        # Only an empty group: members leave through "remove member", which rebalances.
+        return super().has_delete_permission(request, obj) and (obj is None or not obj.members.exists())
+
     @admin.display(description="members", ordering="n_members")
     def member_count(self, group: ServiceGroup) -> int:
         return group.n_members
