@@ -105,6 +105,11 @@ class ServiceGroupAdmin(admin.ModelAdmin):
         # Only an empty group: members leave through "remove member", which rebalances.
         return super().has_delete_permission(request, obj) and (obj is None or not obj.members.exists())
 
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # would drop groups with members without a rebalance
+        return actions
+
     @admin.display(description="members", ordering="n_members")
     def member_count(self, group: ServiceGroup) -> int:
         return group.n_members
