@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import F, Q
 
 from registry import lease_store
+from registry.leases import Guard
 from registry.models import ApiToken
 from registry.redis_client import get_redis
 
@@ -392,8 +393,10 @@ def force_rebalance(group_id: str, now: datetime) -> RebalanceEvent:
         return rebalance(group, RebalanceReason.MANUAL, now)
 
 
-def expire_members(now: datetime, limit: int = 500) -> list[tuple[str, str]]:
-    """Remove up to ``limit`` members whose session ran out, one rebalance per group touched."""
+def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
+    """Remove up to ``limit`` members whose session ran out, one rebalance per group touched.
+
+    ``guard`` makes each group's transaction; a leader passes one fenced with its term."""
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     candidates = lease_store.expired_sessions(r, now_ms, limit)
@@ -402,7 +405,7 @@ def expire_members(now: datetime, limit: int = 500) -> list[tuple[str, str]]:
         by_group.setdefault(group_id, []).append(member_id)
     removed: list[tuple[str, str]] = []
     for group_id, member_ids in sorted(by_group.items()):
-        with transaction.atomic():
+        with guard() as run:
             group = _lock_group(group_id)
             gone = lease_store.remove_expired_sessions(r, [(group_id, m) for m in member_ids], now_ms)
             gone_ids = [m for _g, m in gone]
@@ -413,6 +416,8 @@ def expire_members(now: datetime, limit: int = 500) -> list[tuple[str, str]]:
             if deleted:
                 rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
                 removed += [(group_id, m) for m in sorted(gone_ids) if m in before]
+                if run is not None:
+                    run.items = deleted
     return removed
 
 

@@ -11,10 +11,10 @@ from django.contrib.admin.views.main import ChangeList
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from . import leases
-from .models import ApiToken, Health, Service
+from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, Service
 from .validators import parse_selector
 
 BADGE_COLOURS = {
@@ -217,3 +217,45 @@ class ApiTokenAdmin(admin.ModelAdmin):
             )
             return
         super().save_model(request, obj, form, change)
+
+
+@admin.register(LeaderTerm)
+class LeaderTermAdmin(admin.ModelAdmin):
+    """Who runs the periodic jobs now; its term is the fencing token every job write is checked against."""
+
+    list_display = ["name", "holder", "term", "time_left", "updated_at"]
+    fields = ["name", "holder", "term", "expires_at", "time_left", "terms_table", "runs_table"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # deleting the row would restart the fencing tokens
+
+    @admin.display(description="lock")
+    def time_left(self, row: LeaderTerm) -> str:
+        if row.expires_at is None:
+            return "-"
+        left = (row.expires_at - timezone.now()).total_seconds()
+        return f"{_seconds(left)} left" if left > 0 else f"lapsed {_seconds(left)} ago (no current leader)"
+
+    @admin.display(description="terms (latest 50)")
+    def terms_table(self, row: LeaderTerm) -> str:
+        terms = LeaderTermHistory.objects.filter(name=row.name).order_by("-term")[:50]
+        body = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", ((t.term, t.holder, _when(t.started_at)) for t in terms)
+        )
+        return format_html("<table><tr><th>term</th><th>holder</th><th>started</th></tr>{}</table>", body)
+
+    @admin.display(description="job runs (latest 50 committed writes)")
+    def runs_table(self, row: LeaderTerm) -> str:
+        runs = LeaderJobRun.objects.filter(name=row.name).order_by("-id")[:50]
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((r.job, r.term, r.holder, r.items, _when(r.at)) for r in runs),
+        )
+        return format_html(
+            "<table><tr><th>job</th><th>term</th><th>holder</th><th>items</th><th>at</th></tr>{}</table>", body
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,9 @@ from .redis_client import get_redis
 from .signals import services_removed
 
 log = logging.getLogger(__name__)
+
+# A transaction factory: transaction.atomic, or a leader's fenced transaction (registry.leadership).
+Guard = Callable[[], AbstractContextManager[Any]]
 
 
 class ServiceNotFound(Exception):
@@ -154,23 +158,26 @@ def lapsed_ids(now: datetime) -> list[str]:
     return lease_store.lapsed_ids(get_redis(), lease_store.to_ms(now))
 
 
-def expire_lapsed(now: datetime, limit: int | None = None) -> list[str]:
+def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transaction.atomic) -> list[str]:
     """Remove up to ``limit`` services whose lease lapsed more than their ``deregister_after`` ago.
 
     Returns the ids removed (empty when there was nothing to do). A heartbeat that renews a
     candidate between selection and removal wins: Redis re-checks each deadline atomically.
+    ``guard`` makes the transaction; a leader passes one that fences it with its term.
     """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     candidates = lease_store.removal_candidates(r, now_ms, limit or settings.REGISTRY_CLEANUP_BATCH)
     if not candidates:
         return []
-    with transaction.atomic():
+    with guard() as run:
         locked = set(
             Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True)
         )
         removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
         Service.objects.filter(pk__in=removed).delete()
+        if run is not None:
+            run.items = len(removed)
         if removed:
             log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
             transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
@@ -229,12 +236,12 @@ def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
     return True
 
 
-def restore_lease(service_id: str, at_least_until_ms: int = 0) -> bool:
+def restore_lease(service_id: str, at_least_until_ms: int = 0, guard: Guard = transaction.atomic) -> bool:
     """Recreate a missing Redis entry from the database row; False if the service is not registered.
 
     The deadline is the row's checkpoint, or ``at_least_until_ms`` if that is later.
     """
-    with transaction.atomic():
+    with guard():
         service = Service.objects.select_for_update().filter(pk=service_id).first()
         if service is None:
             return False
@@ -306,7 +313,9 @@ def heartbeat(service_id: str, token_key: str | None, health: str, now: datetime
 # --- repair ----------------------------------------------------------------------------
 
 
-def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str, int]:
+def reconcile(
+    now: datetime, grace: bool = False, chunk: int = 1000, guard: Guard = transaction.atomic
+) -> dict[str, int]:
     """Make Redis agree with the database: add missing lease entries, drop entries with no row.
 
     With ``grace`` (Redis lost its state), every restored lease runs at least one full lease
@@ -327,7 +336,7 @@ def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str
             if service.pk not in present:
                 # Under the row lock, so a concurrent deregistration cannot leave an orphan.
                 grace_ms = now_ms + service.lease_duration * 1000 if grace else 0
-                restored += restore_lease(service.pk, grace_ms)
+                restored += restore_lease(service.pk, grace_ms, guard)
     conf_key = lease_store.keys().conf
     cursor = 0
     while True:
@@ -344,3 +353,14 @@ def reconcile(now: datetime, grace: bool = False, chunk: int = 1000) -> dict[str
     if restored or dropped:
         log.warning("lease state reconciled: %d restored, %d orphan(s) dropped", restored, dropped)
     return {"restored": restored, "dropped": dropped}
+
+
+def prune_job_runs(now: datetime, guard: Guard = transaction.atomic, keep_days: int = 1) -> int:
+    """Forget leader job runs older than ``keep_days`` (the admin shows recent ones)."""
+    from datetime import timedelta
+
+    from .models import LeaderJobRun
+
+    with guard():
+        deleted, _ = LeaderJobRun.objects.filter(at__lt=now - timedelta(days=keep_days)).delete()
+    return deleted

@@ -20,6 +20,7 @@ COUNTERS = {
     "reregistrations": "Registrations of an already registered service_id.",
     "deregistrations": "Services deregistered through the API or the admin.",
     "expirations": "Services removed by the cleanup job after their lease lapsed.",
+    "fencing_rejections": "Leader-job writes rejected because their term was stale or their lock had lapsed.",
 }
 
 

@@ -146,3 +146,48 @@ class ServiceLabel(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["service", "key"], name="unique_label_key_per_service")]
         indexes = [models.Index(fields=["key", "value"], name="label_key_value")]
+
+
+class LeaderTerm(models.Model):
+    """The current leadership term per leadership name; ``term`` is the fencing token."""
+
+    name = models.CharField(max_length=128, primary_key=True)
+    term = models.PositiveBigIntegerField(default=0)
+    holder = models.CharField(max_length=255, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Lock validity as last reported by the holder.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "leader"
+
+    def __str__(self) -> str:
+        return f"{self.name}: term {self.term} ({self.holder})"
+
+
+class LeaderTermHistory(models.Model):
+    """Every term ever granted: who won it and when."""
+
+    name = models.CharField(max_length=128)
+    term = models.PositiveBigIntegerField()
+    holder = models.CharField(max_length=255)
+    started_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name", "-term"]
+        verbose_name = "leadership term"
+        constraints = [models.UniqueConstraint(fields=["name", "term"], name="unique_term_per_name")]
+
+
+class LeaderJobRun(models.Model):
+    """A leader job's committed run, written in the same fenced transaction as the job's changes."""
+
+    name = models.CharField(max_length=128)
+    term = models.PositiveBigIntegerField()
+    holder = models.CharField(max_length=255)
+    job = models.CharField(max_length=64)
+    items = models.PositiveIntegerField(default=0, help_text="What the run changed (services expired, ...).")
+    at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "leader job run"

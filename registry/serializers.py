@@ -178,3 +178,10 @@ def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]
     if not serializer.is_valid():
         return None, {field: [str(e) for e in errors] for field, errors in serializer.errors.items()}
     return serializer.validated_data["health"], None
+
+
+class LeaderSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    holder = serializers.CharField()
+    fencing_token = serializers.IntegerField(source="term")
+    expires_at = serializers.DateTimeField(allow_null=True)

@@ -1,29 +1,39 @@
-"""Celery tasks of the registry. Each does one bounded batch by calling ``registry.leases``."""
+"""Celery tasks of the registry. Each does one bounded batch by calling ``registry.leases``, and only on the
+leader, with every write fenced by its term (``registry.leadership``)."""
 
 from __future__ import annotations
 
 from celery import shared_task
+from django.db import transaction
 from django.utils import timezone
 
 from . import lease_store, leases
+from .leadership import Term, guard_for, run_as_leader
+from .leases import Guard
 from .redis_client import get_redis
 
 
-def cleanup_once() -> list[str]:
+def cleanup_once(guard: Guard = transaction.atomic) -> list[str]:
     """One cleanup run: restore the lease store if Redis lost it, then expire one batch."""
     now = timezone.now()
     if not lease_store.is_built(get_redis()):
-        leases.reconcile(now, grace=True)
-    return leases.expire_lapsed(now)
+        leases.reconcile(now, grace=True, guard=guard)
+    return leases.expire_lapsed(now, guard=guard)
 
 
 @shared_task(name="registry.cleanup_expired_leases", ignore_result=True)
-def cleanup_expired_leases() -> int:
-    """Remove services whose lease lapsed more than ``deregister_after`` ago; returns how many."""
-    return len(cleanup_once())
+def cleanup_expired_leases() -> int | None:
+    """Remove services whose lease lapsed more than ``deregister_after`` ago; how many, or None if not leader."""
+    return run_as_leader("cleanup", lambda term: len(cleanup_once(guard_for(term, "cleanup"))))
+
+
+def _reconcile(term: Term) -> int:
+    result = leases.reconcile(timezone.now(), guard=guard_for(term, "reconcile"))
+    leases.prune_job_runs(timezone.now(), guard_for(term, "prune"))
+    return result["restored"] + result["dropped"]
 
 
 @shared_task(name="registry.reconcile_leases", ignore_result=True)
-def reconcile_leases() -> dict[str, int]:
-    """Repair any disagreement between the database and the Redis lease store."""
-    return leases.reconcile(timezone.now())
+def reconcile_leases() -> int | None:
+    """Repair any disagreement between the database and the Redis lease store (leader only)."""
+    return run_as_leader("reconcile", _reconcile)

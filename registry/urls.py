@@ -3,12 +3,13 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from .views import ServiceHeartbeatView, ServiceViewSet
+from .views import LeaderView, ServiceHeartbeatView, ServiceViewSet
 
 router = SimpleRouter()
 router.register("services", ServiceViewSet, basename="service")
 
 urlpatterns = [
     path("services/<str:service_id>/heartbeat/", ServiceHeartbeatView.as_view(), name="service-heartbeat"),
+    path("leader/", LeaderView.as_view(), name="leader"),
     *router.urls,
 ]

@@ -14,11 +14,13 @@ from rest_framework.views import APIView
 
 from . import leases, metrics
 from .auth import token_from_header
-from .models import Service
+from .leadership import LEADERSHIP
+from .models import LeaderTerm, Service
 from .redis_client import get_redis
 from .serializers import (
     HeartbeatResponseSerializer,
     HeartbeatSerializer,
+    LeaderSerializer,
     RegisteredServiceSerializer,
     RegisterSerializer,
     ServiceQuerySerializer,
@@ -141,6 +143,22 @@ class ServiceHeartbeatView(APIView):
         )
         headers = {"WWW-Authenticate": 'Bearer realm="api"'} if result.status == 401 else None
         return Response(result.body, status=result.status, headers=headers)
+
+
+class LeaderView(APIView):
+    """GET /leader/: who runs the periodic jobs now, and the fencing token of its term."""
+
+    @extend_schema(
+        summary="Current leader",
+        description="The holder of the periodic-jobs leadership, its term (the fencing token) and when its lock "
+        "runs out unless renewed. An expires_at in the past means no process leads at the moment.",
+        responses={200: LeaderSerializer, 401: _ERRORS[401], 404: OpenApiResponse(description="No leader yet.")},
+    )
+    def get(self, request: Request) -> Response:
+        row = LeaderTerm.objects.filter(name=LEADERSHIP).first()
+        if row is None:
+            raise exceptions.NotFound("No leader has been elected yet.")
+        return Response(LeaderSerializer(row).data)
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

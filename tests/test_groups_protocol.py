@@ -269,8 +269,14 @@ def test_group_and_member_reads(api, orders):
     assert member["assigned_partitions"] == {"orders": list(range(12))}
     assert member["session_timeout"] == 30 and member["session_expires_at"] is not None
     one = api.get("/api/v1/groups/g1/members/m1/").json()
-    assert one == {"group_id": "g1", "member_id": "m1", "generation": 1,
-                   "assigned_partitions": {"orders": list(range(12))}, "revoking": {}, "pending": {}}
+    assert one == {
+        "group_id": "g1",
+        "member_id": "m1",
+        "generation": 1,
+        "assigned_partitions": {"orders": list(range(12))},
+        "revoking": {},
+        "pending": {},
+    }
     assert api.get("/api/v1/groups/g1/members/nobody/").status_code == 404
     assert api.get("/api/v1/groups/nope/").status_code == 404
     assert api.get("/api/v1/topics/").json()["results"][0]["name"] == "orders"

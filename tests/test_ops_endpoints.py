@@ -12,7 +12,7 @@ from django.test import Client
 from django_celery_beat.models import PeriodicTask
 
 from registry.models import ApiToken, hash_token
-from registry.tasks import cleanup_expired_leases
+from registry.tasks import cleanup_once
 from tests.conftest import client_for, service_body
 
 pytestmark = pytest.mark.django_db
@@ -49,7 +49,7 @@ def test_metrics_count_services_by_effective_health_and_events(api, owner, djang
             client_for(owner[1]).post("/api/v1/services/b/heartbeat/", {"health": "degraded"}, format="json")
         clock.move_to(t0 + timedelta(seconds=6))
         with django_capture_on_commit_callbacks(execute=True):
-            cleanup_expired_leases()
+            cleanup_once()
         text = Client().get("/metrics").content.decode()
     assert 'conveyor_registry_services{health="healthy"} 0' in text
     assert 'conveyor_registry_services{health="degraded"} 1' in text
