@@ -41,14 +41,16 @@ from .redis_client import get_redis
 
 log = logging.getLogger(__name__)
 
-# KEYS: lock, boot marker. ARGV: token, ttl_ms. The boot marker holds the time this master was
-# first seen since it (re)started; it votes only once one TTL has passed since then.
+# KEYS: lock, boot marker. ARGV: token, ttl_ms. The boot marker is named after the master's run_id
+# (new at every start) and holds the time this run was first asked for a vote; the master votes
+# only once one TTL has passed since then. A run_id-named marker also covers a master that
+# reloaded an old snapshot: it may have lost a lock granted after the snapshot.
 ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local boot = redis.call('GET', KEYS[2])
 if not boot then
-  redis.call('SET', KEYS[2], now)
+  redis.call('SET', KEYS[2], now, 'PX', 86400000)
   boot = now
 end
 if now - tonumber(boot) < tonumber(ARGV[2]) then return 'QUARANTINE' end
@@ -120,7 +122,12 @@ class Redlock:
     def acquire(self) -> Lock | None:
         token = secrets.token_hex(16)
         started = time.monotonic()
-        answers = self._on_all(lambda n: n.eval(ACQUIRE_LUA, 2, self.key, self.boot_key, token, self.ttl_ms))
+
+        def vote(node: redis.Redis) -> object:
+            boot_key = f"{self.boot_key}:{node.info('server')['run_id']}"
+            return node.eval(ACQUIRE_LUA, 2, self.key, boot_key, token, self.ttl_ms)
+
+        answers = self._on_all(vote)
         granted = sum(1 for a in answers if a == b"OK")
         validity = self._validity(started)
         if granted >= self.quorum and validity > 0:

@@ -59,6 +59,7 @@ def test_metrics_count_services_by_effective_health_and_events(api, owner, djang
     assert "conveyor_registry_reregistrations_total 1" in text
     assert "conveyor_registry_expirations_total 1" in text
     assert "# TYPE conveyor_registry_heartbeats_total counter" in text
+    assert "conveyor_registry_fencing_rejections_total 0" in text
 
 
 def test_schema_documents_every_services_row(db):
@@ -73,6 +74,7 @@ def test_schema_documents_every_services_row(db):
     assert "post" in paths["/api/v1/groups/{group_id}/members/"]
     assert set(paths["/api/v1/groups/{group_id}/members/{member_id}/"]) >= {"get", "delete"}
     assert "post" in paths["/api/v1/groups/{group_id}/members/{member_id}/heartbeat/"]
+    assert "get" in paths["/api/v1/leader/"]
     params = {p["name"] for p in paths["/api/v1/services/"]["get"]["parameters"]}
     assert params >= {"name", "type", "health", "group_id", "selector", "page"}
 
