@@ -25,7 +25,7 @@ from registry.leases import Guard
 from registry.models import ApiToken
 from registry.redis_client import get_redis
 
-from . import assignor
+from . import assignor, events
 from .models import GroupMember, GroupState, Partition, RebalanceEvent, RebalanceReason, ServiceGroup, Topic
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ def leave(
         before = _ids(group)
         lease_store.remove_session(get_redis(), group_id, member_id)
         member.delete()  # its partitions lose their owner and target (SET NULL)
-        rebalance(group, reason, now, members_before=before)
+        event = rebalance(group, reason, now, members_before=before)
+        events.member_removed(group_id, member_id, event.generation, reason)
 
 
 def remove_members(member_ids: Sequence[str], reason: str, now: datetime) -> list[tuple[str, str]]:
@@ -306,6 +307,7 @@ def acknowledge(group_id: str, member_id: str, generation: int) -> int:
         )
         if released:
             _update_state(group)
+            events.group_changed(group_id)
         return released
 
 
@@ -374,6 +376,7 @@ def rebalance(
         duration_ms=(time.perf_counter() - started) * 1000,
         created_at=now,
     )
+    events.group_changed(group.group_id)
     log.info(
         "group %s generation %d (%s): %d member(s), %d partition(s) moved",
         group.group_id,
@@ -414,7 +417,9 @@ def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.a
             before = _ids(group)
             deleted, _ = group.members.filter(member_id__in=gone_ids).delete()
             if deleted:
-                rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
+                event = rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
+                for member_id in gone_ids:
+                    events.member_removed(group_id, member_id, event.generation, RebalanceReason.EXPIRY)
                 removed += [(group_id, m) for m in sorted(gone_ids) if m in before]
                 if run is not None:
                     run.items = deleted

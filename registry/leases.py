@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import lease_store
+from . import events, lease_store
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
 from .redis_client import get_redis
 from .signals import services_removed
@@ -117,6 +117,7 @@ def _register_once(
         _put_lease(r, service, deadline_ms)
         service.live_expires_at = service.lease_expires_at
         transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
+        events.service_registered(service)
     return service, created
 
 
@@ -132,6 +133,7 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
         lease_store.remove(r, [service_id])
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
+        events.service_deregistered(service_id, service.service_name, "deregistered")
         transaction.on_commit(lambda: _announce_removed([service_id], "deregistered"))
 
 
@@ -175,6 +177,8 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
             Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True)
         )
         removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
+        for sid, name in Service.objects.filter(pk__in=removed).values_list("pk", "service_name"):
+            events.service_deregistered(sid, name, "expired")
         Service.objects.filter(pk__in=removed).delete()
         if run is not None:
             run.items = len(removed)
@@ -233,6 +237,8 @@ def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
         service.lease_expires_at = lease_store.from_ms(deadline_ms)
         service.save(update_fields=["health", "lease_expires_at"])
         lease_store.set_health(get_redis(), service_id, health)
+        service.live_expires_at = service.lease_expires_at
+        events.service_health(service)
     return True
 
 

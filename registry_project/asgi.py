@@ -1,4 +1,5 @@
-"""ASGI entry point: the heartbeat fast path, then static files, then Django (websockets join in later)."""
+"""ASGI entry point. HTTP: the heartbeat fast path, then static files, then Django. Websockets: origin
+check, token auth, then the Channels consumers of registry_project.routing."""
 
 import gc
 import os
@@ -8,14 +9,21 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "registry_project.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402  (needs Django set up first)
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (needs Django set up first)
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from registry.fastpath import HeartbeatFastPath  # noqa: E402
+from registry.ws_auth import OriginCheck, TokenAuthMiddleware  # noqa: E402
+from registry_project.routing import websocket_urlpatterns  # noqa: E402
 
 # Static files (admin, API docs) are served from the installed apps, so the docs and the
 # admin work offline with no collectstatic step.
-application = ProtocolTypeRouter({"http": HeartbeatFastPath(ASGIStaticFilesHandler(django_asgi_app))})
+application = ProtocolTypeRouter(
+    {
+        "http": HeartbeatFastPath(ASGIStaticFilesHandler(django_asgi_app)),
+        "websocket": OriginCheck(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
+    }
+)
 
 # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's
 # full collections, which otherwise stall the event loop for tens of milliseconds.

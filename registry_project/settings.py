@@ -105,6 +105,20 @@ REGISTRY_LEADER_TTL_MS = env_int("REGISTRY_LEADER_TTL_MS", 10_000, minimum=100, 
 REGISTRY_LEADER_NODE_TIMEOUT_MS = env_int("REGISTRY_LEADER_NODE_TIMEOUT_MS", 100, minimum=1, maximum=10_000)
 
 
+# Websocket push. RedisPubSubChannelLayer, not RedisChannelLayer: a group_send is one PUBLISH that
+# Redis fans out to every server process subscribed to the group, with no per-channel queues to
+# fill (no capacity errors, no expiry tuning) and the lowest latency. What it gives up: a message
+# published while a process is disconnected from Redis (or across a Redis restart) is lost, never
+# replayed. That is acceptable here because every stream sends its current state first on
+# (re)connect and every message carries a generation or revision for the client to order by.
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL}], "prefix": REGISTRY_REDIS_PREFIX + "ws"},
+    }
+}
+
+
 def _kombu_url(url: str) -> str:
     # kombu spells a unix-socket Redis URL redis+socket://
     return "redis+socket://" + url[len("unix://") :] if url.startswith("unix://") else url

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from asgiref.sync import async_to_sync
+from channels.layers import channel_layers
 from django.conf import settings
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
@@ -24,6 +25,13 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     settings.REDIS_URL = server.url
     settings.REDLOCK_URLS = [server.url]
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [{"address": server.url}], "prefix": "test-ws"},
+        }
+    }
+    channel_layers.backends.clear()
     reset_clients()
     yield server
     reset_clients()

@@ -1,0 +1,67 @@
+"""Group events for websocket subscribers: `group.assignment` to /ws/groups/{g}/, `member.assignment` (and
+`member.removed`) to /ws/groups/{g}/members/{m}/. Built from a fresh read after the commit, so a message
+never shows a state that was rolled back, and it always carries the generation it describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from registry.push import after_commit, channel_group, send_now
+
+from .models import ServiceGroup
+
+
+def group_stream(group_id: str) -> str:
+    return channel_group("group", group_id)
+
+
+def member_stream(group_id: str, member_id: str) -> str:
+    return channel_group("member", group_id, member_id)
+
+
+def group_message(group: ServiceGroup) -> dict[str, Any]:
+    from .rebalance import member_views
+
+    views = member_views(group)
+    return {
+        "type": "group.assignment",
+        "group_id": group.group_id,
+        "generation": group.generation,
+        "state": group.state,
+        "topics": group.topics,
+        "members": [
+            {k: v for k, v in views[m].as_dict().items() if k not in ("group_id", "generation")} for m in sorted(views)
+        ],
+    }
+
+
+def member_message(assignment: Any) -> dict[str, Any]:
+    return {"type": "member.assignment", **assignment.as_dict()}
+
+
+def publish_group(group_id: str) -> None:
+    group = ServiceGroup.objects.prefetch_related("members").filter(pk=group_id).first()
+    if group is None:
+        return
+    message = group_message(group)
+    send_now(group_stream(group_id), message)
+    for member in message["members"]:
+        send_now(
+            member_stream(group_id, member["member_id"]),
+            {"type": "member.assignment", "group_id": group_id, "generation": group.generation, **member},
+        )
+
+
+def group_changed(group_id: str) -> None:
+    after_commit(lambda: publish_group(group_id))
+
+
+def member_removed(group_id: str, member_id: str, generation: int, reason: str) -> None:
+    payload = {
+        "type": "member.removed",
+        "group_id": group_id,
+        "member_id": member_id,
+        "generation": generation,
+        "reason": reason,
+    }
+    after_commit(lambda: send_now(member_stream(group_id, member_id), payload))

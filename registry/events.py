@@ -1,0 +1,66 @@
+"""Registry events for `/ws/services/` watchers: service.registered, service.health, service.deregistered.
+
+Each carries the registry ``revision`` (a Redis counter bumped per event, like etcd's revision).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.utils import timezone
+
+from . import lease_store
+from .push import after_commit, channel_group, send_now
+from .redis_client import get_redis
+
+ALL = "all"
+
+
+def watch_groups(service_name: str | None) -> list[str]:
+    return (
+        [channel_group("services", ALL)] if service_name is None else [channel_group("services", "name", service_name)]
+    )
+
+
+def next_revision() -> int:
+    return int(get_redis().incr(lease_store.keys().counter("revision")))
+
+
+def current_revision() -> int:
+    return int(get_redis().get(lease_store.keys().counter("revision")) or 0)
+
+
+def service_payload(service: Any) -> dict[str, Any]:
+    now = timezone.now()
+    return {
+        "service_id": service.service_id,
+        "service_name": service.service_name,
+        "service_type": service.service_type,
+        "endpoint": service.endpoint,
+        "labels": service.labels,
+        "health": service.effective_health(now),
+        "group_id": service.group_id,
+        "weight": service.weight,
+        "lease_expires_at": service.expires_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
+    payload = {"type": event, "revision": next_revision(), **body}
+    for group in {*watch_groups(None), *watch_groups(service_name)}:
+        send_now(group, payload)
+
+
+def service_registered(service: Any) -> None:
+    body = service_payload(service)
+    after_commit(lambda: _publish("service.registered", service.service_name, body))
+
+
+def service_health(service: Any) -> None:
+    body = service_payload(service)
+    after_commit(lambda: _publish("service.health", service.service_name, body))
+
+
+def service_deregistered(service_id: str, service_name: str, reason: str) -> None:
+    body = {"service_id": service_id, "service_name": service_name, "reason": reason}
+    after_commit(lambda: _publish("service.deregistered", service_name, body))
