@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing.websocket import WebsocketCommunicator
+from django.db import connection
 
 from registry_project.asgi import application
 from tests.conftest import client_for, service_body
@@ -36,7 +37,15 @@ async def connected(communicator: WebsocketCommunicator) -> dict[str, Any]:
 
 
 async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await sync_to_async(fn, thread_sensitive=False)(*args, **kwargs)
+    """Run a blocking call (a REST request) off the event loop, closing the thread's connection after."""
+
+    def in_thread() -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return await sync_to_async(in_thread, thread_sensitive=False)()
 
 
 def join(key: str, member: str, group: str = "g1") -> Any:
