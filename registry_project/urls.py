@@ -13,6 +13,7 @@ admin.site.index_title = "Operations"
 urlpatterns = [
     path("api/v1/", include("registry.urls")),
     path("api/v1/", include("groups.urls")),
+    path("api/v1/", include("balancer.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("healthz", healthz, name="healthz"),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,13 +16,15 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers
 from django.conf import settings
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from rest_framework.test import APIClient
 
 from registry import lease_store
 from registry.models import ApiToken
 from registry.redis_client import get_redis, reset_clients
-from registry_project.embedded_redis import RedisServer
+from registry_project.embedded_redis import RedisServer, free_port
+
+BASE = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +147,55 @@ def asgi_request(method: str, path: str, *, host: str = "127.0.0.1", **kwargs: A
 def heartbeat(request: pytest.FixtureRequest) -> Heartbeater:
     """Every heartbeat test runs against both front doors, which must answer alike."""
     return Heartbeater(request.param)
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def servers(redis_server: RedisServer) -> Iterator[list[str]]:
+    """Two server processes on the same Redis and database."""
+    env = dict(os.environ, REDIS_URL=redis_server.url, DATABASE_URL=database_url(), LOG_LEVEL="WARNING")
+    procs, urls = [], []
+    for _ in range(2):
+        port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "registry_project.asgi:application",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--lifespan",
+                    "off",
+                    "--no-access-log",
+                ],
+                cwd=BASE,
+                env=env,
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"{url} did not start"
+                time.sleep(0.1)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)

@@ -1,0 +1,67 @@
+"""GET /api/v1/balancer/select/: one instance of a service, chosen by a strategy."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry.serializers import ServiceSerializer, identifier_field
+from registry.validators import parse_selector
+
+from . import selection
+from .strategies import STRATEGIES, NoHealthyInstance
+
+
+class SelectQuerySerializer(serializers.Serializer):
+    name = identifier_field()
+    strategy = serializers.ChoiceField(choices=STRATEGIES, default="round_robin")
+    selector = serializers.CharField(required=False, trim_whitespace=False)
+    key = serializers.CharField(required=False, max_length=1024, trim_whitespace=False)
+
+    def validate_selector(self, value: str) -> dict[str, str]:
+        try:
+            return parse_selector(value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+    def validate(self, attrs: dict) -> dict:
+        if attrs["strategy"] == "hash" and not attrs.get("key"):
+            raise serializers.ValidationError({"key": ["the hash strategy needs a key"]})
+        return attrs
+
+
+class SelectView(APIView):
+    @extend_schema(
+        summary="Choose one instance",
+        description="Healthy instances first, degraded ones only when none is healthy; weight 0 never. "
+        "Round-robin and weighted rotations are shared by every server process.",
+        parameters=[
+            OpenApiParameter("name", str, required=True),
+            OpenApiParameter("strategy", str, enum=list(STRATEGIES), default="round_robin"),
+            OpenApiParameter("selector", str, description="labels, k=v,k2=v2: all must match"),
+            OpenApiParameter("key", str, description="required with strategy=hash"),
+        ],
+        responses={
+            200: ServiceSerializer,
+            400: OpenApiResponse(description="Unknown strategy, missing key with hash, bad name or selector."),
+            404: OpenApiResponse(description="No service registered under this name."),
+            503: OpenApiResponse(description="Instances exist but none is eligible; the body says why."),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        query = SelectQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        p = query.validated_data
+        now = timezone.now()
+        try:
+            service = selection.select(p["name"], p["strategy"], now, p.get("selector"), p.get("key"))
+        except selection.NameNotFound:
+            raise exceptions.NotFound(f"no service is registered under the name {p['name']!r}") from None
+        except NoHealthyInstance as exc:
+            return Response({"detail": f"{p['name']}: {exc}", "name": p["name"]}, status=503)
+        return Response(ServiceSerializer(service, context={"now": now}).data)

@@ -1,0 +1,117 @@
+"""GET /api/v1/balancer/select/: shared rotation state in Redis, errors, and the admin's drain."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+
+from tests.conftest import client_for, service_body
+
+pytestmark = pytest.mark.django_db
+
+
+def register(api, sid, **extra):
+    assert (
+        api.post("/api/v1/services/", service_body(sid, service_name="sink", **extra), format="json").status_code == 201
+    )
+
+
+def select(api, query: str):
+    return api.get(f"/api/v1/balancer/select/?name=sink{query}")
+
+
+def test_round_robin_is_one_sequence_across_clients(api, owner, make_token):
+    for sid in ("a", "b", "c"):
+        register(api, sid)
+    other = client_for(make_token("other")[1])
+    chosen = [select(client, "").json()["service_id"] for client in [api, other] * 15]
+    assert chosen == ["a", "b", "c"] * 10  # two clients on separate connections share one rotation
+
+
+def test_weighted_exact_counts_and_nginx_sequence(api):
+    register(api, "a", weight=5)
+    register(api, "b", weight=1)
+    register(api, "c", weight=1)
+    sequence = [select(api, "&strategy=weighted").json()["service_id"] for _ in range(7)]
+    assert sequence == ["a", "a", "b", "a", "c", "a", "a"]
+    assert Counter(select(api, "&strategy=weighted").json()["service_id"] for _ in range(70)) == {
+        "a": 50,
+        "b": 10,
+        "c": 10,
+    }
+
+
+def test_hash_maps_a_key_to_the_same_instance(api):
+    for sid in ("a", "b", "c", "d"):
+        register(api, sid)
+    first = select(api, "&strategy=hash&key=customer-42").json()["service_id"]
+    assert {select(api, "&strategy=hash&key=customer-42").json()["service_id"] for _ in range(5)} == {first}
+
+
+def test_selector_and_random(api):
+    register(api, "a", labels={"zone": "x"})
+    register(api, "b", labels={"zone": "y"})
+    assert {select(api, "&strategy=random&selector=zone=y").json()["service_id"] for _ in range(10)} == {"b"}
+
+
+def test_eligibility_drain_lapse_and_degraded(api, owner):
+    t0 = datetime(2026, 9, 1, tzinfo=UTC)
+    with time_machine.travel(t0, tick=False) as clock:
+        register(api, "a", weight=0)
+        register(api, "b", lease_duration=5)
+        register(api, "c", health="degraded", lease_duration=60)
+        assert {select(api, "").json()["service_id"] for _ in range(6)} == {"b"}  # degraded only as a fallback
+        clock.move_to(t0 + timedelta(seconds=6))  # b's lease lapsed: unhealthy
+        assert {select(api, "").json()["service_id"] for _ in range(4)} == {"c"}
+        client_for(owner[1]).post("/api/v1/services/c/heartbeat/", {"health": "unhealthy"}, format="json")
+        response = select(api, "")
+        assert response.status_code == 503
+        assert "no healthy or degraded instance" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "field"),
+    [
+        ("?name=sink&strategy=fastest", 400, "strategy"),
+        ("?name=sink&strategy=hash", 400, "key"),
+        ("?strategy=round_robin", 400, "name"),
+        ("?name=bad%20name", 400, "name"),
+        ("?name=sink&selector=novalue", 400, "selector"),
+    ],
+)
+def test_bad_queries_are_400_naming_the_parameter(api, query, status, field):
+    register(api, "a")
+    response = api.get(f"/api/v1/balancer/select/{query}")
+    assert response.status_code == status
+    assert list(response.json()) == [field]
+
+
+def test_a_name_never_registered_is_404(api):
+    response = api.get("/api/v1/balancer/select/?name=nobody")
+    assert response.status_code == 404
+    assert "nobody" in response.json()["detail"]
+
+
+def test_select_needs_a_token(db):
+    assert client_for(None).get("/api/v1/balancer/select/?name=sink").status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_server_processes_alternating_produce_one_round_robin_sequence(servers, owner):
+    import httpx
+
+    key = owner[1]
+    api = client_for(key)
+    for sid in ("a", "b", "c", "d"):
+        register(api, sid)
+    clients = [httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) for url in servers]
+    chosen = [clients[n % 2].get("/api/v1/balancer/select/?name=sink").json()["service_id"] for n in range(20)]
+    assert chosen == ["a", "b", "c", "d"] * 5
+    weighted = [
+        clients[n % 2].get("/api/v1/balancer/select/?name=sink&strategy=weighted").json()["service_id"]
+        for n in range(8)
+    ]
+    assert Counter(weighted) == {"a": 2, "b": 2, "c": 2, "d": 2}
