@@ -11,12 +11,13 @@ import random
 from datetime import datetime
 
 from django.conf import settings
+from django.db.models import QuerySet
 
 from registry.leases import lapsed_ids
 from registry.models import Health, Service
 from registry.redis_client import get_redis
 
-from .strategies import Instance, eligible, random_weighted, rendezvous, round_robin
+from .strategies import Instance, NoHealthyInstance, random_weighted, rendezvous
 
 # KEYS[1]: hash id -> current weight. ARGV: id1, weight1, id2, weight2, ... (eligible, sorted by id).
 # The same algorithm as strategies.smooth_weighted, atomically: ties go to the first id.
@@ -60,35 +61,40 @@ def _state_key(kind: str, name: str, selector: dict[str, str] | None) -> str:
     return f"{settings.REGISTRY_REDIS_PREFIX}balancer:{kind}:{digest}"
 
 
-def instances(name: str, selector: dict[str, str] | None, now: datetime) -> list[Instance]:
-    """Registered instances of ``name`` (matching ``selector``) with their effective health."""
-    qs = Service.objects.filter(service_name=name)
+def eligible_queryset(name: str, selector: dict[str, str] | None, now: datetime) -> QuerySet[Service]:
+    """The eligible instances of ``name`` as a query, ordered by id: the rule of strategies.eligible
+    (weight above 0; healthy, or else degraded; a lapsed lease is unhealthy) applied in SQL, so a
+    round-robin pick reads one row, not every instance."""
+    qs = Service.objects.filter(service_name=name, weight__gt=0).exclude(pk__in=lapsed_ids(now)).order_by("pk")
     if selector:
         qs = qs.matching(selector)
-    lapsed = set(lapsed_ids(now))
-    return [
-        Instance(pk, endpoint, weight, Health.UNHEALTHY if pk in lapsed else health)
-        for pk, endpoint, weight, health in qs.values_list("pk", "endpoint", "weight", "health")
-    ]
+    for health in (Health.HEALTHY, Health.DEGRADED):
+        chosen = qs.filter(health=health)
+        if chosen.exists():
+            return chosen
+    if not Service.objects.filter(service_name=name).exists():
+        raise NameNotFound(name)
+    raise NoHealthyInstance("no healthy or degraded instance with a weight above 0")
 
 
 def select(
     name: str, strategy: str, now: datetime, selector: dict[str, str] | None = None, key: str | None = None
 ) -> Service:
     """One instance of ``name``; NameNotFound if none is registered, NoHealthyInstance if none is eligible."""
-    pool = instances(name, selector, now)
-    if not pool:
-        raise NameNotFound(name)
+    qs = eligible_queryset(name, selector, now)
     if strategy == "round_robin":
-        eligible(pool)  # raise before moving the shared cursor
         cursor = get_redis().incr(_state_key("rr", name, selector)) - 1
-        chosen = round_robin(pool, cursor).id
-    elif strategy == "weighted":
+        count = qs.count()
+        chosen = qs.values_list("pk", flat=True)[cursor % count] if count else None
+        if chosen is None:
+            raise NoHealthyInstance("the last eligible instance went away")
+        return Service.objects.get(pk=chosen)
+    pool = [Instance(pk, "", weight) for pk, weight in qs.values_list("pk", "weight")]
+    if strategy == "weighted":
         args: list[str | int] = []
-        for inst in eligible(pool):
+        for inst in pool:
             args += [inst.id, inst.weight]
-        raw = get_redis().eval(SMOOTH_WEIGHTED_LUA, 1, _state_key("swrr", name, selector), *args)
-        chosen = raw.decode()
+        chosen = get_redis().eval(SMOOTH_WEIGHTED_LUA, 1, _state_key("swrr", name, selector), *args).decode()
     elif strategy == "random":
         chosen = random_weighted(pool, random.SystemRandom()).id
     elif strategy == "hash":

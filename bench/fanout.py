@@ -27,7 +27,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float], float]:
+async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float], list[float], float]:
     headers = {"Authorization": f"Bearer {stack.token}"}
     ws_url = stack.url.replace("http", "ws") + f"/ws/groups/fanout/?token={stack.token}"
     async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=30) as rest:
@@ -69,7 +69,8 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
         connected_rss = rss_kib(pids)
         per_connection = (connected_rss - before) / subscribers
 
-        samples = []
+        samples: list[float] = []
+        from_sent: list[float] = []
         current = (await rest.get("/api/v1/groups/fanout/")).json()["generation"]
         member = "member-c"
         for _ in range(rounds):
@@ -89,6 +90,7 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
                     arrived[i] = 0.0
                 target["generation"] = current + 1
                 remaining["n"] = sum(1 for g in latest if g < current + 1)
+                sent = time.perf_counter()
                 r = await request()
                 returned = time.perf_counter()
                 r.raise_for_status()
@@ -96,13 +98,15 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
                     await asyncio.wait_for(done.wait(), 30)
                 current += 1
                 if step == "leave":
-                    samples.append((max(max(arrived), returned) - returned) * 1000)
+                    last = max(arrived)
+                    samples.append((max(last, returned) - returned) * 1000)
+                    from_sent.append((last - sent) * 1000)
             await asyncio.sleep(0.1)
         for ws in sockets:
             await ws.close()
         for task in listeners:
             task.cancel()
-        return samples, per_connection
+        return samples, from_sent, per_connection
 
 
 def main() -> None:
@@ -112,13 +116,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     with Stack(workers=args.workers) as stack:
-        samples, per_connection = asyncio.run(run(stack, args.subscribers, args.rounds))
+        samples, from_sent, per_connection = asyncio.run(run(stack, args.subscribers, args.rounds))
     print(
         f"{args.subscribers} websocket subscribers to one group, {args.workers} server processes, {args.rounds} leaves"
     )
     print(
         f"  leave returned -> last subscriber has the new generation: p50 {statistics.median(samples):.1f} ms  "
         f"p99 {percentile(samples, 99):.1f} ms  max {max(samples):.1f} ms"
+    )
+    print(
+        f"  leave sent -> last subscriber has the new generation: p50 {statistics.median(from_sent):.1f} ms  "
+        f"p99 {percentile(from_sent, 99):.1f} ms  (the push goes out before the response, so often before it)"
     )
     print(f"  server memory per connection: {per_connection:.1f} KiB")
 

@@ -45,6 +45,11 @@ def service_payload(service: Any) -> dict[str, Any]:
     }
 
 
+def publish_now(event: str, service_name: str, body: dict[str, Any]) -> None:
+    """Publish outside any transaction (for changes that write nothing, such as a lapsing lease)."""
+    _publish(event, service_name, body)
+
+
 def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
     payload = {"type": event, "revision": next_revision(), **body}
     for group in {*watch_groups(None), *watch_groups(service_name)}:

@@ -14,11 +14,13 @@ from .redis_client import get_redis
 
 
 def cleanup_once(guard: Guard = transaction.atomic) -> list[str]:
-    """One cleanup run: restore the lease store if Redis lost it, then expire one batch."""
+    """One cleanup run: restore the lease store if Redis lost it, expire one batch, announce lapses."""
     now = timezone.now()
     if not lease_store.is_built(get_redis()):
         leases.reconcile(now, grace=True, guard=guard)
-    return leases.expire_lapsed(now, guard=guard)
+    removed = leases.expire_lapsed(now, guard=guard)
+    leases.announce_lapses(now)
+    return removed
 
 
 @shared_task(name="registry.cleanup_expired_leases", ignore_result=True)

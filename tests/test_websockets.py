@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -199,6 +200,35 @@ def test_services_watch(owner):
         assert gone["revision"] > health["revision"] > registered["revision"]
         await call(api.post, "/api/v1/services/", service_body("x", service_name="other"), format="json")
         assert await watch.receive_nothing(timeout=0.5)  # another name's events are not sent here
+        await watch.disconnect()
+
+    run(scenario)
+
+
+def test_a_lapsed_lease_and_its_recovery_are_announced_by_the_cleanup_job(owner):
+    import time_machine
+    from django.utils import timezone
+
+    from registry.tasks import cleanup_once
+
+    key = owner[1]
+    api = client_for(key)
+    api.post("/api/v1/services/", service_body("s1", lease_duration=2, deregister_after=600), format="json")
+
+    async def scenario() -> None:
+        watch = socket("/ws/services/?name=kafka-source", key)
+        assert (await connected(watch))["health"] == "healthy"
+        later = timezone.now() + timedelta(seconds=3)
+        with time_machine.travel(later, tick=False):
+            await call(cleanup_once)
+            lapsed = await watch.receive_json_from(timeout=5)
+            assert (lapsed["type"], lapsed["service_id"], lapsed["health"]) == ("service.health", "s1", "unhealthy")
+            await call(cleanup_once)
+            assert await watch.receive_nothing(timeout=0.3)  # announced once
+            await call(api.post, "/api/v1/services/s1/heartbeat/")
+            await call(cleanup_once)
+            back = await watch.receive_json_from(timeout=5)
+            assert (back["type"], back["health"]) == ("service.health", "healthy")
         await watch.disconnect()
 
     run(scenario)
