@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from balancer.strategies import Instance, LoadBalancer
-from bench.common import Stack
+from bench.common import Stack, run_wrk
 
 WRK_SCRIPT = """
 wrk.headers["Authorization"] = "Bearer {token}"
@@ -29,12 +26,6 @@ local n = 0
 request = function()
   n = n + 1
   return wrk.format("GET", "/api/v1/balancer/select/?name=bench-sink&strategy={strategy}&key=k" .. n)
-end
-done = function(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read
-      + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), errors))
 end
 """
 
@@ -57,21 +48,6 @@ async def register(url: str, token: str, n: int) -> None:
                 (await client.post("/api/v1/services/", json=body)).raise_for_status()
 
         await asyncio.gather(*(one(i) for i in range(n)))
-
-
-def wrk(url: str, token: str, strategy: str, seconds: int, connections: int) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT.replace("{token}", token).replace("{strategy}", strategy))
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", f.name, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    m = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) errors=(\d+)", out)
-    assert m, out
-    requests, duration, p50, p99, errors = map(int, m.groups())
-    return {"rps": requests / duration * 1e6, "p50": p50 / 1000, "p99": p99 / 1000, "errors": errors}
 
 
 def library(n: int) -> dict[str, float]:
@@ -103,9 +79,10 @@ def main() -> None:
             f"{args.seconds}s each:"
         )
         for strategy in ("round_robin", "weighted", "hash"):
-            r = wrk(stack.url, stack.token, strategy, args.seconds, args.connections)
+            script = WRK_SCRIPT.replace("{token}", stack.token).replace("{strategy}", strategy)
+            r = run_wrk(stack.url, script, args.seconds, args.connections)
             print(
-                f"  {strategy:12s} {r['rps']:7.0f} req/s  p50 {r['p50']:.1f} ms  p99 {r['p99']:.1f} ms  "
+                f"  {strategy:12s} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
                 f"errors {r['errors']}"
             )
 

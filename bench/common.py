@@ -6,15 +6,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 BASE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE))
 
 from registry_project.embedded_redis import RedisServer, free_port  # noqa: E402
+from registry_project.localserver import start_server  # noqa: E402
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -61,37 +59,7 @@ class Stack:
         self.env.setdefault("DATABASE_URL", f"sqlite:///{self.tmp / 'bench.sqlite3'}")
         self.manage("migrate", "--noinput")
         self.token = self.manage("create_token", f"bench-{os.getpid()}", "--staff").strip().splitlines()[-1]
-        self.server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "registry_project.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(self.workers),
-                "--lifespan",
-                "off",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            cwd=BASE,
-            env=self.env,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
+        self.server = start_server(self.port, self.env, workers=self.workers)
         return self
 
     def server_pids(self) -> list[int]:
@@ -103,3 +71,38 @@ class Stack:
             self.server.terminate()
             self.server.wait(timeout=20)
         self.redis.stop()
+
+
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local errors = summary.errors.status + summary.errors.connect + summary.errors.read
+      + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), errors))
+end
+"""
+
+
+def run_wrk(url: str, script: str, seconds: int, connections: int, threads: int = 1) -> dict[str, float]:
+    """Run wrk with ``script`` (a Lua request function) and return rps, p50/p99 in ms, errors, requests."""
+    import re
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script + WRK_DONE)
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", f.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) errors=(\d+)", out)
+    if not match:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    requests, duration, p50, p99, errors = map(int, match.groups())
+    return {
+        "rps": requests / (duration / 1e6),
+        "p50_ms": p50 / 1000,
+        "p99_ms": p99 / 1000,
+        "errors": errors,
+        "requests": requests,
+    }

@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Stack, rss_kib
+from bench.common import Stack, rss_kib, run_wrk
 
 WRK_SCRIPT = """
 local n = {n}
@@ -38,12 +35,6 @@ request = function()
   local body = ""
   if counter % 50 == 0 then body = '{{"health": "healthy"}}' end
   return wrk.format(nil, "/api/v1/services/bench-" .. id .. "/heartbeat/", nil, body)
-end
-done = function(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read
-      + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), errors))
 end
 """
 
@@ -78,29 +69,6 @@ async def register_all(url: str, token: str, n: int, concurrency: int = 32) -> f
     return time.perf_counter() - start
 
 
-def run_wrk(url: str, token: str, n: int, seconds: int, connections: int, threads: int) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT.format(n=n, token=token))
-        script = f.name
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", script, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) errors=(\d+)", out)
-    if not match:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    requests, duration, p50, p99, errors = map(int, match.groups())
-    return {
-        "rps": requests / (duration / 1e6),
-        "p50_ms": p50 / 1000,
-        "p99_ms": p99 / 1000,
-        "errors": errors,
-        "requests": requests,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an existing server (default: start one)")
@@ -129,7 +97,9 @@ def main() -> None:
         for connections in [int(c) for c in args.connections.split(",")]:
             results = []
             for run in range(args.runs):
-                result = run_wrk(url, token, args.services, args.seconds, connections, args.wrk_threads)
+                result = run_wrk(
+                    url, WRK_SCRIPT.format(n=args.services, token=token), args.seconds, connections, args.wrk_threads
+                )
                 results.append(result)
                 print(
                     f"  {connections} connections, run {run + 1}: {result['rps']:.0f} req/s  "

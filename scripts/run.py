@@ -20,6 +20,7 @@ PY = sys.executable
 
 sys.path.insert(0, str(BASE))
 from registry_project.embedded_redis import RedisServer  # noqa: E402
+from registry_project.localserver import uvicorn_command  # noqa: E402
 
 
 def start_embedded_redis() -> RedisServer:
@@ -51,19 +52,7 @@ def main() -> int:
         print(f"Embedded Redis on {embedded.url} (data in {VAR})")
 
     commands = {
-        "server": [
-            PY,
-            "-m",
-            "uvicorn",
-            "registry_project.asgi:application",
-            "--host",
-            HOST,
-            "--port",
-            PORT,
-            "--lifespan",
-            "off",
-            "--no-access-log",
-        ],
+        "server": uvicorn_command(HOST, PORT),
         "worker": [
             PY,
             "-m",

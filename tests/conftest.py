@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,8 +19,7 @@ from registry import lease_store
 from registry.models import ApiToken
 from registry.redis_client import get_redis, reset_clients
 from registry_project.embedded_redis import RedisServer, free_port
-
-BASE = Path(__file__).resolve().parent.parent
+from registry_project.localserver import start_server
 
 
 @pytest.fixture(scope="session")
@@ -160,41 +155,12 @@ def database_url() -> str:
 def servers(redis_server: RedisServer) -> Iterator[list[str]]:
     """Two server processes on the same Redis and database."""
     env = dict(os.environ, REDIS_URL=redis_server.url, DATABASE_URL=database_url(), LOG_LEVEL="WARNING")
-    procs, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "registry_project.asgi:application",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--lifespan",
-                    "off",
-                    "--no-access-log",
-                ],
-                cwd=BASE,
-                env=env,
-            )
-        )
-        urls.append(f"http://127.0.0.1:{port}")
+    ports = [free_port(), free_port()]
+    procs = []
     try:
-        for url in urls:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"{url} did not start"
-                time.sleep(0.1)
-        yield urls
+        for port in ports:
+            procs.append(start_server(port, env))
+        yield [f"http://127.0.0.1:{port}" for port in ports]
     finally:
         for proc in procs:
             proc.terminate()

@@ -1,0 +1,51 @@
+"""The ASGI server as a child process: the command `make run` starts, and the servers tests and
+benchmarks start on free ports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BASE = Path(__file__).resolve().parent.parent
+
+
+def uvicorn_command(host: str, port: int | str, workers: int = 1, quiet: bool = False) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "registry_project.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+        "--no-access-log",
+    ]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    if quiet:
+        command += ["--log-level", "warning"]
+    return command
+
+
+def start_server(port: int, env: dict[str, str], workers: int = 1, timeout: float = 30) -> subprocess.Popen[bytes]:
+    """Start uvicorn on 127.0.0.1:``port`` and return once /healthz answers."""
+    process = subprocess.Popen(uvicorn_command("127.0.0.1", port, workers, quiet=True), cwd=BASE, env=env)
+    url = f"http://127.0.0.1:{port}/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the server on port {port} did not start")
+        time.sleep(0.1)
