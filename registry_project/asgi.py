@@ -4,10 +4,14 @@ check, token auth, then the Channels consumers of registry_project.routing."""
 import gc
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "registry_project.settings")
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from registry_project.handler import SyncChainASGIHandler  # noqa: E402
+
+django_asgi_app = SyncChainASGIHandler()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (needs Django set up first)
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402

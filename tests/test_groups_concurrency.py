@@ -81,7 +81,8 @@ def test_concurrent_joins_and_leaves_keep_generations_sequential_and_owners_uniq
         client = client_for(key)
         last_generation = 0
         try:
-            while time.monotonic() < stop_at + 0.5:
+            # at least 20 observations even on a starved machine, within a generous cap
+            while (time.monotonic() < stop_at + 0.5 or observations < 20) and time.monotonic() < stop_at + 60:
                 response = client.get("/api/v1/groups/g1/")
                 if response.status_code == 404:
                     continue
@@ -105,7 +106,7 @@ def test_concurrent_joins_and_leaves_keep_generations_sequential_and_owners_uniq
         t.join()
 
     assert failures == []
-    assert observations > 20
+    assert observations >= 20
     group = ServiceGroup.objects.get(pk="g1")
     generations = list(
         RebalanceEvent.objects.filter(group=group).order_by("generation").values_list("generation", flat=True)
