@@ -3,6 +3,7 @@ check, token auth, then the Channels consumers of registry_project.routing."""
 
 import gc
 import os
+import sys
 
 import django
 
@@ -32,3 +33,7 @@ application = ProtocolTypeRouter(
 # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's
 # full collections, which otherwise stall the event loop for tens of milliseconds.
 gc.freeze()
+
+# Each Django request hops between the event loop thread and a worker thread; under load a thread
+# waiting for the GIL waits up to the switch interval (5 ms by default) at every hop.
+sys.setswitchinterval(0.0005)
