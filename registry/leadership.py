@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -217,6 +218,13 @@ def fenced(term: Term, job: str = "write") -> Iterator[LeaderJobRun]:
         if not term.valid():
             _reject(term, "lock validity ran out during the write")
             raise NotLeader(f"{term.holder}'s lock for {term.name} lapsed during the write")
+
+
+def prune_job_runs(now: datetime, guard: Callable[[], AbstractContextManager[Any]], keep_days: int = 1) -> int:
+    """Forget leader job runs older than ``keep_days`` (the admin shows recent ones)."""
+    with guard():
+        deleted, _ = LeaderJobRun.objects.filter(at__lt=now - timedelta(days=keep_days)).delete()
+    return deleted
 
 
 def guard_for(term: Term, job: str) -> Callable[[], AbstractContextManager[LeaderJobRun]]:

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import lease_store, leases
-from .leadership import Term, guard_for, run_as_leader
+from .leadership import Term, guard_for, prune_job_runs, run_as_leader
 from .leases import Guard
 from .redis_client import get_redis
 
@@ -31,7 +31,7 @@ def cleanup_expired_leases() -> int | None:
 
 def _reconcile(term: Term) -> int:
     result = leases.reconcile(timezone.now(), guard=guard_for(term, "reconcile"))
-    leases.prune_job_runs(timezone.now(), guard_for(term, "prune"))
+    prune_job_runs(timezone.now(), guard_for(term, "prune"))
     return result["restored"] + result["dropped"]
 
 

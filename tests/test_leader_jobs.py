@@ -56,3 +56,15 @@ def test_cleanup_task_runs_only_once_this_process_leads(api, fresh_process_leade
 
 def test_leader_endpoint_before_any_election(api):
     assert api.get("/api/v1/leader/").status_code == 404
+
+
+def test_job_runs_older_than_a_day_are_pruned(db):
+    from django.db import transaction
+
+    from registry.leadership import prune_job_runs
+
+    now = timezone.now()
+    for age in (timedelta(days=2), timedelta(hours=23)):
+        LeaderJobRun.objects.create(name="periodic-jobs", term=1, holder="h", job="cleanup", at=now - age)
+    assert prune_job_runs(now, transaction.atomic) == 1
+    assert list(LeaderJobRun.objects.values_list("at", flat=True)) == [now - timedelta(hours=23)]
