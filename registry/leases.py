@@ -359,3 +359,24 @@ def reconcile(
     if restored or dropped:
         log.warning("lease state reconciled: %d restored, %d orphan(s) dropped", restored, dropped)
     return {"restored": restored, "dropped": dropped}
+
+
+def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:
+    """Tell /ws/services/ watchers about leases that lapsed (health becomes unhealthy) or were renewed
+    after a lapse, since the last run. Lapsing writes nothing, so the cleanup job notices it here."""
+    r = get_redis()
+    k = lease_store.keys()
+    announced_key = f"{k.deadline}:lapse-announced"
+    lapsed = set(lease_store.lapsed_ids(r, lease_store.to_ms(now)))
+    announced = {raw.decode() for raw in r.smembers(announced_key)}
+    newly_lapsed = sorted(lapsed - announced)[:limit]
+    recovered = sorted(announced - lapsed)[:limit]
+    services = {s.pk: s for s in attach_live_leases(Service.objects.filter(pk__in=newly_lapsed + recovered))}
+    for sid in newly_lapsed + recovered:
+        if sid in services:
+            events.publish_now("service.health", services[sid].service_name, events.service_payload(services[sid]))
+    if newly_lapsed:
+        r.sadd(announced_key, *newly_lapsed)
+    if recovered:
+        r.srem(announced_key, *recovered)
+    return {"lapsed": len(newly_lapsed), "recovered": len(recovered)}
