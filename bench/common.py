@@ -15,6 +15,12 @@ from registry_project.embedded_redis import RedisServer, free_port  # noqa: E402
 from registry_project.localserver import start_server  # noqa: E402
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for pid in pids:

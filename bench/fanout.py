@@ -19,12 +19,7 @@ import httpx
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Stack, rss_kib
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from bench.common import Stack, percentile, rss_kib
 
 
 async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float], list[float], float]:

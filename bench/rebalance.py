@@ -19,12 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Stack
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from bench.common import Stack, percentile
 
 
 async def run(url: str, token: str, members: int, rounds: int, partitions: int) -> list[float]:
