@@ -20,7 +20,7 @@ def member_stream(group_id: str, member_id: str) -> str:
 
 
 def group_message(group: ServiceGroup) -> dict[str, Any]:
-    from .rebalance import member_views
+    from .rebalance import member_views  # here, not at the top: rebalance imports this module
 
     views = member_views(group)
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
@@ -11,6 +12,7 @@ from rest_framework.views import APIView
 
 from registry import lease_store
 from registry.redis_client import get_redis
+from registry.validators import validate_identifier
 
 from . import rebalance
 from .models import ServiceGroup, Topic
@@ -157,10 +159,6 @@ class GroupMemberHeartbeatView(APIView):
 
 
 def _check_identifier(field: str, value: str) -> None:
-    from django.core.exceptions import ValidationError
-
-    from registry.validators import validate_identifier
-
     try:
         validate_identifier(value)
     except ValidationError as exc:
