@@ -6,6 +6,7 @@ and a C compiler has one.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -87,6 +88,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
             start_new_session=self.new_session,
         )
+        atexit.register(self.process.kill)  # never outlive a parent that exits without stop()
         client = self.client(socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         try:
