@@ -27,10 +27,12 @@ def group_message(group: ServiceGroup) -> dict[str, Any]:
         "type": "group.assignment",
         "group_id": group.group_id,
         "generation": group.generation,
+        "version": group.version,
         "state": group.state,
         "topics": group.topics,
         "members": [
-            {k: v for k, v in views[m].as_dict().items() if k not in ("group_id", "generation")} for m in sorted(views)
+            {k: v for k, v in views[m].as_dict().items() if k not in ("group_id", "generation", "version")}
+            for m in sorted(views)
         ],
     }
 
@@ -48,7 +50,13 @@ def publish_group(group_id: str) -> None:
     for member in message["members"]:
         send_now(
             member_stream(group_id, member["member_id"]),
-            {"type": "member.assignment", "group_id": group_id, "generation": group.generation, **member},
+            {
+                "type": "member.assignment",
+                "group_id": group_id,
+                "generation": group.generation,
+                "version": group.version,
+                **member,
+            },
         )
 
 
@@ -56,12 +64,13 @@ def group_changed(group_id: str) -> None:
     after_commit(lambda: publish_group(group_id))
 
 
-def member_removed(group_id: str, member_id: str, generation: int, reason: str) -> None:
+def member_removed(group_id: str, member_id: str, generation: int, version: int, reason: str) -> None:
     payload = {
         "type": "member.removed",
         "group_id": group_id,
         "member_id": member_id,
         "generation": generation,
+        "version": version,
         "reason": reason,
     }
     after_commit(lambda: send_now(member_stream(group_id, member_id), payload))

@@ -43,6 +43,9 @@ class Topic(models.Model):
 class ServiceGroup(models.Model):
     group_id = models.CharField(max_length=128, primary_key=True)
     generation = models.PositiveBigIntegerField(default=0)
+    version = models.PositiveBigIntegerField(
+        default=0, help_text="Bumped on every change of ownership, within a generation too (hand-overs)."
+    )
     state = models.CharField(max_length=16, choices=GroupState.choices, default=GroupState.EMPTY)
     topics = models.JSONField(default=list, blank=True, help_text="Topics some member subscribes to.")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -59,6 +59,7 @@ class PartitionAssignment:
     assigned_partitions: dict[str, list[int]]
     revoking: dict[str, list[int]] = field(default_factory=dict)
     pending: dict[str, list[int]] = field(default_factory=dict)
+    version: int = 0  # the group's version: orders views of one generation (hand-overs)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class PartitionAssignment:
             "assigned_partitions": self.assigned_partitions,
             "revoking": self.revoking,
             "pending": self.pending,
+            "version": self.version,
         }
 
 
@@ -93,7 +95,13 @@ def member_views(group: ServiceGroup) -> dict[str, PartitionAssignment]:
             pending[members[target_id]].append((topic, number))
     return {
         m: PartitionAssignment(
-            group.group_id, m, group.generation, _by_topic(owned[m]), _by_topic(revoking[m]), _by_topic(pending[m])
+            group.group_id,
+            m,
+            group.generation,
+            _by_topic(owned[m]),
+            _by_topic(revoking[m]),
+            _by_topic(pending[m]),
+            group.version,
         )
         for m in members.values()
     }
@@ -120,7 +128,13 @@ def assignment_of(group: ServiceGroup, member: GroupMember, rows: list | None = 
         elif target_id == member.pk:
             pending.append((topic, number))
     return PartitionAssignment(
-        group.group_id, member.member_id, group.generation, _by_topic(owned), _by_topic(revoking), _by_topic(pending)
+        group.group_id,
+        member.member_id,
+        group.generation,
+        _by_topic(owned),
+        _by_topic(revoking),
+        _by_topic(pending),
+        group.version,
     )
 
 
@@ -235,7 +249,7 @@ def leave(
         lease_store.remove_session(get_redis(), group_id, member_id)
         member.delete()  # its partitions lose their owner and target (SET NULL)
         event = rebalance(group, reason, now, members_before=before)
-        events.member_removed(group_id, member_id, event.generation, reason)
+        events.member_removed(group_id, member_id, event.generation, group.version, reason)
 
 
 def remove_members(member_ids: Sequence[str], reason: str, now: datetime) -> list[tuple[str, str]]:
@@ -306,6 +320,8 @@ def acknowledge(group_id: str, member_id: str, generation: int) -> int:
             .update(owner=F("target"))
         )
         if released:
+            group.version += 1
+            group.save(update_fields=["version", "updated_at"])
             _update_state(group)
             events.group_changed(group_id)
         return released
@@ -363,8 +379,9 @@ def rebalance(
     Partition.objects.bulk_update(changed, ["owner", "target", "target_generation"], batch_size=1000)
 
     group.generation = generation
+    group.version += 1
     group.topics = subscribed
-    group.save(update_fields=["generation", "topics", "updated_at"])
+    group.save(update_fields=["generation", "version", "topics", "updated_at"])
     _update_state(group)
     event = RebalanceEvent.objects.create(
         group=group,
@@ -419,7 +436,7 @@ def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.a
             if deleted:
                 event = rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
                 for member_id in gone_ids:
-                    events.member_removed(group_id, member_id, event.generation, RebalanceReason.EXPIRY)
+                    events.member_removed(group_id, member_id, event.generation, group.version, RebalanceReason.EXPIRY)
                 removed += [(group_id, m) for m in sorted(gone_ids) if m in before]
                 if run is not None:
                     run.items = deleted

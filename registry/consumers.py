@@ -24,7 +24,7 @@ from .ws_auth import NOT_FOUND, UNAUTHENTICATED
 class PushConsumer(AsyncJsonWebsocketConsumer):
     """Common part: authenticate, subscribe to one stream, send the current state, then pushes in order."""
 
-    last_generation = -1
+    last_order: tuple[int, int] = (-1, -1)  # (generation, version) of the newest message sent
     missing = "not found"
 
     async def connect(self) -> None:
@@ -51,10 +51,10 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         await self.forward(event["payload"])
 
     async def forward(self, payload: dict[str, Any]) -> None:
-        generation = payload.get("generation", 0)
-        if generation < self.last_generation:
+        order = (payload.get("generation", 0), payload.get("version") or 0)
+        if order < self.last_order:
             return  # out of order: the subscriber already has something newer
-        self.last_generation = generation
+        self.last_order = order
         await self.send_json(payload)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
@@ -79,6 +79,8 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
 
 
 class ServicesConsumer(PushConsumer):
+    last_revision = -1  # registry revision of the newest event this subscriber has
+
     def watched_name(self) -> str | None:
         names = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("name")
         return names[0] if names else None
@@ -103,12 +105,12 @@ class ServicesConsumer(PushConsumer):
             revision, services = await database_sync_to_async(self.snapshot)()
             for service in services:
                 await self.send_json({"type": "service.registered", "revision": revision, **service})
-            self.last_generation = revision
+            self.last_revision = revision
             return
         revision = payload.get("revision", 0)
-        if revision <= self.last_generation:
+        if revision <= self.last_revision:
             return  # already reflected in what this subscriber has
-        self.last_generation = revision
+        self.last_revision = revision
         await self.send_json(payload)
 
     def snapshot(self) -> tuple[int, list[dict[str, Any]]]:

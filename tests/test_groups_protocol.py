@@ -58,6 +58,7 @@ def test_three_members_join_one_after_another(api, orders):
         "assigned_partitions": {"orders": list(range(12))},
         "revoking": {},
         "pending": {},
+        "version": 1,
     }
 
     second = join(api, "m2").json()
@@ -276,6 +277,7 @@ def test_group_and_member_reads(api, orders):
         "assigned_partitions": {"orders": list(range(12))},
         "revoking": {},
         "pending": {},
+        "version": 1,
     }
     assert api.get("/api/v1/groups/g1/members/nobody/").status_code == 404
     assert api.get("/api/v1/groups/nope/").status_code == 404

@@ -232,3 +232,34 @@ def test_a_lapsed_lease_and_its_recovery_are_announced_by_the_cleanup_job(owner)
         await watch.disconnect()
 
     run(scenario)
+
+
+def test_messages_are_ordered_by_generation_then_version(owner):
+    from channels.layers import get_channel_layer
+
+    from groups.events import member_stream
+
+    key = owner[1]
+    client_for(key).put("/api/v1/topics/orders/", {"partitions": 12}, format="json")
+    join(key, "m1")
+    join(key, "m2")
+
+    async def scenario() -> None:
+        m2 = socket("/ws/groups/g1/members/m2/", key)
+        state = await connected(m2)
+        assert (state["generation"], state["version"]) == (2, 2)
+        layer = get_channel_layer()
+
+        async def push(generation: int, version: int) -> None:
+            payload = {"type": "member.assignment", "group_id": "g1", "member_id": "m2", "generation": generation,
+                       "version": version, "assigned_partitions": {}, "revoking": {}, "pending": {}}
+            await layer.group_send(member_stream("g1", "m2"), {"type": "push", "payload": payload})
+
+        await push(2, 1)  # same generation, older version: a late hand-over view
+        await push(1, 9)  # older generation
+        assert await m2.receive_nothing(timeout=0.5)
+        await push(2, 3)  # a hand-over within generation 2
+        assert (await m2.receive_json_from(timeout=5))["version"] == 3
+        await m2.disconnect()
+
+    run(scenario)
