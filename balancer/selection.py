@@ -13,6 +13,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db.models import QuerySet
 
+from registry.errors import NotFound
 from registry.leases import lapsed_ids
 from registry.models import Health, Service
 from registry.redis_client import get_redis
@@ -51,7 +52,7 @@ return ids[best]
 """
 
 
-class NameNotFound(Exception):
+class NameNotFound(NotFound):
     """No service has ever been registered under this name (or none is registered now)."""
 
 
@@ -73,7 +74,7 @@ def eligible_queryset(name: str, selector: dict[str, str] | None, now: datetime)
         if chosen.exists():
             return chosen
     if not Service.objects.filter(service_name=name).exists():
-        raise NameNotFound(name)
+        raise NameNotFound(f"no service is registered under the name {name!r}")
     raise NoHealthyInstance("no healthy or degraded instance with a weight above 0")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, serializers
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -60,8 +60,6 @@ class SelectView(APIView):
         now = timezone.now()
         try:
             service = selection.select(p["name"], p["strategy"], now, p.get("selector"), p.get("key"))
-        except selection.NameNotFound:
-            raise exceptions.NotFound(f"no service is registered under the name {p['name']!r}") from None
         except NoHealthyInstance as exc:
             return Response({"detail": f"{p['name']}: {exc}", "name": p["name"]}, status=503)
         return Response(ServiceSerializer(service, context={"now": now}).data)

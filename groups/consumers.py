@@ -60,12 +60,12 @@ class MemberConsumer(PushConsumer):
             assignment = await database_sync_to_async(rebalance.heartbeat)(
                 kw["group_id"], kw["member_id"], generation, self.scope["token"], timezone.now()
             )
-        except rebalance.MemberNotFound:
-            await self.send_json({"type": "error", "detail": self.missing})
+        except rebalance.MemberNotFound as exc:
+            await self.send_json({"type": "error", "detail": str(exc)})
             await self.close(code=NOT_FOUND)
             return
-        except rebalance.NotOwner:
-            await self.send_json({"type": "error", "detail": "this member was joined by another token"})
+        except rebalance.NotOwner as exc:
+            await self.send_json({"type": "error", "detail": str(exc)})
             await self.close(code=FORBIDDEN)
             return
         await self.forward(events.member_message(assignment))

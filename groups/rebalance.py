@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import F, Q
 
 from registry import lease_store
+from registry.errors import Forbidden, NotFound
 from registry.leases import Guard
 from registry.models import ApiToken
 from registry.redis_client import get_redis
@@ -33,15 +34,15 @@ log = logging.getLogger(__name__)
 MAX_PARTITIONS = 10_000
 
 
-class GroupNotFound(Exception):
+class GroupNotFound(NotFound):
     pass
 
 
-class MemberNotFound(Exception):
+class MemberNotFound(NotFound):
     pass
 
 
-class NotOwner(Exception):
+class NotOwner(Forbidden):
     """The token did not create this member and is not staff."""
 
 
@@ -71,6 +72,10 @@ class PartitionAssignment:
             "pending": self.pending,
             "version": self.version,
         }
+
+
+def no_member(group_id: str, member_id: str) -> str:
+    return f"no member {member_id!r} in group {group_id!r}; join again"
 
 
 def _by_topic(pairs: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
@@ -220,7 +225,7 @@ def join(
             rebalance(group, RebalanceReason.JOIN, now, members_before=_ids(group, exclude=member_id))
         else:
             if not token.may_change_member(member):
-                raise NotOwner(member_id)
+                raise NotOwner(f"member {member_id!r} was joined by another token")
             changed = member.topics != topics
             member.service_name, member.topics, member.session_timeout = service_name, topics, session_timeout
             member.save(update_fields=["service_name", "topics", "session_timeout"])
@@ -242,9 +247,9 @@ def leave(
         group = _lock_group(group_id)
         member = group.members.filter(member_id=member_id).first() if group else None
         if group is None or member is None:
-            raise MemberNotFound(f"{group_id}/{member_id}")
+            raise MemberNotFound(no_member(group_id, member_id))
         if actor is not None and not actor.may_change_member(member):
-            raise NotOwner(member_id)
+            raise NotOwner(f"member {member_id!r} was joined by another token")
         before = _ids(group)
         lease_store.remove_session(get_redis(), group_id, member_id)
         member.delete()  # its partitions lose their owner and target (SET NULL)
@@ -274,9 +279,9 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
     """
     member = GroupMember.objects.select_related("group").filter(group_id=group_id, member_id=member_id).first()
     if member is None:
-        raise MemberNotFound(f"{group_id}/{member_id}")
+        raise MemberNotFound(no_member(group_id, member_id))
     if not actor.may_change_member(member):
-        raise NotOwner(member_id)
+        raise NotOwner(f"member {member_id!r} was joined by another token")
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     if lease_store.renew_session(r, group_id, member_id, now_ms) is None:
@@ -285,7 +290,7 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
             group = _lock_group(group_id)
             member = group.members.filter(member_id=member_id).first() if group else None
             if member is None:
-                raise MemberNotFound(f"{group_id}/{member_id}")
+                raise MemberNotFound(no_member(group_id, member_id))
             _put_session(member, now_ms)
     rows = _member_rows(member)
     must_release = any(
@@ -296,7 +301,7 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
         acknowledge(group_id, member_id, generation)
         member = GroupMember.objects.select_related("group").filter(group_id=group_id, member_id=member_id).first()
         if member is None:
-            raise MemberNotFound(f"{group_id}/{member_id}")
+            raise MemberNotFound(no_member(group_id, member_id))
         rows = _member_rows(member)
     return assignment_of(member.group, member, rows)
 
@@ -409,7 +414,7 @@ def force_rebalance(group_id: str, now: datetime) -> RebalanceEvent:
     with transaction.atomic():
         group = _lock_group(group_id)
         if group is None:
-            raise GroupNotFound(group_id)
+            raise GroupNotFound(f"no group {group_id!r}")
         return rebalance(group, RebalanceReason.MANUAL, now)
 
 

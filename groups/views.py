@@ -92,18 +92,15 @@ class GroupMembersView(APIView):
         incoming = JoinSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        try:
-            assignment, created = rebalance.join(
-                group_id,
-                data["member_id"],
-                data["service_name"],
-                data["topics"],
-                request.user,
-                timezone.now(),
-                session_timeout=data["session_timeout"],
-            )
-        except rebalance.NotOwner:
-            raise exceptions.PermissionDenied("This member_id was joined by another token.") from None
+        assignment, created = rebalance.join(
+            group_id,
+            data["member_id"],
+            data["service_name"],
+            data["topics"],
+            request.user,
+            timezone.now(),
+            session_timeout=data["session_timeout"],
+        )
         return Response(assignment.as_dict(), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
@@ -118,19 +115,14 @@ class GroupMemberView(APIView):
         group = ServiceGroup.objects.filter(pk=group_id).first()
         member = group.members.filter(member_id=member_id).first() if group else None
         if member is None:
-            raise exceptions.NotFound("No such member in this group.")
+            raise rebalance.MemberNotFound(rebalance.no_member(group_id, member_id))
         return Response(rebalance.assignment_of(group, member).as_dict())
 
     @extend_schema(
         summary="Leave a group", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
     )
     def delete(self, request: Request, group_id: str, member_id: str) -> Response:
-        try:
-            rebalance.leave(group_id, member_id, request.user, timezone.now())
-        except rebalance.MemberNotFound:
-            raise exceptions.NotFound("No such member in this group.") from None
-        except rebalance.NotOwner:
-            raise exceptions.PermissionDenied("This member was joined by another token.") from None
+        rebalance.leave(group_id, member_id, request.user, timezone.now())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -147,14 +139,9 @@ class GroupMemberHeartbeatView(APIView):
     def post(self, request: Request, group_id: str, member_id: str) -> Response:
         incoming = MemberHeartbeatSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        try:
-            assignment = rebalance.heartbeat(
-                group_id, member_id, incoming.validated_data["generation"], request.user, timezone.now()
-            )
-        except rebalance.MemberNotFound:
-            raise exceptions.NotFound("No such member in this group; join again.") from None
-        except rebalance.NotOwner:
-            raise exceptions.PermissionDenied("This member was joined by another token.") from None
+        assignment = rebalance.heartbeat(
+            group_id, member_id, incoming.validated_data["generation"], request.user, timezone.now()
+        )
         return Response(assignment.as_dict())
 
 

@@ -1,4 +1,5 @@
-"""API error responses beyond DRF's own: an unreachable lease store is a 503 the client may retry."""
+"""API error responses beyond DRF's own: domain NotFound/Forbidden errors of every app become 404/403 with
+their message, and an unreachable lease store is a 503 the client may retry."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import logging
 from typing import Any
 
 import redis
+from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+from .errors import Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -17,4 +21,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         # The transaction that needed Redis was rolled back: nothing was half-written.
         log.error("Redis unavailable during %s: %s", context.get("view").__class__.__name__, exc)
         return Response({"detail": "Lease store unavailable; retry shortly."}, status=503, headers={"Retry-After": "1"})
+    if isinstance(exc, NotFound):
+        exc = exceptions.NotFound(str(exc))
+    elif isinstance(exc, Forbidden):
+        exc = exceptions.PermissionDenied(str(exc))
     return exception_handler(exc, context)

@@ -22,6 +22,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import events, lease_store
+from .errors import Forbidden, NotFound
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
 from .redis_client import get_redis
 from .signals import services_removed
@@ -32,11 +33,11 @@ log = logging.getLogger(__name__)
 Guard = Callable[[], AbstractContextManager[Any]]
 
 
-class ServiceNotFound(Exception):
+class ServiceNotFound(NotFound):
     """No service is registered under this id (never was, deregistered, or expired)."""
 
 
-class NotOwner(Exception):
+class NotOwner(Forbidden):
     """The token may not change this service: it did not create it and is not staff."""
 
 
@@ -106,7 +107,7 @@ def _register_once(
             _set_labels(service, fields["labels"], replace=False)
         else:
             if not token.may_change(service):
-                raise NotOwner(service.service_id)
+                raise NotOwner(f"service {service.service_id!r} is registered by another token")
             labels_changed = service.labels != fields["labels"]
             for name, value in fields.items():
                 setattr(service, name, value)
@@ -127,9 +128,9 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
     with transaction.atomic():
         service = Service.objects.select_for_update().filter(pk=service_id).first()
         if service is None:
-            raise ServiceNotFound(service_id)
+            raise ServiceNotFound(f"no service is registered under the id {service_id!r}")
         if actor is not None and not actor.may_change(service):
-            raise NotOwner(service_id)
+            raise NotOwner(f"service {service_id!r} is registered by another token")
         lease_store.remove(r, [service_id])
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))

@@ -99,20 +99,12 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def create(self, request: Request) -> Response:
         incoming = RegisterSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        try:
-            service, created = leases.register(incoming.validated_data, request.user, self.now)
-        except leases.NotOwner:
-            raise exceptions.PermissionDenied("This service_id is registered by another token.") from None
+        service, created = leases.register(incoming.validated_data, request.user, self.now)
         body = RegisteredServiceSerializer(service, context=self.get_serializer_context()).data
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     def destroy(self, request: Request, pk: str) -> Response:
-        try:
-            leases.deregister(pk, request.user)
-        except leases.ServiceNotFound:
-            raise exceptions.NotFound("No service is registered under this id.") from None
-        except leases.NotOwner:
-            raise exceptions.PermissionDenied("This service is registered by another token.") from None
+        leases.deregister(pk, request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

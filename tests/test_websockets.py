@@ -251,8 +251,16 @@ def test_messages_are_ordered_by_generation_then_version(owner):
         layer = get_channel_layer()
 
         async def push(generation: int, version: int) -> None:
-            payload = {"type": "member.assignment", "group_id": "g1", "member_id": "m2", "generation": generation,
-                       "version": version, "assigned_partitions": {}, "revoking": {}, "pending": {}}
+            payload = {
+                "type": "member.assignment",
+                "group_id": "g1",
+                "member_id": "m2",
+                "generation": generation,
+                "version": version,
+                "assigned_partitions": {},
+                "revoking": {},
+                "pending": {},
+            }
             await layer.group_send(member_stream("g1", "m2"), {"type": "push", "payload": payload})
 
         await push(2, 1)  # same generation, older version: a late hand-over view

@@ -1,0 +1,10 @@
+"""Domain errors with an HTTP meaning, raised by the domain modules of every app and turned into API
+responses in one place (registry.exceptions): views do not translate them one by one."""
+
+
+class NotFound(Exception):
+    """Nothing by that id or name; the message says what and what to do."""
+
+
+class Forbidden(Exception):
+    """The token may not change this: it did not create it and is not staff."""
