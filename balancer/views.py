@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -10,8 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from registry.serializers import ServiceSerializer, identifier_field
-from registry.validators import parse_selector
+from registry.serializers import SelectorField, ServiceSerializer, identifier_field
 
 from . import selection
 from .strategies import STRATEGIES, NoHealthyInstance
@@ -20,14 +18,8 @@ from .strategies import STRATEGIES, NoHealthyInstance
 class SelectQuerySerializer(serializers.Serializer):
     name = identifier_field()
     strategy = serializers.ChoiceField(choices=STRATEGIES, default="round_robin")
-    selector = serializers.CharField(required=False, trim_whitespace=False)
+    selector = SelectorField(required=False)
     key = serializers.CharField(required=False, max_length=1024, trim_whitespace=False)
-
-    def validate_selector(self, value: str) -> dict[str, str]:
-        try:
-            return parse_selector(value)
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.messages) from None
 
     def validate(self, attrs: dict) -> dict:
         if attrs["strategy"] == "hash" and not attrs.get("key"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
@@ -12,7 +11,7 @@ from rest_framework.views import APIView
 
 from registry import lease_store
 from registry.redis_client import get_redis
-from registry.validators import validate_identifier
+from registry.serializers import identifier_field
 
 from . import rebalance
 from .models import ServiceGroup, Topic
@@ -146,7 +145,8 @@ class GroupMemberHeartbeatView(APIView):
 
 
 def _check_identifier(field: str, value: str) -> None:
+    """The path's identifier, checked by the same field rule as in request bodies."""
     try:
-        validate_identifier(value)
-    except ValidationError as exc:
-        raise exceptions.ValidationError({field: exc.messages}) from None
+        identifier_field().run_validation(value)
+    except exceptions.ValidationError as exc:
+        raise exceptions.ValidationError({field: exc.detail}) from None

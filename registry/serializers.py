@@ -37,6 +37,19 @@ class LabelsField(serializers.Field):
         return value
 
 
+class SelectorField(serializers.CharField):
+    """A label selector ``k=v,k2=v2``, parsed into a dict; used by every endpoint that takes one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:  # type: ignore[override]
+        try:
+            return validators.parse_selector(super().to_internal_value(data))
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+
 def identifier_field(**kwargs: Any) -> serializers.CharField:
     return serializers.CharField(
         max_length=None, trim_whitespace=False, validators=[_django_rule(validators.validate_identifier)], **kwargs
@@ -152,13 +165,7 @@ class ServiceQuerySerializer(serializers.Serializer):
     type = serializers.ChoiceField(choices=ServiceType.choices, required=False)
     health = serializers.ChoiceField(choices=Health.choices, required=False)
     group_id = identifier_field(required=False)
-    selector = serializers.CharField(required=False, trim_whitespace=False)
-
-    def validate_selector(self, value: str) -> dict[str, str]:
-        try:
-            return validators.parse_selector(value)
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.messages) from None
+    selector = SelectorField(required=False)
 
 
 def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
