@@ -468,5 +468,5 @@ def reconcile_sessions(now: datetime, grace: bool = False) -> int:
         if session not in known:
             lease_store.remove_session(r, *session)
             changed += 1
-    r.set(lease_store.keys().sessions_built, "1")
+    lease_store.mark_sessions_built(r)
     return changed

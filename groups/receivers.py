@@ -1,4 +1,5 @@
-"""Reactions of the groups app to registry events: a service that goes away leaves its groups."""
+"""Reactions of the groups app to registry events: a service that goes away leaves its groups; after a
+Redis outage, member sessions that Redis lost are restored."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from django.dispatch import receiver
 
-from registry.signals import services_removed
+from registry.signals import lease_store_recovered, services_removed
 
 from . import rebalance
 from .models import RebalanceReason
@@ -17,3 +18,8 @@ from .models import RebalanceReason
 def remove_memberships(sender: Any, service_ids: list[str], reason: str, now: datetime, **kwargs: Any) -> None:
     why = RebalanceReason.EXPIRY if reason == "expired" else RebalanceReason.LEAVE
     rebalance.remove_members(service_ids, why, now)
+
+
+@receiver(lease_store_recovered)
+def restore_sessions(sender: Any, now: datetime, **kwargs: Any) -> None:
+    rebalance.reconcile_sessions(now, grace=True)

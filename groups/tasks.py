@@ -8,19 +8,17 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from registry import lease_store
+from registry import outage
 from registry.leadership import guard_for, run_as_leader
 from registry.leases import Guard
-from registry.redis_client import get_redis
 
 from . import rebalance
 
 
 def expire_once(guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
-    """One expiry run: restore sessions if Redis lost them, then remove one batch of expired members."""
+    """One expiry run: grace after any Redis outage or restart, then remove one batch of expired members."""
     now = timezone.now()
-    if not get_redis().exists(lease_store.keys().sessions_built):
-        rebalance.reconcile_sessions(now, grace=True)
+    outage.ensure_continuity(now, guard)
     return rebalance.expire_members(now, settings.REGISTRY_CLEANUP_BATCH, guard)
 
 

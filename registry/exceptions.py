@@ -11,6 +11,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from . import outage
 from .errors import Forbidden, NotFound
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, redis.RedisError):
         # The transaction that needed Redis was rolled back: nothing was half-written.
         log.error("Redis unavailable during %s: %s", context.get("view").__class__.__name__, exc)
+        outage.note_unreachable()
         return Response({"detail": "Lease store unavailable; retry shortly."}, status=503, headers={"Retry-After": "1"})
     if isinstance(exc, NotFound):
         exc = exceptions.NotFound(str(exc))

@@ -22,7 +22,7 @@ from django.db import close_old_connections, connection
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
-from . import lease_store
+from . import lease_store, outage
 from .auth import token_from_header
 from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
 from .redis_client import get_async_redis
@@ -104,6 +104,7 @@ class HeartbeatFastPath:
             result = await run_flow_async(heartbeat_flow(service_id, token, health, timezone.now()), get_async_redis())
         except redis.RedisError as exc:
             log.error("heartbeat for %s failed: Redis unavailable: %s", service_id, exc)
+            await sync_to_async(outage.note_unreachable, thread_sensitive=True)()
             await _respond(send, 503, {"detail": "Lease store unavailable; retry shortly."})
             return
         await _respond(send, result.status, result.body)

@@ -36,7 +36,7 @@ from django.utils import timezone
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import lease_store
+from . import lease_store, outage
 from .models import LeaderJobRun, LeaderTerm, LeaderTermHistory
 from .redis_client import get_redis
 
@@ -312,3 +312,6 @@ def run_as_leader(job: str, work: Callable[[Term], int]) -> int | None:
     except NotLeader as exc:
         log.warning("%s: %s", job, exc)
         return None
+    except redis.RedisError:
+        outage.note_unreachable()
+        raise

@@ -231,6 +231,75 @@ def mark_built(r: redis.Redis) -> None:
     r.set(keys().built, "1")
 
 
+# Grace after an outage: push every lease deadline (and removal deadline) to at least now + its
+# lease. XX: never recreate an entry deregistered meanwhile; GT: never shorten a renewed one.
+# KEYS: deadline, removal, conf. ARGV: now_ms, ids...
+GRACE_LEASES_LUA = """
+local extended = 0
+for i, id in ipairs(ARGV) do
+  if i > 1 then
+    local conf = redis.call('HGET', KEYS[3], id)
+    if conf then
+      local lease_ms, dereg_ms = string.match(conf, '^(%d+):(%d+):')
+      local deadline = tonumber(ARGV[1]) + tonumber(lease_ms)
+      extended = extended + redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', deadline, id)
+      redis.call('ZADD', KEYS[2], 'XX', 'GT', deadline + tonumber(dereg_ms), id)
+    end
+  end
+end
+return extended
+"""
+
+# The same for member sessions. KEYS: sessions, timeouts. ARGV: now_ms, sessions...
+GRACE_SESSIONS_LUA = """
+local extended = 0
+for i, session in ipairs(ARGV) do
+  if i > 1 then
+    local timeout = redis.call('HGET', KEYS[2], session)
+    if timeout then
+      local deadline = tonumber(ARGV[1]) + tonumber(timeout)
+      extended = extended + redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', deadline, session)
+    end
+  end
+end
+return extended
+"""
+
+
+def grant_grace(r: redis.Redis, now_ms: int, chunk: int = 1000) -> tuple[int, int]:
+    """Give every lease and member session in Redis at least one full lease (session timeout) from
+    ``now_ms``; returns how many leases and sessions were extended. Batched, so Redis is never
+    blocked for long, and safe beside concurrent heartbeats and deregistrations."""
+    k = keys()
+    counts = []
+    for hash_key, script, zkeys in (
+        (k.conf, GRACE_LEASES_LUA, [k.deadline, k.removal, k.conf]),
+        (k.timeouts, GRACE_SESSIONS_LUA, [k.sessions, k.timeouts]),
+    ):
+        extended = cursor = 0
+        while True:
+            cursor, entries = r.hscan(hash_key, cursor, count=chunk)
+            if entries:
+                extended += int(r.eval(script, len(zkeys), *zkeys, now_ms, *entries))
+            if cursor == 0:
+                break
+        counts.append(extended)
+    return counts[0], counts[1]
+
+
+def server_run_id(r: redis.Redis) -> str:
+    """The Redis server's run_id: new at every start, so a change means it restarted (maybe from an old file)."""
+    return str(r.info("server")["run_id"])
+
+
+def sessions_built(r: redis.Redis) -> bool:
+    return bool(r.exists(keys().sessions_built))
+
+
+def mark_sessions_built(r: redis.Redis) -> None:
+    r.set(keys().sessions_built, "1")
+
+
 def incr(r: redis.Redis, name: str, amount: int = 1) -> None:
     if amount:
         r.incrby(keys().counter(name), amount)

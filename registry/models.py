@@ -191,3 +191,24 @@ class LeaderJobRun(models.Model):
     class Meta:
         ordering = ["-id"]
         verbose_name = "leader job run"
+
+
+class LeaseStoreState(models.Model):
+    """What the database knows of the Redis lease store's continuity (one row): the server run it last
+    saw, and the latest time any process found Redis unreachable. Kept here, not in Redis, because a
+    Redis that restarted from an old file or lost its data cannot tell what it missed."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    run_id = models.CharField(max_length=64, blank=True, help_text="Redis run_id seen by the last grace check.")
+    unreachable_at = models.DateTimeField(
+        null=True, blank=True, help_text="Latest moment a request or job found Redis unreachable."
+    )
+    graced_at = models.DateTimeField(
+        null=True, blank=True, help_text="The outage (unreachable_at) that the latest grace covered."
+    )
+
+    class Meta:
+        verbose_name = "lease store state"
+
+    def __str__(self) -> str:
+        return f"lease store (run {self.run_id[:8] or '-'})"

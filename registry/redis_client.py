@@ -14,14 +14,18 @@ _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, a
     weakref.WeakKeyDictionary()
 )
 
-_CLIENT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2, "health_check_interval": 30}
+
+
+def _options() -> dict[str, float]:
+    timeout = settings.REDIS_SOCKET_TIMEOUT_MS / 1000
+    return {"socket_timeout": timeout, "socket_connect_timeout": min(timeout, 2), "health_check_interval": 30}
 
 
 def get_redis(url: str | None = None) -> redis.Redis:
     url = url or settings.REDIS_URL
     client = _sync_clients.get(url)
     if client is None:
-        client = _sync_clients.setdefault(url, redis.Redis.from_url(url, **_CLIENT_OPTIONS))
+        client = _sync_clients.setdefault(url, redis.Redis.from_url(url, **_options()))
     return client
 
 
@@ -30,7 +34,7 @@ def get_async_redis(url: str | None = None) -> aredis.Redis:
     per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
     client = per_loop.get(url)
     if client is None:
-        client = per_loop[url] = aredis.Redis.from_url(url, **_CLIENT_OPTIONS)
+        client = per_loop[url] = aredis.Redis.from_url(url, **_options())
     return client
 
 

@@ -1,5 +1,5 @@
-"""Registry signals: ``services_removed`` for other apps, and keeping the Redis token cache in step
-with ApiToken rows (a changed or deleted token is forgotten at once)."""
+"""Registry signals: ``services_removed`` and ``lease_store_recovered`` for other apps, and keeping the
+Redis token cache in step with ApiToken rows (a changed or deleted token is forgotten at once)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 # Sent after the commit that removed services: service_ids (list of str), reason
 # ("deregistered" or "expired"), now. The groups app removes those ids from their groups.
 services_removed = Signal()
+
+# Sent by registry.outage after Redis came back (restarted, emptied, or unreachable for a while) and the
+# lease entries were restored, before grace is granted: now, guard. The groups app restores member
+# sessions that Redis lost.
+lease_store_recovered = Signal()
 
 
 def _forget(key_hash: str) -> None:

@@ -7,17 +7,15 @@ from celery import shared_task
 from django.db import transaction
 from django.utils import timezone
 
-from . import lease_store, leases
+from . import leases, outage
 from .leadership import Term, guard_for, prune_job_runs, run_as_leader
 from .leases import Guard
-from .redis_client import get_redis
 
 
 def cleanup_once(guard: Guard = transaction.atomic) -> list[str]:
-    """One cleanup run: restore the lease store if Redis lost it, expire one batch, announce lapses."""
+    """One cleanup run: grace after any Redis outage or restart, expire one batch, announce lapses."""
     now = timezone.now()
-    if not lease_store.is_built(get_redis()):
-        leases.reconcile(now, grace=True, guard=guard)
+    outage.ensure_continuity(now, guard)
     removed = leases.expire_lapsed(now, guard=guard)
     leases.announce_lapses(now)
     return removed

@@ -101,6 +101,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env_str("REDIS_URL", f"unix://{VAR_DIR / 'redis.sock'}")
 REDLOCK_URLS = env_list("REDLOCK_URLS", [REDIS_URL])
 REGISTRY_REDIS_PREFIX = env_str("REGISTRY_REDIS_PREFIX", "conveyor:")
+# How long one Redis command may take before the request answers 503 (and the outage is noted).
+REDIS_SOCKET_TIMEOUT_MS = env_int("REDIS_SOCKET_TIMEOUT_MS", 5000, minimum=10, maximum=60_000)
 REGISTRY_LEADER_TTL_MS = env_int("REGISTRY_LEADER_TTL_MS", 10_000, minimum=100, maximum=600_000)
 REGISTRY_LEADER_NODE_TIMEOUT_MS = env_int("REGISTRY_LEADER_NODE_TIMEOUT_MS", 100, minimum=1, maximum=10_000)
 

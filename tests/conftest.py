@@ -42,10 +42,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(autouse=True)
 def redis_clean(redis_server: RedisServer) -> Iterator[None]:
-    """Every test starts with an empty, healthy lease store (the 'built' marker set)."""
+    """Every test starts with an empty, healthy lease store (the 'built' markers set)."""
     r = get_redis()
     r.flushall()
     lease_store.mark_built(r)
+    lease_store.mark_sessions_built(r)
     yield
 
 
