@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from . import leases
-from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, Service
+from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 from .validators import parse_selector
 
 BADGE_COLOURS = {
@@ -259,3 +259,21 @@ class LeaderTermAdmin(admin.ModelAdmin):
         return format_html(
             "<table><tr><th>job</th><th>term</th><th>holder</th><th>items</th><th>at</th></tr>{}</table>", body
         )
+
+
+@admin.register(LeaseStoreState)
+class LeaseStoreStateAdmin(admin.ModelAdmin):
+    """The leader's last continuity check of the Redis lease store (see registry/outage.py): read-only."""
+
+    list_display = ["__str__", "run_id", "unreachable_at", "graced_at"]
+    fields = ["run_id", "unreachable_at", "graced_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # forgetting the last run_id would hide the next restart

@@ -186,3 +186,12 @@ def test_grace_is_granted_once_per_outage(fleet, store, clock):
         f"Redis was unreachable at {(T0 + timedelta(seconds=1)).isoformat()}"
     ]
     assert outage.ensure_continuity(datetime.now(UTC)) == []
+
+
+def test_the_admin_shows_the_last_check_read_only(fleet, admin_client):
+    state = LeaseStoreState.objects.get()
+    page = admin_client.get(f"/admin/registry/leasestorestate/{state.pk}/change/")
+    assert page.status_code == 200
+    assert state.run_id in page.content.decode()
+    assert b'name="_save"' not in page.content
+    assert admin_client.get("/admin/registry/leasestorestate/add/").status_code == 403
