@@ -15,7 +15,6 @@ _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, a
 )
 
 
-
 def _options() -> dict[str, float]:
     timeout = settings.REDIS_SOCKET_TIMEOUT_MS / 1000
     return {"socket_timeout": timeout, "socket_connect_timeout": min(timeout, 2), "health_check_interval": 30}
