@@ -68,7 +68,7 @@ class ServiceAdmin(admin.ModelAdmin):
         "lease_left",
         "endpoint",
         "group_id",
-        "weight",
+        "weight_display",
         "registered_at",
     ]
     list_filter = [
@@ -79,7 +79,7 @@ class ServiceAdmin(admin.ModelAdmin):
     ]
     search_fields = ["service_id", "service_name", "endpoint", "label_rows__key", "label_rows__value"]
     search_help_text = "Search id, name, endpoint or label; k=v (or k=v,k2=v2) matches labels exactly."
-    actions = ["deregister", "drain"]
+    actions = ["deregister", "drain", "undrain", "clear_operator_weight"]
     list_per_page = 100
     fieldsets = [
         (None, {"fields": ["service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display"]}),
@@ -98,11 +98,19 @@ class ServiceAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Balancing", {"fields": ["weight"], "description": "Weight 0 drains the instance: it is never selected."}),
+        (
+            "Balancing",
+            {
+                "fields": ["weight", "drained", "registered_weight", "operator_weight"],
+                "description": "The weight in effect is 0 while drained (use the Drain / Undrain actions), else "
+                "the operator weight if set, else the weight the service registered with. Drains and operator "
+                "weights are kept when the service re-registers.",
+            },
+        ),
         ("Ownership", {"fields": ["owner"]}),
     ]
-    # Everything on the service page but the weight is set by the service itself through the API.
-    readonly_fields = [name for _title, options in fieldsets for name in options["fields"] if name != "weight"]
+    # Everything on the service page but the operator weight is set by the service itself through the API.
+    readonly_fields = [name for _title, options in fieldsets for name in options["fields"] if name != "operator_weight"]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LiveLeaseChangeList
@@ -176,18 +184,36 @@ class ServiceAdmin(admin.ModelAdmin):
                 pass
         self.message_user(request, f"Deregistered {removed} service(s).", messages.SUCCESS)
 
-    @admin.action(description="Drain selected services (weight 0)", permissions=["change"])
+    @admin.display(description="weight", ordering="weight")
+    def weight_display(self, service: Service) -> str:
+        if service.drained:
+            return format_html(
+                '0 <span style="{}">drained</span>', "background:#555;color:#fff;padding:1px 6px;border-radius:8px"
+            )
+        return format_html("{}{}", service.weight, " (operator)" if service.operator_weight is not None else "")
+
+    @admin.action(description="Drain selected services (never selected, kept across restarts)", permissions=["change"])
     def drain(self, request: HttpRequest, queryset: QuerySet) -> None:
-        changed = leases.set_weight(list(queryset.values_list("pk", flat=True)), 0)
-        self.message_user(request, f"Drained {changed} service(s): weight set to 0.", messages.SUCCESS)
+        changed = leases.drain(list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Drained {changed} service(s): weight 0 until undrained.", messages.SUCCESS)
+
+    @admin.action(description="Undrain selected services (restore their weight)", permissions=["change"])
+    def undrain(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = leases.undrain(list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Undrained {changed} service(s): their previous weight is back.", messages.SUCCESS)
+
+    @admin.action(description="Clear the operator weight of selected services", permissions=["change"])
+    def clear_operator_weight(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = leases.set_operator_weight(list(queryset.values_list("pk", flat=True)), None)
+        self.message_user(request, f"{changed} service(s) back to the weight they registered with.", messages.SUCCESS)
 
     def delete_model(self, request: HttpRequest, obj: Service) -> None:
         with contextlib.suppress(leases.ServiceNotFound):
             leases.deregister(obj.pk, None)
 
     def save_model(self, request: HttpRequest, obj: Service, form: Any, change: bool) -> None:
-        # Only the weight is editable here; write just that column.
-        leases.set_weight([obj.pk], obj.weight)
+        # Only the operator weight is editable here; the domain recomputes the weight in effect.
+        leases.set_operator_weight([obj.pk], obj.operator_weight)
 
 
 @admin.register(ApiToken)

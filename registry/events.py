@@ -1,4 +1,5 @@
-"""Registry events for `/ws/services/` watchers: service.registered, service.health, service.deregistered.
+"""Registry events for `/ws/services/` watchers: service.registered, service.updated (an operator's drain or
+weight), service.health, service.deregistered.
 
 Each carries the registry ``revision`` (a Redis counter bumped per event, like etcd's revision).
 """
@@ -41,6 +42,8 @@ def service_payload(service: Any) -> dict[str, Any]:
         "health": service.effective_health(now),
         "group_id": service.group_id,
         "weight": service.weight,
+        "drained": service.drained,
+        "operator_weight": service.operator_weight,
         "lease_expires_at": service.expires_at.isoformat().replace("+00:00", "Z"),
     }
 
@@ -59,6 +62,12 @@ def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
 def service_registered(service: Any) -> None:
     body = service_payload(service)
     after_commit(lambda: _publish("service.registered", service.service_name, body))
+
+
+def service_updated(service: Any) -> None:
+    """An operator changed the service (drain, undrain, weight): the whole record, as for a registration."""
+    body = service_payload(service)
+    after_commit(lambda: _publish("service.updated", service.service_name, body))
 
 
 def service_health(service: Any) -> None:

@@ -80,7 +80,7 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
         "labels": data.get("labels") or {},
         "health": data.get("health") or Health.HEALTHY,
         "group_id": data.get("group_id") or None,
-        "weight": 100 if data.get("weight") is None else data["weight"],
+        "registered_weight": 100 if data.get("weight") is None else data["weight"],
         "lease_duration": lease,
         "deregister_after": deregister_after,
         "lease_expires_at": lease_store.from_ms(deadline_ms),
@@ -103,7 +103,9 @@ def _register_once(
         service = Service.objects.select_for_update().filter(pk=data["service_id"]).first()
         created = service is None
         if created:
-            service = Service.objects.create(service_id=data["service_id"], registered_at=now, owner=token, **fields)
+            service = Service(service_id=data["service_id"], registered_at=now, owner=token, **fields)
+            service.weight = service.weight_in_effect()
+            service.save(force_insert=True)
             _set_labels(service, fields["labels"], replace=False)
         else:
             if not token.may_change(service):
@@ -111,7 +113,8 @@ def _register_once(
             labels_changed = service.labels != fields["labels"]
             for name, value in fields.items():
                 setattr(service, name, value)
-            service.save(update_fields=list(fields))
+            service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
+            service.save(update_fields=[*fields, "weight"])
             if labels_changed:
                 _set_labels(service, fields["labels"], replace=True)
         # The Redis entry is part of the record, written under the row lock (see module doc).
@@ -142,9 +145,37 @@ def _announce_removed(service_ids: list[str], reason: str, now: datetime | None 
     services_removed.send(sender=Service, service_ids=service_ids, reason=reason, now=now or timezone.now())
 
 
-def set_weight(service_ids: Sequence[str], weight: int) -> int:
-    """Set the balancing weight of the given services (0 drains them); returns how many changed."""
-    return Service.objects.filter(pk__in=list(service_ids)).update(weight=weight)
+def _operator_change(service_ids: Sequence[str], change: Callable[[Service], None]) -> int:
+    """Apply an operator's ``change`` to each service under its row lock and recompute the weight in effect;
+    watchers get a ``service.updated``. Returns how many services changed."""
+    changed = 0
+    with transaction.atomic():
+        for service in Service.objects.select_for_update().filter(pk__in=list(service_ids)).order_by("pk"):
+            before = (service.drained, service.operator_weight)
+            change(service)
+            if (service.drained, service.operator_weight) == before:
+                continue
+            service.weight = service.weight_in_effect()
+            service.save(update_fields=["drained", "operator_weight", "weight"])
+            attach_live_leases([service])
+            events.service_updated(service)
+            changed += 1
+    return changed
+
+
+def drain(service_ids: Sequence[str]) -> int:
+    """Take services out of selection (weight 0) until an operator undrains them, across re-registrations."""
+    return _operator_change(service_ids, lambda s: setattr(s, "drained", True))
+
+
+def undrain(service_ids: Sequence[str]) -> int:
+    """Put drained services back with the weight they had before (the operator's, else their own)."""
+    return _operator_change(service_ids, lambda s: setattr(s, "drained", False))
+
+
+def set_operator_weight(service_ids: Sequence[str], weight: int | None) -> int:
+    """Override the services' own weight (None clears the override); kept across re-registrations."""
+    return _operator_change(service_ids, lambda s: setattr(s, "operator_weight", weight))
 
 
 def attach_live_leases(services: Iterable[Service]) -> list[Service]:

@@ -103,7 +103,20 @@ class Service(models.Model):
         help_text="Health last reported by the service; a lapsed lease reads as unhealthy whatever this says.",
     )
     group_id = models.CharField(max_length=128, null=True, blank=True, db_index=True)
-    weight = models.PositiveSmallIntegerField(default=100, help_text="0..1000; 0 drains the instance.")
+    weight = models.PositiveSmallIntegerField(
+        default=100,
+        help_text="Weight in effect: 0 while drained, else the operator's weight if set, else the registered one.",
+    )
+    registered_weight = models.PositiveSmallIntegerField(default=100, help_text="0..1000, as the service registered.")
+    operator_weight = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        help_text="0..1000 set by an operator; overrides the registered weight, also across re-registrations, "
+        "until an operator clears it. Empty: no override.",
+    )
+    drained = models.BooleanField(
+        default=False, help_text="Drained by an operator: never selected, also after re-registering, until undrained."
+    )
     lease_duration = models.PositiveIntegerField(help_text="Seconds a heartbeat keeps the lease.")
     deregister_after = models.PositiveIntegerField(help_text="Seconds after the lease lapses before removal.")
     registered_at = models.DateTimeField()
@@ -130,6 +143,12 @@ class Service(models.Model):
     @property
     def last_heartbeat(self) -> datetime:
         return self.expires_at - timedelta(seconds=self.lease_duration)
+
+    def weight_in_effect(self) -> int:
+        """Operator intent first: a drain, then an operator's weight, then the service's own."""
+        if self.drained:
+            return 0
+        return self.operator_weight if self.operator_weight is not None else self.registered_weight
 
     def effective_health(self, now: datetime) -> str:
         """A lapsed lease reads as unhealthy from the instant it lapses, whatever was reported."""

@@ -112,6 +112,8 @@ class ServiceSerializer(serializers.ModelSerializer):
             "reported_health",
             "group_id",
             "weight",
+            "drained",
+            "operator_weight",
             "registered_at",
             "last_heartbeat",
             "lease_duration",

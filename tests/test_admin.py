@@ -77,18 +77,20 @@ def test_changelist_search_by_id_endpoint_label_and_selector(operator, three_ser
     assert ids("env=prod,zone=a") == {"src-1", "src-2"}
 
 
-def test_service_page_renders_read_only_lease_and_saves_weight(operator, three_services):
+def test_service_page_renders_read_only_lease_and_saves_operator_weight(operator, three_services):
     with time_machine.travel(T0 + timedelta(seconds=5), tick=False):
         page = operator.get("/admin/registry/service/src-1/change/")
         assert page.status_code == 200
         html = page.content.decode()
         assert "25s left" in html
-        assert 'name="weight"' in html
+        assert 'name="operator_weight"' in html
         assert 'name="lease_duration"' not in html  # read-only
+        assert 'name="weight"' not in html  # the weight in effect is derived
         assert "env=prod, zone=a" in html
-        response = operator.post("/admin/registry/service/src-1/change/", {"weight": "0", "_save": "Save"})
+        response = operator.post("/admin/registry/service/src-1/change/", {"operator_weight": "0", "_save": "Save"})
     assert response.status_code == 302
-    assert Service.objects.get(pk="src-1").weight == 0
+    service = Service.objects.get(pk="src-1")
+    assert (service.weight, service.operator_weight, service.registered_weight) == (0, 0, 100)
 
 
 def test_deregister_action_removes_row_and_lease(operator, three_services):

@@ -33,6 +33,8 @@ def test_register_returns_the_service_and_its_lease(api):
         "reported_health": "degraded",
         "group_id": "g1",
         "weight": 7,
+        "drained": False,
+        "operator_weight": None,
         "registered_at": "2026-03-01T08:00:00Z",
         "last_heartbeat": "2026-03-01T08:00:00Z",
         "lease_duration": 30,
