@@ -271,3 +271,26 @@ def test_messages_are_ordered_by_generation_then_version(owner):
         await m2.disconnect()
 
     run(scenario)
+
+
+def test_an_operator_drain_and_undrain_reach_service_watchers(owner):
+    from registry import leases
+
+    key = owner[1]
+    api = client_for(key)
+    api.post("/api/v1/services/", service_body("s1", weight=40), format="json")
+
+    async def scenario() -> None:
+        watch = socket("/ws/services/?name=kafka-source", key)
+        first = await connected(watch)
+        assert (first["weight"], first["drained"]) == (40, False)
+        await call(leases.drain, ["s1"])
+        drained = await watch.receive_json_from(timeout=5)
+        assert (drained["type"], drained["weight"], drained["drained"]) == ("service.updated", 0, True)
+        await call(leases.undrain, ["s1"])
+        back = await watch.receive_json_from(timeout=5)
+        assert (back["type"], back["weight"], back["drained"]) == ("service.updated", 40, False)
+        assert back["revision"] > drained["revision"]
+        await watch.disconnect()
+
+    run(scenario)
