@@ -73,6 +73,7 @@ class TopicAdmin(admin.ModelAdmin):
     form = TopicForm
     list_display = ["name", "partitions", "groups_reading", "updated_at"]
     search_fields = ["name"]
+    actions = ["delete_unread"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Topic | None = None) -> list[str]:
         return ["name"] if obj else []
@@ -84,6 +85,32 @@ class TopicAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Topic, form: Any, change: bool) -> None:
         # Through the domain function, so groups reading the topic rebalance onto new partitions.
         rebalance.put_topic(obj.name, obj.partitions, timezone.now())
+
+    def has_delete_permission(self, request: HttpRequest, obj: Topic | None = None) -> bool:
+        # A topic a group reads cannot be deleted: its partitions would vanish under their owners.
+        if obj is not None and rebalance.groups_reading(obj.name):
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request: HttpRequest, obj: Topic) -> None:
+        rebalance.delete_topic(obj.name)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # replaced by delete_unread, which goes through the domain
+        return actions
+
+    @admin.action(description="Delete selected topics that no group reads", permissions=["delete"])
+    def delete_unread(self, request: HttpRequest, queryset: QuerySet) -> None:
+        deleted = 0
+        for name in queryset.values_list("name", flat=True):
+            try:
+                rebalance.delete_topic(name)
+                deleted += 1
+            except rebalance.TopicInUse as exc:
+                self.message_user(request, f"Not deleted: {exc}", messages.ERROR)
+        if deleted:
+            self.message_user(request, f"Deleted {deleted} topic(s).", messages.SUCCESS)
 
 
 @admin.register(ServiceGroup)

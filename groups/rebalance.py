@@ -50,6 +50,10 @@ class TopicShrink(Exception):
     """Topics can grow, never shrink: consumers' offsets are per partition."""
 
 
+class TopicInUse(Exception):
+    """A topic some group reads cannot be deleted: its partitions would vanish under their owners."""
+
+
 @dataclass(frozen=True)
 class PartitionAssignment:
     """A member's view: what it owns now, what of that it must give up, what it will receive."""
@@ -150,18 +154,34 @@ def put_topic(name: str, partitions: int, now: datetime) -> tuple[Topic, bool]:
     """Create a topic or grow it; shrinking raises TopicShrink. Groups reading it rebalance."""
     with transaction.atomic():
         topic, created = Topic.objects.select_for_update().get_or_create(name=name, defaults={"partitions": partitions})
-        if created or topic.partitions == partitions:
-            return topic, created
-        if partitions < topic.partitions:
-            raise TopicShrink(f"{name} has {topic.partitions} partitions; topics can grow but never shrink")
-        topic.partitions = partitions
-        topic.save(update_fields=["partitions", "updated_at"])
+        if not created:
+            if topic.partitions == partitions:
+                return topic, created
+            if partitions < topic.partitions:
+                raise TopicShrink(f"{name} has {topic.partitions} partitions; topics can grow but never shrink")
+            topic.partitions = partitions
+            topic.save(update_fields=["partitions", "updated_at"])
+    # A created topic may already be subscribed to (its groups waited for it): they rebalance too.
     for group_id in groups_reading(name):
         with transaction.atomic():
             group = _lock_group(group_id)
             if group is not None:
                 rebalance(group, RebalanceReason.TOPIC_CHANGE, now)
-    return topic, False
+    return topic, created
+
+
+def delete_topic(name: str) -> None:
+    """Delete a topic no group reads; TopicInUse otherwise (the admin and the API refuse it)."""
+    with transaction.atomic():
+        topic = Topic.objects.select_for_update().filter(pk=name).first()
+        if topic is None:
+            return
+        readers = groups_reading(name)
+        if readers:
+            raise TopicInUse(
+                f"topic {name!r} is read by group(s) {', '.join(readers)}; they must stop reading it first"
+            )
+        topic.delete()
 
 
 def groups_reading(topic: str) -> list[str]:

@@ -67,3 +67,36 @@ def test_topics_grow_in_the_admin_and_never_shrink(operator, group):
     assert grow.status_code == 302
     assert Topic.objects.get(pk="orders").partitions == 16
     assert ServiceGroup.objects.get(pk="g1").partitions.count() == 16
+
+
+def test_a_topic_a_group_reads_cannot_be_deleted_and_an_unread_one_can(operator, group, api):
+    api.put("/api/v1/topics/unread/", {"partitions": 3}, format="json")
+    page = operator.get("/admin/groups/topic/orders/change/").content.decode()
+    assert "/admin/groups/topic/orders/delete/" not in page  # no Delete link
+    assert operator.post("/admin/groups/topic/orders/delete/", {"post": "yes"}).status_code == 403
+    response = operator.post(
+        "/admin/groups/topic/", {"action": "delete_unread", "_selected_action": ["orders", "unread"]}, follow=True
+    )
+    html = response.content.decode()
+    assert "Not deleted: topic &#x27;orders&#x27; is read by group(s) g1" in html
+    assert "Deleted 1 topic(s)." in html
+    assert list(Topic.objects.values_list("name", flat=True)) == ["orders"]
+    assert ServiceGroup.objects.get(pk="g1").partitions.count() == 12
+
+
+def test_re_creating_a_topic_that_members_subscribe_to_rebalances_them_onto_it(api):
+    from django.utils import timezone
+
+    from groups import rebalance
+
+    api.post("/api/v1/groups/g1/members/", {"member_id": "m1", "service_name": "c", "topics": ["late"]}, format="json")
+    group = ServiceGroup.objects.get(pk="g1")
+    assert group.partitions.count() == 12  # created with the default partition count on join
+    # Simulate a topic row that went missing under a reading group (as an old admin delete did).
+    Topic.objects.filter(pk="late").delete()
+    rebalance.force_rebalance("g1", timezone.now())
+    assert ServiceGroup.objects.get(pk="g1").partitions.count() == 0
+    assert api.put("/api/v1/topics/late/", {"partitions": 4}, format="json").status_code == 201
+    group = ServiceGroup.objects.get(pk="g1")
+    assert sorted(group.partitions.values_list("number", flat=True)) == [0, 1, 2, 3]
+    assert api.get("/api/v1/groups/g1/members/m1/").json()["assigned_partitions"] == {"late": [0, 1, 2, 3]}
