@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from rest_framework import serializers
+
+from registry_project import limits
 
 from . import validators
 from .leases import attach_live_leases
@@ -168,6 +169,16 @@ class ServiceQuerySerializer(serializers.Serializer):
     selector = SelectorField(required=False)
 
 
+def path_identifier_error(field: str, value: str) -> dict[str, list[str]] | None:
+    """A 400 body naming ``field`` if a path segment is not an identifier, else None (shared by the
+    heartbeat's DRF view and its fast path)."""
+    try:
+        validators.validate_identifier(value)
+    except DjangoValidationError as exc:
+        return {field: exc.messages}
+    return None
+
+
 def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
     """(health, None) for a valid heartbeat body, or (None, a 400 error body).
 
@@ -176,7 +187,7 @@ def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]
     if not raw.strip():
         return Health.HEALTHY, None
     try:
-        data = json.loads(raw)
+        data = limits.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, {"detail": f"JSON parse error - {exc}"}
     if not isinstance(data, dict):

@@ -26,6 +26,7 @@ from .serializers import (
     ServiceQuerySerializer,
     ServiceSerializer,
     parse_heartbeat_body,
+    path_identifier_error,
 )
 
 _ERRORS = {
@@ -127,7 +128,9 @@ class ServiceHeartbeatView(APIView):
         responses={200: HeartbeatResponseSerializer, **_ERRORS},
     )
     def post(self, request: Request, service_id: str) -> Response:
-        health, error = parse_heartbeat_body(request.body)
+        error = path_identifier_error("service_id", service_id)
+        health, body_error = parse_heartbeat_body(request.body) if error is None else (None, None)
+        error = error or body_error
         if error is not None:
             return Response(error, status=400)
         result = leases.heartbeat(
