@@ -61,8 +61,11 @@ def _valid_host(host: str) -> bool:
 
 def validate_endpoint(value: str) -> None:
     message = f"expected host:port with port 1..65535, got {shown(value)}"
-    if not isinstance(value, str) or ":" not in value or len(value) > MAX_ENDPOINT or text_problem(value):
+    if not isinstance(value, str) or ":" not in value or len(value) > MAX_ENDPOINT:
         raise ValidationError(message, code="invalid_endpoint")
+    problem = text_problem(value)
+    if problem:
+        raise ValidationError(f"{message}: it {problem}", code="invalid_endpoint")
     host, _, port = value.rpartition(":")
     # Checked as text before int(): int() takes non-ASCII digits and refuses 5,000 of them with an error.
     if not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535 or not host:
