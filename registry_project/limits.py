@@ -164,8 +164,8 @@ class BodyLimit:
 
 
 class TokenRateThrottle(BaseThrottle):
-    """REGISTRY_THROTTLE_RATE requests per window for each token (each client address when there is no
-    token), counted in Redis so that every server process shares the count; off when the setting is unset.
+    """REGISTRY_THROTTLE_RATE requests per window for each token (each peer address for the few views that
+    take no token), counted in Redis so that every server process shares the count; off when the setting is unset.
 
     A fixed window (one INCR per request) rather than DRF's sliding log, which keeps a list of timestamps
     per client in the cache and rewrites it on every request.
@@ -178,7 +178,9 @@ class TokenRateThrottle(BaseThrottle):
         count, period = rate
         now = time.time()
         window = int(now // period)
-        who = f"token:{request.auth.pk}" if getattr(request.auth, "pk", None) else f"addr:{self.get_ident(request)}"
+        # The peer address, not DRF's get_ident(): that trusts any X-Forwarded-For a client makes up.
+        token = getattr(request.auth, "pk", None)
+        who = f"token:{token}" if token else f"addr:{request.META.get('REMOTE_ADDR', '')}"
         key = f"{settings.REGISTRY_REDIS_PREFIX}throttle:{who}:{period}:{window}"
         try:
             pipe = get_redis().pipeline(transaction=False)
