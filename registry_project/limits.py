@@ -109,8 +109,8 @@ async def send_json(send: Any, status: int, body: dict[str, Any], headers: list[
 def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length a request declares (None if absent or not a plain number)."""
     for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() and len(value) < 19 else None
+        if name == b"content-length" and value.isdigit():
+            return int(value) if len(value) < 19 else 2**63  # int() of thousands of digits is an error
     return None
 
 
