@@ -27,8 +27,9 @@ from registry_project import limits
 from . import lease_store
 from .auth import token_from_header
 from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
+from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
-from .serializers import parse_heartbeat_body, path_identifier_error
+from .serializers import parse_heartbeat_body
 
 log = logging.getLogger(__name__)
 

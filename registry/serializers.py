@@ -169,16 +169,6 @@ class ServiceQuerySerializer(serializers.Serializer):
     selector = SelectorField(required=False)
 
 
-def path_identifier_error(field: str, value: str) -> dict[str, list[str]] | None:
-    """A 400 body naming ``field`` if a path segment is not an identifier, else None (shared by the
-    heartbeat's DRF view and its fast path)."""
-    try:
-        validators.validate_identifier(value)
-    except DjangoValidationError as exc:
-        return {field: exc.messages}
-    return None
-
-
 def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
     """(health, None) for a valid heartbeat body, or (None, a 400 error body).
 

@@ -16,6 +16,7 @@ from . import leases, metrics
 from .auth import token_from_header
 from .leadership import LEADERSHIP
 from .models import LeaderTerm, Service
+from .path_ids import path_identifier_error
 from .redis_client import get_redis
 from .serializers import (
     HeartbeatResponseSerializer,
@@ -26,7 +27,6 @@ from .serializers import (
     ServiceQuerySerializer,
     ServiceSerializer,
     parse_heartbeat_body,
-    path_identifier_error,
 )
 
 _ERRORS = {
@@ -128,9 +128,8 @@ class ServiceHeartbeatView(APIView):
         responses={200: HeartbeatResponseSerializer, **_ERRORS},
     )
     def post(self, request: Request, service_id: str) -> Response:
-        error = path_identifier_error("service_id", service_id)
-        health, body_error = parse_heartbeat_body(request.body) if error is None else (None, None)
-        error = error or body_error
+        health, error = parse_heartbeat_body(request.body)
+        error = path_identifier_error("service_id", service_id) or error
         if error is not None:
             return Response(error, status=400)
         result = leases.heartbeat(
