@@ -190,6 +190,9 @@ REST_FRAMEWORK = {
     ],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "registry.exceptions.api_exception_handler",
+    # ASCII output: a 400 that echoes a lone surrogate it refused must still be encodable (as \ud800);
+    # with UNICODE_JSON the renderer's UTF-8 encode fails and the answer becomes a 500.
+    "UNICODE_JSON": False,
     "DEFAULT_PARSER_CLASSES": [
         "registry_project.limits.BoundedJSONParser",
         "rest_framework.parsers.FormParser",

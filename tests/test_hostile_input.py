@@ -110,6 +110,9 @@ REGISTER_CASES = {
     "label key with outer whitespace": ("labels", {" env": "v"}, "whitespace"),
     "weight of 5,000 digits": ("weight", "9" * 5000, ""),
     "lease_duration past 64 bits": ("lease_duration", 2**70, "3600"),
+    # the 400 echoes the value: it must still be encodable as JSON
+    "service_type a lone surrogate": ("service_type", "\ud800", "not a valid choice"),
+    "health a lone surrogate": ("health", "\udc00", "not a valid choice"),
 }
 
 
@@ -171,6 +174,47 @@ def test_the_heartbeat_view_parses_like_the_fast_path(world, body):
     assert response.status_code == 400
     assert "JSON parse error" in response.json()["detail"]
     assert state() == before
+
+
+HOSTILE_VALUES = [
+    "\ud800",
+    "\x00",
+    "a\n",
+    "9" * 5000,
+    2**64,
+    -(2**64),
+    1.5,
+    1e308,
+    True,
+    None,
+    [],
+    {},
+    [[[]]],
+    {"a": {"b": {}}},
+    "",
+    " ",
+    "é" * 300,
+    "x" * 70_000,
+]
+VALID_BODIES = {
+    ("POST", "/api/v1/services/"): service_body("svc-2", group_id="g", lease_duration=5, weight=1, health="healthy"),
+    ("POST", "/api/v1/services/svc-1/heartbeat/"): {"health": "healthy"},
+    ("POST", "/api/v1/groups/g1/members/"): {"member_id": "m2", "service_name": "c", "topics": ["orders"]},
+    ("POST", "/api/v1/groups/g1/members/m1/heartbeat/"): {"generation": 0},
+    ("PUT", "/api/v1/topics/orders/"): {"partitions": 20},
+}
+
+
+@pytest.mark.parametrize(("method", "path"), VALID_BODIES.keys())
+def test_no_value_in_any_field_of_any_body_is_a_server_error(world, method, path):
+    body = VALID_BODIES[(method, path)]
+    answers = {}
+    for field in [*body, "labels"] if path == "/api/v1/services/" else body:
+        for value in HOSTILE_VALUES:
+            for sent in [value, {"k": value}, [value]]:
+                answers[(field, repr(sent)[:40])] = send(world, method, path, raw_json({**body, field: sent}))[0]
+    assert {k: s for k, s in answers.items() if s >= 500} == {}
+    assert 400 in answers.values()
 
 
 # --- query parameters ------------------------------------------------------------------------------------
