@@ -12,6 +12,7 @@ from registry.ws_auth import FORBIDDEN, NOT_FOUND
 
 from . import events, rebalance
 from .models import ServiceGroup
+from .serializers import MAX_GENERATION
 
 
 class GroupConsumer(PushConsumer):
@@ -52,8 +53,9 @@ class MemberConsumer(PushConsumer):
             await super().receive_json(content)
             return
         generation = content.get("generation")
-        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
-            await self.send_json({"type": "error", "detail": "ack needs an integer generation >= 0"})
+        if not isinstance(generation, int) or isinstance(generation, bool) or not 0 <= generation <= MAX_GENERATION:
+            detail = f"ack needs an integer generation 0..{MAX_GENERATION}"
+            await self.send_json({"type": "error", "field": "generation", "detail": detail})
             return
         kw = self.scope["url_route"]["kwargs"]
         try:

@@ -11,6 +11,8 @@ from registry.serializers import identifier_field
 from .models import Topic
 from .rebalance import MAX_PARTITIONS
 
+MAX_GENERATION = 2**63 - 1  # the generation column is a 64-bit integer
+
 
 class TopicSerializer(serializers.ModelSerializer):
     class Meta:
@@ -31,7 +33,7 @@ class JoinSerializer(serializers.Serializer):
 
 
 class MemberHeartbeatSerializer(serializers.Serializer):
-    generation = serializers.IntegerField(min_value=0)
+    generation = serializers.IntegerField(min_value=0, max_value=MAX_GENERATION)
 
 
 class PartitionMapField(serializers.DictField):

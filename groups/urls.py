@@ -3,6 +3,8 @@
 from django.urls import path, re_path
 from rest_framework.routers import SimpleRouter
 
+from registry.path_ids import fallback
+
 from .views import (
     IDENTIFIER,
     GroupMemberHeartbeatView,
@@ -29,4 +31,8 @@ urlpatterns = [
         name="group-member-heartbeat",
     ),
     *router.urls,
+    fallback("topics/{name}/"),
+    fallback("groups/{group_id}/"),
+    fallback("groups/{group_id}/members/{member_id}/"),
+    fallback("groups/{group_id}/members/{member_id}/heartbeat/"),
 ]

@@ -3,22 +3,38 @@ service.health and service.deregistered events.
 
 On connect, every current service of that name (all services without ``name``) is sent as a
 ``service.registered`` event; every event carries the registry ``revision``.
+
+Bad input never drops a socket without a word: a bad identifier in the path or query is an ``error``
+message naming the field and close code 4400, an unknown path 4404, a message over
+REGISTRY_MAX_WS_MESSAGE_BYTES 1009, and malformed JSON (too deeply nested included) an ``error`` message.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from registry_project import limits
+
 from . import events
 from .leases import attach_live_leases
 from .models import Service
-from .validators import IDENTIFIER_RE
+from .validators import is_identifier, shown
 from .ws_auth import NOT_FOUND, UNAUTHENTICATED
+
+BAD_REQUEST = 4400
+MESSAGE_TOO_BIG = 1009  # RFC 6455
+
+
+def identifier_problem(field: str, value: str) -> dict[str, Any] | None:
+    """The ``error`` message for a path or query value that is not an identifier, or None."""
+    if is_identifier(value):
+        return None
+    detail = f"{field}: expected 1..128 of [A-Za-z0-9._:-], got {shown(value)}"
+    return {"type": "error", "field": field, "detail": detail}
 
 
 class PushConsumer(AsyncJsonWebsocketConsumer):
@@ -29,6 +45,11 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         await self.accept()
+        problem = self.input_problem()
+        if problem is not None:
+            await self.send_json(problem)
+            await self.close(code=BAD_REQUEST)
+            return
         if self.scope.get("token") is None:
             await self.close(code=UNAUTHENTICATED)
             return
@@ -58,8 +79,15 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(payload)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        raw = text_data.encode("utf-8", "surrogatepass") if text_data is not None else bytes_data or b""
+        limit = limits.max_ws_message_bytes()
+        if len(raw) > limit:
+            detail = f"message is larger than {limit} bytes (REGISTRY_MAX_WS_MESSAGE_BYTES)"
+            await self.send_json({"type": "error", "detail": detail, "limit": limit})
+            await self.close(code=MESSAGE_TOO_BIG)
+            return
         try:
-            content = json.loads(text_data or (bytes_data or b"").decode())
+            content = limits.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             await self.send_json({"type": "error", "detail": f"malformed JSON: {exc}"})
             return
@@ -70,6 +98,14 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: dict[str, Any], **kwargs: Any) -> None:
         await self.send_json({"type": "error", "detail": f"unknown message type {content.get('type')!r}"})
+
+    def input_problem(self) -> dict[str, Any] | None:
+        """An ``error`` message naming the first path segment that is not an identifier, or None."""
+        for field, value in self.scope["url_route"]["kwargs"].items():
+            problem = identifier_problem(field, value)
+            if problem is not None:
+                return problem
+        return None
 
     def stream_name(self) -> str:
         raise NotImplementedError
@@ -88,14 +124,9 @@ class ServicesConsumer(PushConsumer):
     def stream_name(self) -> str:
         return events.watch_groups(self.watched_name())[0]
 
-    async def connect(self) -> None:
+    def input_problem(self) -> dict[str, Any] | None:
         name = self.watched_name()
-        if name is not None and not IDENTIFIER_RE.match(name):
-            await self.accept()
-            await self.send_json({"type": "error", "detail": f"name: expected 1..128 of [A-Za-z0-9._:-], got {name!r}"})
-            await self.close(code=4400)
-            return
-        await super().connect()
+        return None if name is None else identifier_problem("name", name)
 
     def current_state(self) -> dict[str, Any] | None:
         return {"type": "snapshot"}  # sent service by service in forward_snapshot
@@ -120,3 +151,14 @@ class ServicesConsumer(PushConsumer):
         if name is not None:
             qs = qs.filter(service_name=name)
         return revision, [events.service_payload(s) for s in attach_live_leases(qs[:10_000])]
+
+
+class UnknownPathConsumer(AsyncJsonWebsocketConsumer):
+    """Every websocket path that names no stream: an ``error`` message, then close code 4404."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        streams = "/ws/groups/{group_id}/, /ws/groups/{group_id}/members/{member_id}/ or /ws/services/"
+        detail = f"no websocket stream at {shown(self.scope['path'])}: expected {streams}"
+        await self.send_json({"type": "error", "detail": detail})
+        await self.close(code=NOT_FOUND)

@@ -22,16 +22,20 @@ from django.db import close_old_connections, connection
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
+from registry_project import limits
+
 from . import lease_store, outage
 from .auth import token_from_header
 from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
+from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
 from .serializers import parse_heartbeat_body
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PATH = re.compile(r"^/api/v1/services/([^/]+)/heartbeat/$")
-MAX_BODY = 64 * 1024
+# fullmatch: with `$`, ".../heartbeat/\n" (a percent-encoded newline) would renew the lease of svc.
+HEARTBEAT_PATH = re.compile(r"/api/v1/services/([^/]+)/heartbeat/")
+MAX_BODY = 64 * 1024  # a heartbeat body is {"health": ...}: far below REGISTRY_MAX_BODY_BYTES
 
 
 def _with_fresh_connection(fn: Any, *args: Any) -> Any:
@@ -68,21 +72,31 @@ class HeartbeatFastPath:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = HEARTBEAT_PATH.match(scope["path"])
+            match = HEARTBEAT_PATH.fullmatch(scope["path"])
             if match:
                 await self.heartbeat(match.group(1), scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
     async def heartbeat(self, service_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        host = authorization = b""
+        host = authorization = length = b""
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
             elif name == b"authorization":
                 authorization = value
+            elif name == b"content-length":
+                length = value
         if not _host_allowed(host):
             await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host.decode('latin-1')!r}."})
+            return
+        if length and not (length.isdigit() and len(length) < 10 and int(length) <= MAX_BODY):
+            # Refused before a byte of it is read (a malformed length too, which the server would refuse).
+            await limits.refuse_too_large(send, MAX_BODY, "the heartbeat body limit")
+            return
+        id_error = path_identifier_error("service_id", service_id)
+        if id_error is not None:
+            await _respond(send, 400, id_error)
             return
         body = b""
         more = True
@@ -93,7 +107,7 @@ class HeartbeatFastPath:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > MAX_BODY:
-                await _respond(send, 413, {"detail": f"Heartbeat body is larger than {MAX_BODY} bytes."})
+                await limits.refuse_too_large(send, MAX_BODY, "the heartbeat body limit")
                 return
         health, error = parse_heartbeat_body(body)
         if error is not None:

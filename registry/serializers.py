@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from rest_framework import serializers
+
+from registry_project import limits
 
 from . import validators
 from .leases import attach_live_leases
@@ -178,7 +179,7 @@ def parse_heartbeat_body(raw: bytes) -> tuple[str | None, dict[str, Any] | None]
     if not raw.strip():
         return Health.HEALTHY, None
     try:
-        data = json.loads(raw)
+        data = limits.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, {"detail": f"JSON parse error - {exc}"}
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from .path_ids import fallback
 from .views import LeaderView, ServiceHeartbeatView, ServiceViewSet
 
 router = SimpleRouter()
@@ -12,4 +13,5 @@ urlpatterns = [
     path("services/<str:service_id>/heartbeat/", ServiceHeartbeatView.as_view(), name="service-heartbeat"),
     path("leader/", LeaderView.as_view(), name="leader"),
     *router.urls,
+    fallback("services/{service_id}/"),
 ]

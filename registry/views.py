@@ -16,6 +16,7 @@ from . import leases, metrics
 from .auth import token_from_header
 from .leadership import LEADERSHIP
 from .models import LeaderTerm, Service
+from .path_ids import path_identifier_error
 from .redis_client import get_redis
 from .serializers import (
     HeartbeatResponseSerializer,
@@ -128,6 +129,7 @@ class ServiceHeartbeatView(APIView):
     )
     def post(self, request: Request, service_id: str) -> Response:
         health, error = parse_heartbeat_body(request.body)
+        error = path_identifier_error("service_id", service_id) or error
         if error is not None:
             return Response(error, status=400)
         result = leases.heartbeat(

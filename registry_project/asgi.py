@@ -1,5 +1,5 @@
-"""ASGI entry point. HTTP: the heartbeat fast path, then static files, then Django. Websockets: origin
-check, token auth, then the Channels consumers of registry_project.routing."""
+"""ASGI entry point. HTTP: the heartbeat fast path, then the request body cap, then static files, then
+Django. Websockets: origin check, token auth, then the Channels consumers of registry_project.routing."""
 
 import gc
 import os
@@ -19,13 +19,15 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from registry.fastpath import HeartbeatFastPath  # noqa: E402
 from registry.ws_auth import OriginCheck, TokenAuthMiddleware  # noqa: E402
+from registry_project.limits import BodyLimit  # noqa: E402
 from registry_project.routing import websocket_urlpatterns  # noqa: E402
 
 # Static files (admin, API docs) are served from the installed apps, so the docs and the
-# admin work offline with no collectstatic step.
+# admin work offline with no collectstatic step. The body cap sits behind the fast path, which
+# has a smaller cap of its own, so a heartbeat pays for neither twice.
 application = ProtocolTypeRouter(
     {
-        "http": HeartbeatFastPath(ASGIStaticFilesHandler(django_asgi_app)),
+        "http": HeartbeatFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))),
         "websocket": OriginCheck(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -1,14 +1,20 @@
-"""Websocket routes (see DESIGN.md, Websockets)."""
+"""Websocket routes (see DESIGN.md, Websockets).
+
+Path segments are matched loosely and checked by the consumers, so a bad identifier is told which
+field is wrong (close code 4400) and a path that names no stream at all is closed with 4404: the
+URLRouter would otherwise raise, and the server answer the handshake with a bare 500.
+"""
 
 from django.urls import re_path
 
 from groups.consumers import GroupConsumer, MemberConsumer
-from registry.consumers import ServicesConsumer
+from registry.consumers import ServicesConsumer, UnknownPathConsumer
 
-ID = r"[A-Za-z0-9._:-]{1,128}"
+SEGMENT = r"[^/]+"
 
 websocket_urlpatterns = [
-    re_path(rf"^ws/groups/(?P<group_id>{ID})/$", GroupConsumer.as_asgi()),
-    re_path(rf"^ws/groups/(?P<group_id>{ID})/members/(?P<member_id>{ID})/$", MemberConsumer.as_asgi()),
+    re_path(rf"^ws/groups/(?P<group_id>{SEGMENT})/$", GroupConsumer.as_asgi()),
+    re_path(rf"^ws/groups/(?P<group_id>{SEGMENT})/members/(?P<member_id>{SEGMENT})/$", MemberConsumer.as_asgi()),
     re_path(r"^ws/services/$", ServicesConsumer.as_asgi()),
+    re_path(r"", UnknownPathConsumer.as_asgi()),
 ]

@@ -139,6 +139,33 @@ REGISTRY_DEREGISTER_AFTER = env_int("REGISTRY_DEREGISTER_AFTER", 60, minimum=0, 
 REGISTRY_CLEANUP_BATCH = env_int("REGISTRY_CLEANUP_BATCH", 500, minimum=1, maximum=100000)
 REGISTRY_DEFAULT_PARTITIONS = env_int("REGISTRY_DEFAULT_PARTITIONS", 12, minimum=1, maximum=10000)
 
+# Limits on what a client may send (registry_project/limits.py), checked before the work: a larger
+# request body is refused with 413 before it is read, a larger websocket message closes the socket
+# with 1009. The heartbeat fast path keeps its own, smaller cap (64 KiB).
+REGISTRY_MAX_BODY_BYTES = env_int("REGISTRY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024, maximum=1024**3)
+REGISTRY_MAX_WS_MESSAGE_BYTES = env_int("REGISTRY_MAX_WS_MESSAGE_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024**2)
+# Django refuses a larger form or body itself (a 400) after reading it; keep it in step with the cap.
+DATA_UPLOAD_MAX_MEMORY_SIZE = REGISTRY_MAX_BODY_BYTES
+
+
+def _rate(name: str) -> tuple[int, int] | None:
+    """A throttle rate "N/second|minute|hour|day" (or s, min, m, h, d) as (requests, seconds); unset: off."""
+    raw = env_str(name, "").strip()
+    if not raw:
+        return None
+    count, _, unit = raw.partition("/")
+    seconds = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+    seconds |= {"d": 86400, "day": 86400}
+    unit = unit.strip().lower()
+    if not (count.isascii() and count.isdigit() and 0 < len(count) < 10 and int(count) > 0 and unit in seconds):
+        raise ImproperlyConfigured(f"{name} must look like 100/second, 6000/minute or 50000/day, got {raw!r}")
+    return int(count), seconds[unit]
+
+
+# Optional per-token request rates of the REST API (429 with Retry-After past them), counted in Redis
+# so every server process shares them. Off unless set. Heartbeats on the fast path are not throttled.
+REGISTRY_THROTTLE_RATE = _rate("REGISTRY_THROTTLE_RATE")
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -165,6 +192,15 @@ REST_FRAMEWORK = {
     ],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "registry.exceptions.api_exception_handler",
+    # ASCII output: a 400 that echoes a lone surrogate it refused must still be encodable (as \ud800);
+    # with UNICODE_JSON the renderer's UTF-8 encode fails and the answer becomes a 500.
+    "UNICODE_JSON": False,
+    "DEFAULT_PARSER_CLASSES": [
+        "registry_project.limits.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": ["registry_project.limits.TokenRateThrottle"],
 }
 
 SPECTACULAR_SETTINGS = {
