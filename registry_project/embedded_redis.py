@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -63,6 +64,7 @@ class RedisServer:
         appendonly: bool = True,
         log: IO[bytes] | None = None,
         new_session: bool = False,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.unix_socket = unix_socket
         self.port = 0 if unix_socket else free_port()
@@ -72,6 +74,7 @@ class RedisServer:
         self.appendonly = persist and appendonly
         self.log = log
         self.new_session = new_session
+        self.preexec = preexec
         self.process: subprocess.Popen[bytes] | None = None
         atexit.register(self._kill_at_exit)  # never outlive a parent that exits without stop()
 
@@ -115,6 +118,7 @@ class RedisServer:
             stdout=self.log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=self.new_session,
+            preexec_fn=self.preexec,
         )
         client = self.client(socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
