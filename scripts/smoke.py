@@ -1,7 +1,8 @@
 """The newcomer smoke test: what someone with a fresh clone gets from `make run`, and that Ctrl-C stops it all.
 
 It clones the repository's committed HEAD into a temporary folder, runs `make run` there (which makes
-.venv from requirements.txt alone: a module missing from it fails here), waits for /readyz, then
+.venv from requirements.txt alone: a module missing from it fails here), waits for /readyz, checks
+that every import in the server's code resolves in that .venv (scripts/import_check.py), then
 checks through HTTP a registration, a heartbeat, a group join, a balancer selection, a websocket
 handshake, an elected leader and a committed cleanup job (so the worker and beat really run). With
 ``--readme`` it also runs the README's examples against the same server (scripts/readme_check.py).
@@ -165,6 +166,20 @@ def main() -> int:
         t0 = time.monotonic()
         wait_for("/readyz to answer 200", ready, INSTALL_TIMEOUT, interval=1)
         step(f"/readyz: 200 after {time.monotonic() - t0:.0f} s (fresh .venv included)")
+
+        imports = subprocess.run(
+            [str(clone / ".venv" / "bin" / "python"), "scripts/import_check.py"],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if imports.returncode != 0:
+            raise CheckFailed(
+                f"requirements.txt does not cover the server's imports:\n{imports.stdout}{imports.stderr}"
+            )
+        step("every import of the server's code resolves in the fresh .venv (scripts/import_check.py)")
 
         check_stack(api, clone, env, port)
         if args.readme:
