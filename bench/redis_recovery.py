@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 BASE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE))
@@ -43,7 +45,10 @@ def redis_pid(run: subprocess.Popen[bytes]) -> int:
 def one_round(run: subprocess.Popen[bytes], api: Api, sock: Path) -> tuple[float, float, int]:
     """(seconds to a PING on the socket, seconds to a 200 heartbeat, heartbeats refused meanwhile)."""
     victim = redis_pid(run)
-    client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=0.2, socket_timeout=0.5)
+    # No client-side retries: a PING that waited out the outage would hold back the heartbeats.
+    client = redis.Redis(
+        unix_socket_path=str(sock), socket_connect_timeout=0.2, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     t0 = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     ping_at = heartbeat_at = None
