@@ -107,6 +107,11 @@ def check_stack(api: Api, clone: Path, env: dict[str, str], port: int) -> None:
         raise CheckFailed(f"balancer/select chose {chosen}, expected smoke-1")
     step("balancer/select: smoke-1")
 
+    # Pages that load more of the installed packages: the schema generator, the bundled Swagger UI, the admin.
+    for path in ("/api/schema/", "/api/docs/", "/metrics", "/admin/login/"):
+        api.expect("GET", path, (200,))
+    step("schema, API docs, metrics and admin login: 200")
+
     status = websocket_handshake(port, "/ws/services/?name=smoke", api.token)
     if " 101 " not in status + " ":
         raise CheckFailed(f"websocket handshake answered {status!r}")
