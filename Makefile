@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench-heartbeat clean
+.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,24 @@ test: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# A fresh clone of HEAD in a temporary folder: `make run` there, HTTP checks, the README's examples,
+# Ctrl-C, nothing left running. Standard library only; needs no .venv here.
+smoke:
+	$(PYTHON) scripts/smoke.py --readme
+
+# The README's examples against a `make run` already running here (on a fresh database: they create a token).
+readme-check:
+	$(PYTHON) scripts/readme_check.py
+
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 bench-heartbeat: $(VENV)/.dev
 	$(PY) bench/heartbeat.py
+
+bench-redis-recovery: $(VENV)/.runtime
+	$(PY) bench/redis_recovery.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 BASE = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,12 @@ def start_server(port: int, env: dict[str, str], workers: int = 1, timeout: floa
     url = f"http://127.0.0.1:{port}/healthz"
     deadline = time.monotonic() + timeout
     while True:
+        # urllib, not httpx: this module is imported by `make run`, which has only requirements.txt.
         try:
-            if httpx.get(url).status_code == 200:
-                return process
-        except httpx.HTTPError:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except (urllib.error.URLError, OSError):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
