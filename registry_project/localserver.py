@@ -3,6 +3,7 @@ benchmarks start on free ports."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,10 @@ def uvicorn_command(host: str, port: int | str, workers: int = 1, quiet: bool = 
         "--lifespan",
         "off",
         "--no-access-log",
+        # uvicorn buffers a whole frame before the consumer sees it: refuse far larger ones (1009) at the
+        # protocol level; up to twice the cap the consumer answers with an error that names the limit.
+        "--ws-max-size",
+        str(2 * int(os.environ.get("REGISTRY_MAX_WS_MESSAGE_BYTES") or 64 * 1024)),
     ]
     if workers > 1:
         command += ["--workers", str(workers)]
