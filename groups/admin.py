@@ -16,7 +16,8 @@ from django.utils.html import format_html, format_html_join
 from registry import lease_store
 from registry.redis_client import get_redis
 
-from . import rebalance
+from . import membership, rebalance, topics
+from .assignments import member_views
 from .models import GroupMember, GroupState, RebalanceEvent, ServiceGroup, Topic
 
 STATE_COLOURS = {GroupState.STABLE: "#1e7e34", GroupState.RECONCILING: "#c77c02", GroupState.EMPTY: "#6c757d"}
@@ -59,8 +60,8 @@ class TopicForm(forms.ModelForm):
 
     def clean_partitions(self) -> int:
         partitions = self.cleaned_data["partitions"]
-        if not 1 <= partitions <= rebalance.MAX_PARTITIONS:
-            raise forms.ValidationError(f"between 1 and {rebalance.MAX_PARTITIONS}")
+        if not 1 <= partitions <= topics.MAX_PARTITIONS:
+            raise forms.ValidationError(f"between 1 and {topics.MAX_PARTITIONS}")
         if self.instance.pk and partitions < self.instance.partitions:
             raise forms.ValidationError(
                 f"topics can grow but never shrink (it has {self.instance.partitions} partitions)"
@@ -80,20 +81,20 @@ class TopicAdmin(admin.ModelAdmin):
 
     @admin.display(description="groups reading it")
     def groups_reading(self, topic: Topic) -> str:
-        return ", ".join(rebalance.groups_reading(topic.name)) or "-"
+        return ", ".join(topics.groups_reading(topic.name)) or "-"
 
     def save_model(self, request: HttpRequest, obj: Topic, form: Any, change: bool) -> None:
         # Through the domain function, so groups reading the topic rebalance onto new partitions.
-        rebalance.put_topic(obj.name, obj.partitions, timezone.now())
+        topics.put_topic(obj.name, obj.partitions, timezone.now())
 
     def has_delete_permission(self, request: HttpRequest, obj: Topic | None = None) -> bool:
         # A topic a group reads cannot be deleted: its partitions would vanish under their owners.
-        if obj is not None and rebalance.groups_reading(obj.name):
+        if obj is not None and topics.groups_reading(obj.name):
             return False
         return super().has_delete_permission(request, obj)
 
     def delete_model(self, request: HttpRequest, obj: Topic) -> None:
-        rebalance.delete_topic(obj.name)
+        topics.delete_topic(obj.name)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)
@@ -105,9 +106,9 @@ class TopicAdmin(admin.ModelAdmin):
         deleted = 0
         for name in queryset.values_list("name", flat=True):
             try:
-                rebalance.delete_topic(name)
+                topics.delete_topic(name)
                 deleted += 1
-            except rebalance.TopicInUse as exc:
+            except topics.TopicInUse as exc:
                 self.message_user(request, f"Not deleted: {exc}", messages.ERROR)
         if deleted:
             self.message_user(request, f"Deleted {deleted} topic(s).", messages.SUCCESS)
@@ -155,7 +156,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
     @admin.display(description="members and their partitions")
     def members_table(self, group: ServiceGroup) -> str:
-        views = rebalance.member_views(group)
+        views = member_views(group)
         members = list(group.members.all())
         deadlines = lease_store.session_deadlines(get_redis(), [(group.group_id, m.member_id) for m in members])
         if not members:
@@ -262,15 +263,15 @@ class GroupMemberAdmin(admin.ModelAdmin):
         removed = 0
         for group_id, member_id in queryset.values_list("group_id", "member_id"):
             try:
-                rebalance.leave(group_id, member_id, None, now)
+                membership.leave(group_id, member_id, None, now)
                 removed += 1
-            except rebalance.MemberNotFound:
+            except membership.MemberNotFound:
                 pass
         self.message_user(request, f"Removed {removed} member(s).", messages.SUCCESS)
 
     def delete_model(self, request: HttpRequest, obj: GroupMember) -> None:
-        with contextlib.suppress(rebalance.MemberNotFound):
-            rebalance.leave(obj.group_id, obj.member_id, None, timezone.now())
+        with contextlib.suppress(membership.MemberNotFound):
+            membership.leave(obj.group_id, obj.member_id, None, timezone.now())
 
 
 @admin.register(RebalanceEvent)

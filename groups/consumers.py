@@ -10,7 +10,8 @@ from django.utils import timezone
 from registry.consumers import PushConsumer
 from registry.ws_auth import FORBIDDEN, NOT_FOUND
 
-from . import events, rebalance
+from . import events, membership
+from .assignments import assignment_of
 from .models import ServiceGroup
 from .serializers import MAX_GENERATION
 
@@ -46,7 +47,7 @@ class MemberConsumer(PushConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         group = ServiceGroup.objects.filter(pk=kwargs["group_id"]).first()
         member = group.members.filter(member_id=kwargs["member_id"]).first() if group else None
-        return events.member_message(rebalance.assignment_of(group, member)) if member else None
+        return events.member_message(assignment_of(group, member)) if member else None
 
     async def receive_json(self, content: dict[str, Any], **kwargs: Any) -> None:
         if content.get("type") != "ack":
@@ -59,14 +60,14 @@ class MemberConsumer(PushConsumer):
             return
         kw = self.scope["url_route"]["kwargs"]
         try:
-            assignment = await database_sync_to_async(rebalance.heartbeat)(
+            assignment = await database_sync_to_async(membership.heartbeat)(
                 kw["group_id"], kw["member_id"], generation, self.scope["token"], timezone.now()
             )
-        except rebalance.MemberNotFound as exc:
+        except membership.MemberNotFound as exc:
             await self.send_json({"type": "error", "detail": str(exc)})
             await self.close(code=NOT_FOUND)
             return
-        except rebalance.NotOwner as exc:
+        except membership.NotOwner as exc:
             await self.send_json({"type": "error", "detail": str(exc)})
             await self.close(code=FORBIDDEN)
             return

@@ -8,6 +8,7 @@ from typing import Any
 
 from registry.push import after_commit, channel_group, send_now
 
+from .assignments import member_views
 from .models import ServiceGroup
 
 
@@ -20,8 +21,6 @@ def member_stream(group_id: str, member_id: str) -> str:
 
 
 def group_message(group: ServiceGroup) -> dict[str, Any]:
-    from .rebalance import member_views  # here, not at the top: rebalance imports this module
-
     views = member_views(group)
     return {
         "type": "group.assignment",

@@ -10,16 +10,16 @@ from django.dispatch import receiver
 
 from registry.signals import lease_store_recovered, services_removed
 
-from . import rebalance
+from . import expiry, membership
 from .models import RebalanceReason
 
 
 @receiver(services_removed)
 def remove_memberships(sender: Any, service_ids: list[str], reason: str, now: datetime, **kwargs: Any) -> None:
     why = RebalanceReason.EXPIRY if reason == "expired" else RebalanceReason.LEAVE
-    rebalance.remove_members(service_ids, why, now)
+    membership.remove_members(service_ids, why, now)
 
 
 @receiver(lease_store_recovered)
 def restore_sessions(sender: Any, now: datetime, **kwargs: Any) -> None:
-    rebalance.reconcile_sessions(now, grace=True)
+    expiry.reconcile_sessions(now, grace=True)

@@ -9,7 +9,7 @@ from rest_framework import serializers
 from registry.serializers import identifier_field
 
 from .models import Topic
-from .rebalance import MAX_PARTITIONS
+from .topics import MAX_PARTITIONS
 
 MAX_GENERATION = 2**63 - 1  # the generation column is a 64-bit integer
 

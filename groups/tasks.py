@@ -12,14 +12,14 @@ from registry import outage
 from registry.leadership import guard_for, run_as_leader
 from registry.leases import Guard
 
-from . import rebalance
+from . import expiry
 
 
 def expire_once(guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
     """One expiry run: grace after any Redis outage or restart, then remove one batch of expired members."""
     now = timezone.now()
     outage.ensure_continuity(now, guard)
-    return rebalance.expire_members(now, settings.REGISTRY_CLEANUP_BATCH, guard)
+    return expiry.expire_members(now, settings.REGISTRY_CLEANUP_BATCH, guard)
 
 
 @shared_task(name="groups.expire_members", ignore_result=True)

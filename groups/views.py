@@ -13,7 +13,8 @@ from registry import lease_store
 from registry.redis_client import get_redis
 from registry.serializers import identifier_field
 
-from . import rebalance
+from . import membership, topics
+from .assignments import assignment_of, member_views, no_member
 from .models import ServiceGroup, Topic
 from .serializers import (
     GroupSerializer,
@@ -48,8 +49,8 @@ class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         incoming = TopicPutSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         try:
-            topic, created = rebalance.put_topic(pk, incoming.validated_data["partitions"], timezone.now())
-        except rebalance.TopicShrink as exc:
+            topic, created = topics.put_topic(pk, incoming.validated_data["partitions"], timezone.now())
+        except topics.TopicShrink as exc:
             raise exceptions.ValidationError({"partitions": [str(exc)]}) from None
         return Response(TopicSerializer(topic).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -66,7 +67,7 @@ class GroupViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     def _body(self, groups: list[ServiceGroup]) -> list[dict]:
         sessions = _sessions(groups)
-        return [group_body(g, rebalance.member_views(g), sessions) for g in groups]
+        return [group_body(g, member_views(g), sessions) for g in groups]
 
     @extend_schema(summary="List consumer groups", responses={200: GroupSerializer(many=True), 401: _ERRORS[401]})
     def list(self, request: Request) -> Response:
@@ -91,7 +92,7 @@ class GroupMembersView(APIView):
         incoming = JoinSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        assignment, created = rebalance.join(
+        assignment, created = membership.join(
             group_id,
             data["member_id"],
             data["service_name"],
@@ -114,14 +115,14 @@ class GroupMemberView(APIView):
         group = ServiceGroup.objects.filter(pk=group_id).first()
         member = group.members.filter(member_id=member_id).first() if group else None
         if member is None:
-            raise rebalance.MemberNotFound(rebalance.no_member(group_id, member_id))
-        return Response(rebalance.assignment_of(group, member).as_dict())
+            raise membership.MemberNotFound(no_member(group_id, member_id))
+        return Response(assignment_of(group, member).as_dict())
 
     @extend_schema(
         summary="Leave a group", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
     )
     def delete(self, request: Request, group_id: str, member_id: str) -> Response:
-        rebalance.leave(group_id, member_id, request.user, timezone.now())
+        membership.leave(group_id, member_id, request.user, timezone.now())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -138,7 +139,7 @@ class GroupMemberHeartbeatView(APIView):
     def post(self, request: Request, group_id: str, member_id: str) -> Response:
         incoming = MemberHeartbeatSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        assignment = rebalance.heartbeat(
+        assignment = membership.heartbeat(
             group_id, member_id, incoming.validated_data["generation"], request.user, timezone.now()
         )
         return Response(assignment.as_dict())
