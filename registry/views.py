@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
@@ -28,6 +30,8 @@ from .serializers import (
     ServiceSerializer,
     parse_heartbeat_body,
 )
+
+log = logging.getLogger(__name__)
 
 _ERRORS = {
     400: OpenApiResponse(description="Bad input; the body names each field and the rule it broke."),
@@ -160,18 +164,25 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
+    """Database and Redis reachable: 200, else 503 naming what is down in fixed words.
+
+    The exception text (database host and user, socket paths) goes to the log, never the response:
+    probes are often reachable by more people than the logs are.
+    """
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["database"] = f"error: {exc}"
+        log.error("readyz: database unavailable: %s", exc)
+        checks["database"] = "unavailable"
     try:
         get_redis().ping()
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        checks["redis"] = f"error: {exc}"
+        log.error("readyz: redis unavailable: %s", exc)
+        checks["redis"] = "unavailable"
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
 
