@@ -220,7 +220,11 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["registry.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "registry.pagination.RegistryPagination",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "registry.schema.ConveyorAutoSchema",
+    # JSON only, as the API promises: a form-encoded body cannot carry labels or topic lists, and a
+    # schema that offered it would invite clients to try (415 for anything else).
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
@@ -248,6 +252,12 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # Separate request and response components, so read-only response fields are never
+    # required in request bodies of a generated client.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "registry.schema.postprocess"],
+    # The Authorize button's key survives a page reload.
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
 }
 
 # Every log record is scrubbed of query strings and API keys (registry_project.logscrub).
@@ -259,5 +269,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     # Beat sends a job every few seconds; its per-task lines would drown everything else.
-    "loggers": {"celery": {"level": env_str("CELERY_LOG_LEVEL", "WARNING")}},
+    "loggers": {
+        "celery": {"level": env_str("CELERY_LOG_LEVEL", "WARNING")},
+        # Django's own logger (request warnings: every 4xx) follows LOG_LEVEL; its default handlers
+        # (console only with DEBUG, mail to ADMINS) give way to the root's.
+        "django": {"level": env_str("LOG_LEVEL", "INFO"), "handlers": [], "propagate": True},
+    },
 }
