@@ -256,8 +256,6 @@ SPECTACULAR_SETTINGS = {
     # required in request bodies of a generated client.
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "registry.schema.postprocess"],
-    # The Authorize button's key survives a page reload.
-    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
 }
 
 # Every log record is scrubbed of query strings and API keys (registry_project.logscrub).
