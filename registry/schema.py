@@ -62,11 +62,15 @@ def bad_request(description: str = "Bad input; the body names each field and the
 
 
 UNAUTHORIZED = error("Missing, malformed or unknown token.")
-NO_ROUTE = error("Not found (a path identifier outside 1..128 characters of [A-Za-z0-9._:-] matches no route).")
+NO_ROUTE = error("Not found.")
+BAD_PATH_ID = bad_request("A path identifier is not 1..128 characters of [A-Za-z0-9._:-]; the body names it.")
 NOT_FOUND_PAGE = error("No such page (?page= below 1, past the last page, or not a number).")
 TOO_LARGE = error("The request body is larger than the server accepts.")
 UNSUPPORTED_MEDIA = error("The body is not application/json.")
-THROTTLED = error("Too many requests for this token; retry after the Retry-After header's seconds.")
+THROTTLED = error(
+    "More than REGISTRY_THROTTLE_RATE requests for this token (only when that is set); "
+    "retry after the Retry-After header's seconds."
+)
 UNAVAILABLE = error("The lease store (Redis) is unreachable; nothing was changed. Retry shortly.")
 
 
@@ -125,13 +129,15 @@ class ConveyorAutoSchema(AutoSchema):
         if self.method == "GET" and self._is_list_view() and self._get_paginator() is not None:
             implied["404"] = NOT_FOUND_PAGE
         if IDENTIFIER_PATH_VARIABLES & set(re.findall(r"{(\w+)}", self.path)):
+            implied["400"] = BAD_PATH_ID  # registry.path_ids: a 400 naming the field
             implied["404"] = NO_ROUTE
         if self.method in ("POST", "PUT", "PATCH") and self.get_request_serializer() is not None:
             implied["400"] = bad_request()
             implied["413"] = TOO_LARGE
-            if not getattr(self.view, "reads_raw_body", False):
+            if not getattr(self.view, "fast_path", False):
                 implied["415"] = UNSUPPORTED_MEDIA
-        if self.view.get_throttles():
+        # The heartbeat fast path (registry.fastpath) reads any body as JSON and is not throttled.
+        if self.view.get_throttles() and not getattr(self.view, "fast_path", False):
             implied["429"] = THROTTLED
         if self.method not in getattr(self.view, "methods_without_lease_store", ()):
             implied["503"] = UNAVAILABLE

@@ -130,7 +130,7 @@ class ServiceHeartbeatView(APIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    reads_raw_body = True  # parse_heartbeat_body reads any content type: no 415
+    fast_path = True  # served by registry.fastpath: any content type is read as JSON, no throttle
 
     @extend_schema(
         summary="Renew a lease",

@@ -221,9 +221,6 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "registry.pagination.RegistryPagination",
     "DEFAULT_SCHEMA_CLASS": "registry.schema.ConveyorAutoSchema",
-    # JSON only, as the API promises: a form-encoded body cannot carry labels or topic lists, and a
-    # schema that offered it would invite clients to try (415 for anything else).
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
@@ -234,11 +231,9 @@ REST_FRAMEWORK = {
     # ASCII output: a 400 that echoes a lone surrogate it refused must still be encodable (as \ud800);
     # with UNICODE_JSON the renderer's UTF-8 encode fails and the answer becomes a 500.
     "UNICODE_JSON": False,
-    "DEFAULT_PARSER_CLASSES": [
-        "registry_project.limits.BoundedJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # JSON only, as the API promises: a form-encoded body cannot carry labels or topic lists, and a
+    # schema that offered it would invite clients to try (415 for anything else).
+    "DEFAULT_PARSER_CLASSES": ["registry_project.limits.BoundedJSONParser"],
     "DEFAULT_THROTTLE_CLASSES": ["registry_project.limits.TokenRateThrottle"],
 }
 
