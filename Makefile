@@ -15,7 +15,12 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.runtime
+# A random SECRET_KEY for this checkout, private to it (settings reads it when SECRET_KEY is unset).
+var/secret_key:
+	mkdir -p var
+	umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(50))" > $@
+
+run: $(VENV)/.runtime var/secret_key
 	mkdir -p var
 	$(PY) manage.py migrate --noinput
 	$(PY) scripts/run.py
@@ -38,7 +43,7 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench-heartbeat: $(VENV)/.dev
+bench-heartbeat: $(VENV)/.dev var/secret_key
 	$(PY) bench/heartbeat.py
 
 bench-redis-recovery: $(VENV)/.runtime

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from registry.schema import IDENTIFIER, bad_request, error
 from registry.serializers import SelectorField, ServiceSerializer, identifier_field
 
 from . import selection
@@ -33,16 +34,19 @@ class SelectView(APIView):
         description="Healthy instances first, degraded ones only when none is healthy; weight 0 never. "
         "Round-robin and weighted rotations are shared by every server process.",
         parameters=[
-            OpenApiParameter("name", str, required=True),
+            OpenApiParameter("name", IDENTIFIER, required=True, description="service_name"),
             OpenApiParameter("strategy", str, enum=list(STRATEGIES), default="round_robin"),
             OpenApiParameter("selector", str, description="labels, k=v,k2=v2: all must match"),
             OpenApiParameter("key", str, description="required with strategy=hash"),
         ],
         responses={
             200: ServiceSerializer,
-            400: OpenApiResponse(description="Unknown strategy, missing key with hash, bad name or selector."),
-            404: OpenApiResponse(description="No service registered under this name."),
-            503: OpenApiResponse(description="Instances exist but none is eligible; the body says why."),
+            400: bad_request("Unknown strategy, missing key with hash, bad name or selector."),
+            404: error("No service registered under this name."),
+            503: error(
+                "Instances exist but none is eligible (the body says why, with the name), "
+                "or the lease store (Redis) is unreachable."
+            ),
         },
     )
     def get(self, request: Request) -> Response:

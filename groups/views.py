@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from registry import lease_store
 from registry.redis_client import get_redis
+from registry.schema import UNAUTHORIZED, bad_request, error
 from registry.serializers import identifier_field
 
 from . import membership, topics
@@ -28,10 +29,10 @@ from .serializers import (
 
 IDENTIFIER = "[A-Za-z0-9._:-]{1,128}"
 _ERRORS = {
-    400: OpenApiResponse(description="Bad input; the body names each field and the rule it broke."),
-    401: OpenApiResponse(description="Missing or invalid token."),
-    403: OpenApiResponse(description="The token did not create this member and is not staff."),
-    404: OpenApiResponse(description="No such group or member (rejoin)."),
+    400: bad_request(),
+    401: UNAUTHORIZED,
+    403: error("The token did not create this member (or group) and is not staff."),
+    404: error("No such group or member (rejoin)."),
 }
 
 
@@ -39,6 +40,15 @@ class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     queryset = Topic.objects.all()
     serializer_class = TopicSerializer
     lookup_value_regex = IDENTIFIER
+    methods_without_lease_store = ("GET",)  # topics are read from the database only: no 503
+
+    @extend_schema(summary="List topics")
+    def list(self, request: Request, *args: object, **kwargs: object) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(summary="One topic", responses={200: TopicSerializer, 404: error("No such topic.")})
+    def retrieve(self, request: Request, *args: object, **kwargs: object) -> Response:
+        return super().retrieve(request, *args, **kwargs)
 
     @extend_schema(
         summary="Create or grow a topic",
@@ -85,7 +95,12 @@ class GroupMembersView(APIView):
     @extend_schema(
         summary="Join a group",
         request=JoinSerializer,
-        responses={201: PartitionAssignmentSerializer, 200: PartitionAssignmentSerializer, **_ERRORS},
+        responses={
+            201: PartitionAssignmentSerializer,
+            200: PartitionAssignmentSerializer,
+            400: _ERRORS[400],
+            403: error("The group belongs to another token, or member_id was joined by another token."),
+        },
     )
     def post(self, request: Request, group_id: str) -> Response:
         _check_identifier("group_id", group_id)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from django.views.defaults import page_not_found
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -18,6 +21,7 @@ from .leadership import LEADERSHIP
 from .models import LeaderTerm, Service
 from .path_ids import path_identifier_error
 from .redis_client import get_redis
+from .schema import BEARER_AUTH, IDENTIFIER, UNAUTHORIZED, bad_request, error
 from .serializers import (
     HeartbeatResponseSerializer,
     HeartbeatSerializer,
@@ -29,11 +33,13 @@ from .serializers import (
     parse_heartbeat_body,
 )
 
+log = logging.getLogger(__name__)
+
 _ERRORS = {
-    400: OpenApiResponse(description="Bad input; the body names each field and the rule it broke."),
-    401: OpenApiResponse(description="Missing or invalid token."),
-    403: OpenApiResponse(description="The token did not create this service and is not staff."),
-    404: OpenApiResponse(description="No such service."),
+    400: bad_request(),
+    401: UNAUTHORIZED,
+    403: error("The token did not create this service and is not staff."),
+    404: error("No such service."),
 }
 
 
@@ -41,7 +47,7 @@ _ERRORS = {
     list=extend_schema(
         summary="List services",
         parameters=[
-            OpenApiParameter("name", str, description="service_name"),
+            OpenApiParameter("name", IDENTIFIER, description="service_name"),
             OpenApiParameter("type", str, enum=["source", "transform", "sink"]),
             OpenApiParameter(
                 "health",
@@ -49,7 +55,7 @@ _ERRORS = {
                 enum=["healthy", "degraded", "unhealthy", "unknown"],
                 description="effective health (a lapsed lease is unhealthy)",
             ),
-            OpenApiParameter("group_id", str),
+            OpenApiParameter("group_id", IDENTIFIER),
             OpenApiParameter("selector", str, description="labels, k=v,k2=v2: all must match"),
         ],
         responses={200: ServiceSerializer(many=True), 400: _ERRORS[400], 401: _ERRORS[401]},
@@ -95,7 +101,12 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @extend_schema(
         summary="Register or re-register",
         request=RegisterSerializer,
-        responses={201: RegisteredServiceSerializer, 200: RegisteredServiceSerializer, **_ERRORS},
+        responses={
+            201: RegisteredServiceSerializer,
+            200: RegisteredServiceSerializer,
+            400: _ERRORS[400],
+            403: error("service_id is registered by another token, and this one is not staff."),
+        },
     )
     def create(self, request: Request) -> Response:
         incoming = RegisterSerializer(data=request.data)
@@ -119,12 +130,14 @@ class ServiceHeartbeatView(APIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+    fast_path = True  # served by registry.fastpath: any content type is read as JSON, no throttle
 
     @extend_schema(
         summary="Renew a lease",
         description="Renews the lease; the optional body reports health (none means healthy). "
         "404 once the service is deregistered or expired: register it again.",
         request=HeartbeatSerializer,
+        auth=BEARER_AUTH,
         responses={200: HeartbeatResponseSerializer, **_ERRORS},
     )
     def post(self, request: Request, service_id: str) -> Response:
@@ -142,11 +155,13 @@ class ServiceHeartbeatView(APIView):
 class LeaderView(APIView):
     """GET /leader/: who runs the periodic jobs now, and the fencing token of its term."""
 
+    methods_without_lease_store = ("GET",)  # read from the database only: no 503
+
     @extend_schema(
         summary="Current leader",
         description="The holder of the periodic-jobs leadership, its term (the fencing token) and when its lock "
         "runs out unless renewed. An expires_at in the past means no process leads at the moment.",
-        responses={200: LeaderSerializer, 401: _ERRORS[401], 404: OpenApiResponse(description="No leader yet.")},
+        responses={200: LeaderSerializer, 401: _ERRORS[401], 404: error("No leader has been elected yet.")},
     )
     def get(self, request: Request) -> Response:
         row = LeaderTerm.objects.filter(name=LEADERSHIP).first()
@@ -155,23 +170,37 @@ class LeaderView(APIView):
         return Response(LeaderSerializer(row).data)
 
 
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler404: JSON under /api/ (a path that matches no route, e.g. an invalid identifier), HTML elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return page_not_found(request, exception)
+
+
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
+    """Database and Redis reachable: 200, else 503 naming what is down in fixed words.
+
+    The exception text (database host and user, socket paths) goes to the log, never the response:
+    probes are often reachable by more people than the logs are.
+    """
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["database"] = f"error: {exc}"
+        log.error("readyz: database unavailable: %s", exc)
+        checks["database"] = "unavailable"
     try:
         get_redis().ping()
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        checks["redis"] = f"error: {exc}"
+        log.error("readyz: redis unavailable: %s", exc)
+        checks["redis"] = "unavailable"
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
 

@@ -1,4 +1,9 @@
-"""Websocket handshake checks: the API token (``?token=`` or the Authorization header), and the Origin.
+"""Websocket handshake checks: the API token, and the Origin.
+
+The token is taken, in this order, from the Authorization header (``Bearer <key>``), from the
+``Sec-WebSocket-Protocol`` offer (browsers cannot set headers on a websocket: they offer
+``["conveyor.v1", "token.<key>"]`` and the server answers ``conveyor.v1``, never the key), or from
+``?token=<key>``. Whichever is used, the key never reaches a log (registry_project.logscrub).
 
 Services are not browsers and send no Origin header: they are let in and authenticate by token. A
 handshake that does carry an Origin (a browser) must name a host in ALLOWED_HOSTS, which stops
@@ -27,14 +32,41 @@ def _lookup(key: str) -> ApiToken | None:
     return ApiToken.objects.filter(key_hash=hash_token(key), is_active=True).first()
 
 
+SUBPROTOCOL = "conveyor.v1"
+TOKEN_SUBPROTOCOL_PREFIX = "token."
+
+
 def handshake_token(scope: dict[str, Any]) -> str | None:
+    """The key the handshake carries: Authorization header, then subprotocol offer, then ``?token=``."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            key = token_from_header(value.decode("latin-1"))
+            if key:
+                return key
+    for offered in scope.get("subprotocols") or ():
+        if offered.startswith(TOKEN_SUBPROTOCOL_PREFIX) and len(offered) > len(TOKEN_SUBPROTOCOL_PREFIX):
+            return offered[len(TOKEN_SUBPROTOCOL_PREFIX) :]
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get("token"):
         return query["token"][0]
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            return token_from_header(value.decode("latin-1"))
     return None
+
+
+def _answering_subprotocol(scope: dict[str, Any], send: Any) -> Any:
+    """``send``, made to answer ``conveyor.v1`` on accept when the client offered it.
+
+    A browser that offers subprotocols fails the connection unless the server picks one, and the
+    pick must never be the ``token.<key>`` entry (the answer is a response header proxies log).
+    """
+    if SUBPROTOCOL not in (scope.get("subprotocols") or ()):
+        return send
+
+    async def send_with_subprotocol(message: dict[str, Any]) -> None:
+        if message.get("type") == "websocket.accept" and not message.get("subprotocol"):
+            message = {**message, "subprotocol": SUBPROTOCOL}
+        await send(message)
+
+    return send_with_subprotocol
 
 
 class TokenAuthMiddleware:
@@ -46,7 +78,7 @@ class TokenAuthMiddleware:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         key = handshake_token(scope)
         scope = {**scope, "token": await _lookup(key) if key else None}
-        return await self.app(scope, receive, send)
+        return await self.app(scope, receive, _answering_subprotocol(scope, send))
 
 
 class OriginCheck(OriginValidator):

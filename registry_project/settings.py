@@ -5,6 +5,7 @@ Development defaults are safe and embedded: SQLite in ``var/`` and the Redis ser
 REDLOCK_URLS, SECRET_KEY and ALLOWED_HOSTS.
 """
 
+import secrets
 from pathlib import Path
 
 import dj_database_url
@@ -16,14 +17,48 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("REGISTRY_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = env_str("SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG and env_bool("REGISTRY_REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY is not set: export SECRET_KEY=<a long random string>")
-    # Development only; production must set SECRET_KEY (README, configuration).
-    SECRET_KEY = "insecure-development-key-set-SECRET_KEY-in-production"
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else from SECRET_KEY_FILE (``make run`` writes var/secret_key).
+
+    There is no built-in default: a key committed here would be public. Only with DEBUG on does a
+    missing key fall back to a random one for this process.
+    """
+    key = env_str("SECRET_KEY", "").strip()
+    if key:
+        return key
+    path = Path(env_str("SECRET_KEY_FILE", str(VAR_DIR / "secret_key")))
+    if path.is_file():
+        key = path.read_text().strip()
+        if key:
+            return key
+    if DEBUG:
+        return secrets.token_urlsafe(50)
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set. Export SECRET_KEY=<a long random string> (for example the output of "
+        "`python3 -c 'import secrets; print(secrets.token_urlsafe(50))'`), or put one in "
+        f"SECRET_KEY_FILE (default {path}; `make run` creates it for development)."
+    )
+
+
+SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# Behind a TLS-terminating proxy (README, "Running behind a TLS proxy"). The defaults suit plain
+# HTTP on 127.0.0.1; each of these is what `manage.py check --deploy` asks about.
+if env_bool("SECURE_PROXY_SSL_HEADER", False):
+    # Trust the proxy's X-Forwarded-Proto: only when every request comes through that proxy.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# Probes and metrics are scraped over plain HTTP from inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0, maximum=63_072_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -185,7 +220,8 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["registry.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "registry.pagination.RegistryPagination",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "registry.schema.ConveyorAutoSchema",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
@@ -195,11 +231,9 @@ REST_FRAMEWORK = {
     # ASCII output: a 400 that echoes a lone surrogate it refused must still be encodable (as \ud800);
     # with UNICODE_JSON the renderer's UTF-8 encode fails and the answer becomes a 500.
     "UNICODE_JSON": False,
-    "DEFAULT_PARSER_CLASSES": [
-        "registry_project.limits.BoundedJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # JSON only, as the API promises: a form-encoded body cannot carry labels or topic lists, and a
+    # schema that offered it would invite clients to try (415 for anything else).
+    "DEFAULT_PARSER_CLASSES": ["registry_project.limits.BoundedJSONParser"],
     "DEFAULT_THROTTLE_CLASSES": ["registry_project.limits.TokenRateThrottle"],
 }
 
@@ -213,8 +247,14 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # Separate request and response components, so read-only response fields are never
+    # required in request bodies of a generated client.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "registry.schema.postprocess"],
 }
 
+# Every log record is scrubbed of query strings and API keys (registry_project.logscrub).
+LOGGING_CONFIG = "registry_project.logscrub.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -222,5 +262,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     # Beat sends a job every few seconds; its per-task lines would drown everything else.
-    "loggers": {"celery": {"level": env_str("CELERY_LOG_LEVEL", "WARNING")}},
+    "loggers": {
+        "celery": {"level": env_str("CELERY_LOG_LEVEL", "WARNING")},
+        # Django's own logger (request warnings: every 4xx) follows LOG_LEVEL; its default handlers
+        # (console only with DEBUG, mail to ADMINS) give way to the root's.
+        "django": {"level": env_str("LOG_LEVEL", "INFO"), "handlers": [], "propagate": True},
+    },
 }

@@ -6,6 +6,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from registry.views import healthz, metrics_view, readyz
 
+# A path under /api/ that matches no route answers JSON like every other API error.
+handler404 = "registry.views.not_found"
+
 admin.site.site_header = "conveyor-registry"
 admin.site.site_title = "conveyor-registry admin"
 admin.site.index_title = "Operations"
