@@ -1,5 +1,5 @@
 """API error responses beyond DRF's own: domain NotFound/Forbidden errors of every app become 404/403 with
-their message, and an unreachable lease store is a 503 the client may retry."""
+their message, and an unreachable lease store or database is a 503 the client may retry."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import redis
+from django import db
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -23,6 +24,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         log.error("Redis unavailable during %s: %s", context.get("view").__class__.__name__, exc)
         outage.note_unreachable()
         return Response({"detail": "Lease store unavailable; retry shortly."}, status=503, headers={"Retry-After": "1"})
+    if isinstance(exc, db.OperationalError | db.InterfaceError):
+        # Not reachable, or (SQLite) locked for longer than its timeout: the transaction was rolled back.
+        log.error("database unavailable during %s: %s", context.get("view").__class__.__name__, exc)
+        return Response({"detail": "Database unavailable; retry shortly."}, status=503, headers={"Retry-After": "1"})
     if isinstance(exc, NotFound):
         exc = exceptions.NotFound(str(exc))
     elif isinstance(exc, Forbidden):

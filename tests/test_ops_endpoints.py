@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -108,8 +110,39 @@ def test_beat_schedules_cleanup_every_5_seconds_with_expiry(db):
     assert (task.interval.every, task.interval.period, task.expire_seconds, task.enabled) == (5, "seconds", 5, True)
     from registry_project.celery import app
 
+    app.loader.import_default_modules()  # what a worker does at start: every app's tasks module
     assert "registry.cleanup_expired_leases" in app.tasks
     assert "registry.reconcile_leases" in app.tasks
     expiry = PeriodicTask.objects.get(task="groups.expire_members")
     assert (expiry.interval.every, expiry.interval.period, expiry.expire_seconds) == (5, "seconds", 5)
     assert "groups.expire_members" in app.tasks
+
+
+def test_an_unreachable_database_is_a_503_the_client_may_retry(redis_server):
+    """A live server whose database cannot be reached answers API requests 503 with Retry-After, not 500."""
+    import urllib.error
+    import urllib.request
+
+    from registry_project.embedded_redis import free_port
+    from registry_project.localserver import start_server
+
+    port = free_port()
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_server.url,
+        DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/nowhere",
+        LOG_LEVEL="WARNING",
+    )
+    server = start_server(port, env)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/services/", headers={"Authorization": "Bearer cr_whatever"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        assert answer.value.code == 503
+        assert answer.value.headers["Retry-After"] == "1"
+        assert json.loads(answer.value.read()) == {"detail": "Database unavailable; retry shortly."}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
