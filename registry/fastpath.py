@@ -10,7 +10,6 @@ the database, through a worker thread.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from typing import Any
@@ -132,9 +131,6 @@ def _host_allowed(host: bytes) -> bool:
 
 
 async def _respond(send: Any, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="api"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    """The same answers as the DRF view: a 401 names the scheme, a 503 says when to retry."""
+    headers = {401: [(b"www-authenticate", b'Bearer realm="api"')], 503: [(b"retry-after", b"1")]}.get(status, [])
+    await limits.send_json(send, status, body, headers)
