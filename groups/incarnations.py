@@ -125,6 +125,7 @@ def release_due(member: GroupMember, now: datetime) -> bool:
 
 
 def release_in_group(group_id: str, now: datetime, guard: Guard = transaction.atomic) -> int:
+    """``release`` in one group, under its lock (``guard`` makes the transaction: fenced for a leader)."""
     with guard() as run:
         group = lock_group(group_id)
         if group is None:
