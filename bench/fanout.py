@@ -27,12 +27,14 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
     ws_url = stack.url.replace("http", "ws") + f"/ws/groups/fanout/?token={stack.token}"
     async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=30) as rest:
         await rest.put("/api/v1/topics/fanout-events/", json={"partitions": 48})
+        epochs = {}
         for m in ("member-a", "member-b", "member-c"):
             r = await rest.post(
                 "/api/v1/groups/fanout/members/",
-                json={"member_id": m, "service_name": "bench", "topics": ["fanout-events"]},
+                json={"member_id": m, "service_name": "bench", "topics": ["fanout-events"], "static": True},
             )
             r.raise_for_status()
+            epochs[m] = r.json()["member_epoch"]
 
         pids = stack.server_pids()
         before = rss_kib(pids)
@@ -71,7 +73,10 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
         for _ in range(rounds):
             # the leave, then (unmeasured) the rejoin that restores the group for the next round
             for step, request in (
-                ("leave", lambda: rest.delete(f"/api/v1/groups/fanout/members/{member}/")),
+                (
+                    "leave",
+                    lambda: rest.delete(f"/api/v1/groups/fanout/members/{member}/?member_epoch={epochs[member]}"),
+                ),
                 (
                     "join",
                     lambda: rest.post(
@@ -89,6 +94,8 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> tuple[list[float],
                 r = await request()
                 returned = time.perf_counter()
                 r.raise_for_status()
+                if step == "join":
+                    epochs[member] = r.json()["member_epoch"]
                 if remaining["n"] > 0:
                     await asyncio.wait_for(done.wait(), 30)
                 current += 1

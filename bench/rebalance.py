@@ -29,12 +29,14 @@ async def run(url: str, token: str, members: int, rounds: int, partitions: int) 
     ) as client:
         await client.put("/api/v1/topics/bench-events/", json={"partitions": partitions})
         ids = [f"member-{i}" for i in range(members)]
+        epochs = {}
         for m in ids:
             r = await client.post(
                 "/api/v1/groups/bench/members/",
-                json={"member_id": m, "service_name": "bench", "topics": ["bench-events"]},
+                json={"member_id": m, "service_name": "bench", "topics": ["bench-events"], "static": True},
             )
             r.raise_for_status()
+            epochs[m] = r.json()["member_epoch"]
         seen = dict.fromkeys(ids, 0)
         active = set(ids)
         stop = False
@@ -44,7 +46,10 @@ async def run(url: str, token: str, members: int, rounds: int, partitions: int) 
                 if m not in active:
                     await asyncio.sleep(0.001)
                     continue
-                r = await client.post(f"/api/v1/groups/bench/members/{m}/heartbeat/", json={"generation": seen[m]})
+                r = await client.post(
+                    f"/api/v1/groups/bench/members/{m}/heartbeat/",
+                    json={"generation": seen[m], "member_epoch": epochs[m]},
+                )
                 if r.status_code == 200:
                     seen[m] = r.json()["generation"]
 
@@ -54,7 +59,7 @@ async def run(url: str, token: str, members: int, rounds: int, partitions: int) 
         leaver = ids[-1]
         for _ in range(rounds):
             active.discard(leaver)
-            r = await client.delete(f"/api/v1/groups/bench/members/{leaver}/")
+            r = await client.delete(f"/api/v1/groups/bench/members/{leaver}/?member_epoch={epochs[leaver]}")
             r.raise_for_status()
             returned = time.perf_counter()
             target = (await client.get("/api/v1/groups/bench/")).json()["generation"]
@@ -65,7 +70,7 @@ async def run(url: str, token: str, members: int, rounds: int, partitions: int) 
                 "/api/v1/groups/bench/members/",
                 json={"member_id": leaver, "service_name": "bench", "topics": ["bench-events"]},
             )
-            seen[leaver] = r.json()["generation"]
+            seen[leaver], epochs[leaver] = r.json()["generation"], r.json()["member_epoch"]
             active.add(leaver)
             await asyncio.sleep(0.2)
         stop = True

@@ -229,6 +229,8 @@ class GroupMemberAdmin(admin.ModelAdmin):
         "topic_list",
         "session_timeout",
         "acked_generation",
+        "member_epoch",
+        "static",
         "joined_at",
     ]
     list_filter = ["group"]
@@ -242,6 +244,8 @@ class GroupMemberAdmin(admin.ModelAdmin):
         "session_timeout",
         "joined_at",
         "acked_generation",
+        "member_epoch",
+        "static",
         "owner",
     ]
 

@@ -23,6 +23,7 @@ class PartitionAssignment:
     revoking: dict[str, list[int]] = field(default_factory=dict)
     pending: dict[str, list[int]] = field(default_factory=dict)
     version: int = 0  # the group's version: orders views of one generation (hand-overs)
+    member_epoch: int = 0  # the member's current incarnation (groups.incarnations)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +34,7 @@ class PartitionAssignment:
             "revoking": self.revoking,
             "pending": self.pending,
             "version": self.version,
+            "member_epoch": self.member_epoch,
         }
 
 
@@ -49,7 +51,9 @@ def by_topic(pairs: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
 
 def member_views(group: ServiceGroup) -> dict[str, PartitionAssignment]:
     """Every member's PartitionAssignment, from one read of the group's partitions."""
-    members = {m.pk: m.member_id for m in group.members.all()}
+    rows = list(group.members.all())
+    members = {m.pk: m.member_id for m in rows}
+    epochs = {m.member_id: m.member_epoch for m in rows}
     owned: dict[str, list[tuple[str, int]]] = {m: [] for m in members.values()}
     revoking: dict[str, list[tuple[str, int]]] = {m: [] for m in members.values()}
     pending: dict[str, list[tuple[str, int]]] = {m: [] for m in members.values()}
@@ -69,6 +73,7 @@ def member_views(group: ServiceGroup) -> dict[str, PartitionAssignment]:
             by_topic(revoking[m]),
             by_topic(pending[m]),
             group.version,
+            epochs[m],
         )
         for m in members.values()
     }
@@ -102,4 +107,5 @@ def assignment_of(group: ServiceGroup, member: GroupMember, rows: list | None = 
         by_topic(revoking),
         by_topic(pending),
         group.version,
+        member.member_epoch,
     )

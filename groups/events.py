@@ -1,6 +1,7 @@
 """Group events for websocket subscribers: `group.assignment` to /ws/groups/{g}/, `member.assignment` (and
 `member.removed`) to /ws/groups/{g}/members/{m}/. Built from a fresh read after the commit, so a message
-never shows a state that was rolled back, and it always carries the generation it describes."""
+never shows a state that was rolled back, and it always carries the generation it describes. Member
+messages carry the ``member_epoch`` they are about: a socket of another incarnation closes on them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from registry.push import after_commit, channel_group, send_now
 
 from .assignments import member_views
 from .models import ServiceGroup
+
+FENCED = "fenced"  # member.removed reason: a later join of the same id fenced this incarnation
 
 
 def group_stream(group_id: str) -> str:
@@ -63,7 +66,11 @@ def group_changed(group_id: str) -> None:
     after_commit(lambda: publish_group(group_id))
 
 
-def member_removed(group_id: str, member_id: str, generation: int, version: int, reason: str) -> None:
+def member_removed(
+    group_id: str, member_id: str, generation: int, version: int, reason: str, member_epoch: int | None = None
+) -> None:
+    """Tell the member's sockets it is gone (they close). ``member_epoch``: the incarnation removed, so
+    a later incarnation's sockets stay open; None for whichever is current."""
     payload = {
         "type": "member.removed",
         "group_id": group_id,
@@ -71,5 +78,6 @@ def member_removed(group_id: str, member_id: str, generation: int, version: int,
         "generation": generation,
         "version": version,
         "reason": reason,
+        "member_epoch": member_epoch,
     }
     after_commit(lambda: send_now(member_stream(group_id, member_id), payload))

@@ -1,6 +1,8 @@
 """Group membership: join, leave, member heartbeats and acknowledgements, and removing the members of
 services that went away. Each change runs under the group's row lock and rebalances through
-``groups.rebalance``; a member's session is a lease in Redis."""
+``groups.rebalance``; a member's session is a lease in Redis. Every join starts a new incarnation
+(``member_epoch``, see ``groups.incarnations``); heartbeats, acks and leaves carrying another one are
+refused and change nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from registry.errors import Forbidden, NotFound
 from registry.models import ApiToken
 from registry.redis_client import get_redis
 
-from . import events
+from . import events, incarnations
 from .assignments import PartitionAssignment, assignment_of, member_rows, no_member
 from .models import GroupMember, Partition, RebalanceReason
 from .rebalance import lock_group, members_of, rebalance, update_state
@@ -37,6 +39,7 @@ def put_session(member: GroupMember, now_ms: int) -> None:
         member.member_id,
         timeout_seconds=member.session_timeout,
         deadline_ms=now_ms + member.session_timeout * 1000,
+        member_epoch=member.member_epoch,
     )
 
 
@@ -48,8 +51,14 @@ def join(
     token: ApiToken,
     now: datetime,
     session_timeout: int = 30,
+    static: bool = False,
 ) -> tuple[PartitionAssignment, bool]:
-    """Join (or re-join) a group. A new member or changed subscriptions rebalance the group."""
+    """Join a group as a new incarnation of ``member_id`` (a new ``member_epoch``).
+
+    A member id whose current incarnation is live is refused (MemberIdInUse) unless ``static``: then
+    that incarnation is fenced, told so and disconnected, and what it owned is held until its session
+    deadline (at once if it had lapsed). A new member or changed subscriptions rebalance the group.
+    """
     topics = sorted(set(topics))
     now_ms = lease_store.to_ms(now)
     with transaction.atomic():
@@ -58,7 +67,10 @@ def join(
         assert group is not None
         member = group.members.filter(member_id=member_id).first()
         created = member is None
-        if created:
+        if member is not None and not token.may_change_member(member):
+            raise NotOwner(f"member {member_id!r} was joined by another token")
+        epoch = incarnations.next_epoch(group)
+        if member is None:
             member = GroupMember.objects.create(
                 group=group,
                 member_id=member_id,
@@ -67,24 +79,56 @@ def join(
                 session_timeout=session_timeout,
                 joined_at=now,
                 owner=token,
+                member_epoch=epoch,
+                static=static,
             )
+            incarnations.start_session(member, now_ms, "new")
             rebalance(group, RebalanceReason.JOIN, now, members_before=members_of(group, exclude=member_id))
+            return assignment_of(group, member), created
+        fenced_epoch, old_timeout = member.member_epoch, member.session_timeout
+        changed = member.topics != topics
+        member.service_name, member.topics, member.session_timeout = service_name, topics, session_timeout
+        member.member_epoch, member.static, member.joined_at, member.acked_generation = epoch, static, now, 0
+        previous_ms = incarnations.start_session(member, now_ms, "static" if static else "dynamic", old_timeout)
+        # told first: its sockets close before they could see the new incarnation's assignment
+        events.member_removed(
+            group_id, member_id, group.generation, group.version, events.FENCED, member_epoch=fenced_epoch
+        )
+        member.save(
+            update_fields=[
+                "service_name",
+                "topics",
+                "session_timeout",
+                "member_epoch",
+                "static",
+                "joined_at",
+                "acked_generation",
+            ]
+        )
+        held = 0
+        if previous_ms is not None and previous_ms >= now_ms:
+            held = incarnations.hold(member, lease_store.from_ms(previous_ms))
+        if changed:
+            rebalance(group, RebalanceReason.JOIN, now)
         else:
-            if not token.may_change_member(member):
-                raise NotOwner(f"member {member_id!r} was joined by another token")
-            changed = member.topics != topics
-            member.service_name, member.topics, member.session_timeout = service_name, topics, session_timeout
-            member.save(update_fields=["service_name", "topics", "session_timeout"])
-            if changed:
-                rebalance(group, RebalanceReason.JOIN, now)
-        put_session(member, now_ms)
+            if held:
+                group.version += 1
+                group.save(update_fields=["version", "updated_at"])
+                update_state(group)
+            events.group_changed(group_id)  # the new incarnation's epoch, to the group's followers
         return assignment_of(group, member), created
 
 
 def leave(
-    group_id: str, member_id: str, actor: ApiToken | None, now: datetime, reason: str = RebalanceReason.LEAVE
+    group_id: str,
+    member_id: str,
+    actor: ApiToken | None,
+    now: datetime,
+    reason: str = RebalanceReason.LEAVE,
+    member_epoch: int | None = None,
 ) -> None:
-    """Remove a member and rebalance. ``actor`` None is an operator or the system (authorised)."""
+    """Remove a member and rebalance. ``actor`` None is an operator or the system (authorised);
+    ``member_epoch`` None removes whichever incarnation is current (operators), else it must be it."""
     with transaction.atomic():
         group = lock_group(group_id)
         member = group.members.filter(member_id=member_id).first() if group else None
@@ -92,11 +136,14 @@ def leave(
             raise MemberNotFound(no_member(group_id, member_id))
         if actor is not None and not actor.may_change_member(member):
             raise NotOwner(f"member {member_id!r} was joined by another token")
+        incarnations.check_epoch(member, member_epoch)
         before = members_of(group)
         lease_store.remove_session(get_redis(), group_id, member_id)
         member.delete()  # its partitions lose their owner and target (SET NULL)
         event = rebalance(group, reason, now, members_before=before)
-        events.member_removed(group_id, member_id, event.generation, group.version, reason)
+        events.member_removed(
+            group_id, member_id, event.generation, group.version, reason, member_epoch=member.member_epoch
+        )
 
 
 def remove_members(member_ids: Sequence[str], reason: str, now: datetime) -> list[tuple[str, str]]:
@@ -113,8 +160,11 @@ def remove_members(member_ids: Sequence[str], reason: str, now: datetime) -> lis
     return removed
 
 
-def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, now: datetime) -> PartitionAssignment:
-    """Keep a member's session and confirm ``generation``; answers with its current assignment.
+def heartbeat(
+    group_id: str, member_id: str, generation: int, member_epoch: int, actor: ApiToken, now: datetime
+) -> PartitionAssignment:
+    """Keep the session of incarnation ``member_epoch`` and confirm ``generation``; answers with the
+    member's current assignment. Another incarnation's epoch is refused (FencedMemberEpoch).
 
     Confirming a generation releases the partitions the member was asked to give up at or
     before it; a stale generation releases nothing and still gets the current assignment.
@@ -124,23 +174,33 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
         raise MemberNotFound(no_member(group_id, member_id))
     if not actor.may_change_member(member):
         raise NotOwner(f"member {member_id!r} was joined by another token")
+    incarnations.check_epoch(member, member_epoch)
     r = get_redis()
     now_ms = lease_store.to_ms(now)
-    if lease_store.renew_session(r, group_id, member_id, now_ms) is None:
-        # expired and removed a moment ago, or Redis lost the session: the row decides
+    try:
+        renewed = lease_store.renew_session(r, group_id, member_id, now_ms, member_epoch)
+    except lease_store.StaleEpoch:
+        renewed = None  # Redis says another incarnation: a later join, or one rolled back; the row decides
+    if renewed is None:
+        # expired and removed a moment ago, Redis lost the session, or another epoch: the row decides
         with transaction.atomic():
             group = lock_group(group_id)
             member = group.members.filter(member_id=member_id).first() if group else None
             if member is None:
                 raise MemberNotFound(no_member(group_id, member_id))
+            incarnations.check_epoch(member, member_epoch)
             put_session(member, now_ms)
     rows = member_rows(member)
+    # a partition it will own may be held for a fenced incarnation: hand it over once the hold ended
+    waiting = any(owner_id is None and target_id == member.pk for _t, _n, owner_id, target_id, _g in rows)
+    if waiting and incarnations.release_due(member, now) and incarnations.release_in_group(group_id, now):
+        rows = member_rows(member)
     must_release = any(
         owner_id == member.pk and target_id != member.pk and target_gen <= generation
         for _t, _n, owner_id, target_id, target_gen in rows
     )
     if must_release or member.acked_generation < generation <= member.group.generation:
-        acknowledge(group_id, member_id, generation)
+        acknowledge(group_id, member_id, generation, member_epoch)
         member = GroupMember.objects.select_related("group").filter(group_id=group_id, member_id=member_id).first()
         if member is None:
             raise MemberNotFound(no_member(group_id, member_id))
@@ -148,14 +208,17 @@ def heartbeat(group_id: str, member_id: str, generation: int, actor: ApiToken, n
     return assignment_of(member.group, member, rows)
 
 
-def acknowledge(group_id: str, member_id: str, generation: int) -> int:
-    """The member confirms ``generation``: hand over what it was revoking up to that generation.
+def acknowledge(group_id: str, member_id: str, generation: int, member_epoch: int | None = None) -> int:
+    """Incarnation ``member_epoch`` confirms ``generation``: hand over what it was revoking up to that
+    generation. Another incarnation's epoch is refused (FencedMemberEpoch).
 
     A generation ahead of the group's is not applied. Returns how many partitions changed hands.
     """
     with transaction.atomic():
         group = lock_group(group_id)
         member = group.members.filter(member_id=member_id).first() if group else None
+        if member is not None:
+            incarnations.check_epoch(member, member_epoch)
         if group is None or member is None or generation > group.generation:
             return 0
         if generation > member.acked_generation:

@@ -48,6 +48,9 @@ class ServiceGroup(models.Model):
     )
     state = models.CharField(max_length=16, choices=GroupState.choices, default=GroupState.EMPTY)
     topics = models.JSONField(default=list, blank=True, help_text="Topics some member subscribes to.")
+    member_epochs = models.PositiveBigIntegerField(
+        default=0, help_text="The last member epoch handed out in this group: each join takes the next one."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -67,6 +70,12 @@ class GroupMember(models.Model):
     session_timeout = models.PositiveIntegerField(default=30, help_text="Seconds a member heartbeat keeps it.")
     joined_at = models.DateTimeField()
     acked_generation = models.PositiveBigIntegerField(default=0, help_text="Latest generation the member confirmed.")
+    member_epoch = models.PositiveBigIntegerField(
+        default=0, help_text="The current incarnation (Kafka's KIP-848 member epoch): every join takes a new one."
+    )
+    static = models.BooleanField(
+        default=False, help_text="Joined as a static member: a join with its id fences the live incarnation."
+    )
     owner = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="memberships")
 
     class Meta:
@@ -87,12 +96,18 @@ class Partition(models.Model):
     target_generation = models.PositiveBigIntegerField(
         default=0, help_text="Generation that chose the target; the owner releases on confirming it."
     )
+    held_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A fenced incarnation may consume it until then: owned by nobody, handed to its target after.",
+    )
 
     class Meta:
         ordering = ["group_id", "topic", "number"]
         constraints = [
             models.UniqueConstraint(fields=["group", "topic", "number"], name="unique_partition_per_group"),
         ]
+        indexes = [models.Index(fields=["held_until"], name="partition_held_until_idx")]
 
 
 class RebalanceEvent(models.Model):

@@ -69,7 +69,8 @@ def rebalance(
 
     rows = {(p.topic, p.number): p for p in group.partitions.all()}
     wanted = set(assignor.all_partitions(sizes, subscribed))
-    stale = [p.pk for key, p in rows.items() if key not in wanted]
+    # a held partition (groups.incarnations) outlives its topic's subscription until its hold ends
+    stale = [p.pk for key, p in rows.items() if key not in wanted and not _held(p, now)]
     if stale:
         Partition.objects.filter(pk__in=stale).delete()
     new_keys = wanted - rows.keys()
@@ -87,11 +88,11 @@ def rebalance(
         if row.target_id != new_target:
             moved += key not in new_keys
             row.target_id, row.target_generation, dirty = new_target, generation, True
-        if row.owner_id is None and row.target_id is not None:
-            row.owner_id, dirty = row.target_id, True  # nobody to revoke from: assign at once
+        if row.owner_id is None and row.target_id is not None and not _held(row, now):
+            row.owner_id, row.held_until, dirty = row.target_id, None, True  # nobody to revoke from: assign at once
         if dirty:
             changed.append(row)
-    Partition.objects.bulk_update(changed, ["owner", "target", "target_generation"], batch_size=1000)
+    Partition.objects.bulk_update(changed, ["owner", "target", "target_generation", "held_until"], batch_size=1000)
 
     group.generation = generation
     group.version += 1
@@ -118,6 +119,11 @@ def rebalance(
         event.partitions_moved,
     )
     return event
+
+
+def _held(row: Partition, now: datetime) -> bool:
+    """A fenced incarnation may still be consuming it (groups.incarnations): no owner until then."""
+    return row.held_until is not None and row.held_until >= now
 
 
 def force_rebalance(group_id: str, now: datetime) -> RebalanceEvent:

@@ -30,10 +30,49 @@ class JoinSerializer(serializers.Serializer):
     service_name = identifier_field()
     topics = serializers.ListField(child=identifier_field(), min_length=1, max_length=100)
     session_timeout = serializers.IntegerField(min_value=1, max_value=3600, required=False, default=30)
+    static = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="A static member id (Kafka's group.instance.id): this join fences the id's live incarnation "
+        "instead of being refused with 409 member_id_in_use; its partitions follow once the old session ends.",
+    )
+
+
+def member_epoch_field(**kwargs: Any) -> serializers.IntegerField:
+    return serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_GENERATION,
+        help_text="The member_epoch the join answered: the incarnation this request is from.",
+        **kwargs,
+    )
 
 
 class MemberHeartbeatSerializer(serializers.Serializer):
     generation = serializers.IntegerField(min_value=0, max_value=MAX_GENERATION)
+    member_epoch = member_epoch_field()
+
+
+class LeaveSerializer(serializers.Serializer):
+    """The query of DELETE /groups/{g}/members/{m}/: ``member_epoch`` (required unless staff)."""
+
+    member_epoch = member_epoch_field(required=False)
+
+
+class ConflictSerializer(serializers.Serializer):
+    """A 409: ``code`` says which conflict, for machines."""
+
+    code = serializers.ChoiceField(
+        choices=["fenced_member_epoch", "member_id_in_use"],
+        help_text="fenced_member_epoch: the request's member_epoch is not the member's current incarnation (stop "
+        "consuming, join again); member_id_in_use: a dynamic join named a member id that is live.",
+    )
+    detail = serializers.CharField()
+    member_epoch = serializers.IntegerField(
+        required=False, help_text="fenced_member_epoch: the current incarnation's epoch (for diagnosis only)."
+    )
+    session_expires_at = serializers.DateTimeField(
+        required=False, help_text="member_id_in_use: when the live incarnation's session ends unless renewed."
+    )
 
 
 class PartitionMapField(serializers.DictField):
@@ -49,6 +88,9 @@ class PartitionAssignmentSerializer(serializers.Serializer):
         help_text="Owned partitions it must give up: confirm the generation to hand them over."
     )
     pending = PartitionMapField(help_text="Partitions it will own once their current owner gives them up.")
+    member_epoch = serializers.IntegerField(
+        help_text="The member's current incarnation: every heartbeat, ack, socket and leave must carry it."
+    )
 
 
 class MemberSerializer(PartitionAssignmentSerializer):
@@ -58,6 +100,7 @@ class MemberSerializer(PartitionAssignmentSerializer):
     session_timeout = serializers.IntegerField()
     session_expires_at = serializers.DateTimeField(allow_null=True)
     acked_generation = serializers.IntegerField()
+    static = serializers.BooleanField()
 
 
 class GroupSerializer(serializers.Serializer):
@@ -81,6 +124,7 @@ def group_body(group: Any, views: dict[str, Any], sessions: dict[tuple[str, str]
                 "session_timeout": member.session_timeout,
                 "session_expires_at": sessions.get((group.group_id, member.member_id)),
                 "acked_generation": member.acked_generation,
+                "static": member.static,
             }
         )
     return GroupSerializer(

@@ -12,14 +12,17 @@ from registry import outage
 from registry.leadership import guard_for, run_as_leader
 from registry.leases import Guard
 
-from . import expiry
+from . import expiry, incarnations
 
 
 def expire_once(guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
-    """One expiry run: grace after any Redis outage or restart, then remove one batch of expired members."""
+    """One expiry run: grace after any Redis outage or restart, remove one batch of expired members, then
+    hand over the partitions whose fenced incarnation's session has ended."""
     now = timezone.now()
     outage.ensure_continuity(now, guard)
-    return expiry.expire_members(now, settings.REGISTRY_CLEANUP_BATCH, guard)
+    removed = expiry.expire_members(now, settings.REGISTRY_CLEANUP_BATCH, guard)
+    incarnations.release_lapsed_holds(now, settings.REGISTRY_CLEANUP_BATCH, guard)
+    return removed
 
 
 @shared_task(name="groups.expire_members", ignore_result=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,8 +18,10 @@ from . import membership, topics
 from .assignments import assignment_of, member_views, no_member
 from .models import ServiceGroup, Topic
 from .serializers import (
+    ConflictSerializer,
     GroupSerializer,
     JoinSerializer,
+    LeaveSerializer,
     MemberHeartbeatSerializer,
     PartitionAssignmentSerializer,
     TopicPutSerializer,
@@ -34,6 +36,11 @@ _ERRORS = {
     403: error("The token did not create this member (or group) and is not staff."),
     404: error("No such group or member (rejoin)."),
 }
+FENCED = OpenApiResponse(
+    ConflictSerializer,
+    description="code fenced_member_epoch: member_epoch is not the member's current incarnation (a later join "
+    "fenced it). Nothing was changed; stop consuming and join again.",
+)
 
 
 class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -100,6 +107,11 @@ class GroupMembersView(APIView):
             200: PartitionAssignmentSerializer,
             400: _ERRORS[400],
             403: error("The group belongs to another token, or member_id was joined by another token."),
+            409: OpenApiResponse(
+                ConflictSerializer,
+                description="code member_id_in_use: member_id is live under another incarnation and the join is "
+                "not static. Nothing was changed.",
+            ),
         },
     )
     def post(self, request: Request, group_id: str) -> Response:
@@ -115,6 +127,7 @@ class GroupMembersView(APIView):
             request.user,
             timezone.now(),
             session_timeout=data["session_timeout"],
+            static=data["static"],
         )
         return Response(assignment.as_dict(), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -134,10 +147,35 @@ class GroupMemberView(APIView):
         return Response(assignment_of(group, member).as_dict())
 
     @extend_schema(
-        summary="Leave a group", responses={204: None, 401: _ERRORS[401], 403: _ERRORS[403], 404: _ERRORS[404]}
+        summary="Leave a group",
+        description="The incarnation ?member_epoch=N leaves (required, except for staff tokens, which remove "
+        "whichever incarnation is current: an operator's removal).",
+        parameters=[
+            OpenApiParameter(
+                "member_epoch",
+                int,
+                OpenApiParameter.QUERY,
+                description="The member_epoch the join answered. Required unless the token is staff.",
+            )
+        ],
+        responses={
+            204: None,
+            400: bad_request("member_epoch is missing (not staff) or not an integer 1..2^63-1."),
+            401: _ERRORS[401],
+            403: _ERRORS[403],
+            404: _ERRORS[404],
+            409: FENCED,
+        },
     )
     def delete(self, request: Request, group_id: str, member_id: str) -> Response:
-        membership.leave(group_id, member_id, request.user, timezone.now())
+        incoming = LeaveSerializer(data=request.query_params)
+        incoming.is_valid(raise_exception=True)
+        member_epoch = incoming.validated_data.get("member_epoch")
+        if member_epoch is None and not request.user.is_staff:
+            raise exceptions.ValidationError(
+                {"member_epoch": ["This query parameter is required: the member_epoch your join answered."]}
+            )
+        membership.leave(group_id, member_id, request.user, timezone.now(), member_epoch=member_epoch)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -146,16 +184,18 @@ class GroupMemberHeartbeatView(APIView):
 
     @extend_schema(
         summary="Member heartbeat",
-        description="Keeps the member's session and confirms the generation it has seen (handing over what it "
-        "was revoking). Answers with the current assignment; 404 once the member is gone (join again).",
+        description="Keeps the session of the incarnation member_epoch and confirms the generation it has "
+        "finished revoking for (handing over what it was revoking). Answers with the current assignment; 409 "
+        "for another incarnation's member_epoch; 404 once the member is gone (join again).",
         request=MemberHeartbeatSerializer,
-        responses={200: PartitionAssignmentSerializer, **_ERRORS},
+        responses={200: PartitionAssignmentSerializer, **_ERRORS, 409: FENCED},
     )
     def post(self, request: Request, group_id: str, member_id: str) -> Response:
         incoming = MemberHeartbeatSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
         assignment = membership.heartbeat(
-            group_id, member_id, incoming.validated_data["generation"], request.user, timezone.now()
+            group_id, member_id, data["generation"], data["member_epoch"], request.user, timezone.now()
         )
         return Response(assignment.as_dict())
 

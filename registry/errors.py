@@ -8,3 +8,17 @@ class NotFound(Exception):
 
 class Forbidden(Exception):
     """The token may not change this: it did not create it and is not staff."""
+
+
+class Conflict(Exception):
+    """The request conflicts with the current state (409). ``code`` names the case for machines;
+    ``extra`` adds fields to the body ``{"code", "detail", ...}``."""
+
+    code = "conflict"
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(detail)
+        self.extra = extra
+
+    def body(self) -> dict[str, object]:
+        return {"code": self.code, "detail": str(self), **self.extra}

@@ -1,5 +1,6 @@
-"""API error responses beyond DRF's own: domain NotFound/Forbidden errors of every app become 404/403 with
-their message, and an unreachable lease store or database is a 503 the client may retry."""
+"""API error responses beyond DRF's own: domain NotFound/Forbidden/Conflict errors of every app become
+404/403/409 with their message (a 409 also with its machine-readable ``code``), and an unreachable lease
+store or database is a 503 the client may retry."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 from . import outage
-from .errors import Forbidden, NotFound
+from .errors import Conflict, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         # Not reachable, or (SQLite) locked for longer than its timeout: the transaction was rolled back.
         log.error("database unavailable during %s: %s", context.get("view").__class__.__name__, exc)
         return Response({"detail": "Database unavailable; retry shortly."}, status=503, headers={"Retry-After": "1"})
+    if isinstance(exc, Conflict):
+        return Response(exc.body(), status=409)
     if isinstance(exc, NotFound):
         exc = exceptions.NotFound(str(exc))
     elif isinstance(exc, Forbidden):

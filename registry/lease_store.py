@@ -81,6 +81,7 @@ class Keys:
 
     sessions: str
     timeouts: str
+    epochs: str
     member_prefix: str
     sessions_built: str
 
@@ -123,6 +124,7 @@ def _keys(p: str) -> Keys:
         counters=f"{p}counter",
         sessions=f"{p}member:session",
         timeouts=f"{p}member:timeout",
+        epochs=f"{p}member:epoch",
         member_prefix=f"{p}member:groups:",
         sessions_built=f"{p}member:built",
     )
@@ -314,12 +316,38 @@ def counters(r: redis.Redis, names: Iterable[str]) -> dict[str, int]:
 # --- member sessions ---------------------------------------------------------------------
 # A session is keyed "<group_id>/<member_id>" ('/' never appears in an identifier).
 
+# Renew only the incarnation the session belongs to (groups.incarnations): a stale member epoch
+# renews nothing. No session, or no epoch recorded (a session restored by reconcile): false, and
+# the database decides. KEYS: sessions, timeouts, epochs. ARGV: session, now_ms, member_epoch.
 RENEW_SESSION_LUA = """
 local timeout = redis.call('HGET', KEYS[2], ARGV[1])
 if not timeout then return false end
+local epoch = redis.call('HGET', KEYS[3], ARGV[1])
+if not epoch then return false end
+if epoch ~= ARGV[3] then return 'FENCED' end
 local deadline = tonumber(ARGV[2]) + tonumber(timeout)
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline)
+"""
+
+# A join's session: a new member's, or a new incarnation of a member that has a row. For a row,
+# the previous incarnation's deadline is read and replaced in one step, so no renewal can slip in
+# between; a row without a session counts as live until ARGV[7] (one timeout from now). A dynamic
+# join ('dynamic') of a member whose session has not run out changes nothing and answers LIVE.
+# KEYS: sessions, timeouts, epochs, the member's groups. ARGV: session, now_ms, deadline_ms,
+# timeout_ms, member_epoch, mode (new | dynamic | static), unknown_deadline_ms, group_id.
+TAKE_SESSION_LUA = """
+local old = false
+if ARGV[6] ~= 'new' then
+  old = redis.call('ZSCORE', KEYS[1], ARGV[1]) or ARGV[7]
+  if ARGV[6] == 'dynamic' and tonumber(old) >= tonumber(ARGV[2]) then return {'LIVE', tostring(old)} end
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+redis.call('SADD', KEYS[4], ARGV[8])
+if old then return {'OK', tostring(old)} end
+return {'OK', ''}
 """
 
 REMOVE_EXPIRED_SESSIONS_LUA = """
@@ -330,6 +358,7 @@ for i, session in ipairs(ARGV) do
     if (not score) or tonumber(score) < tonumber(ARGV[1]) then
       redis.call('ZREM', KEYS[1], session)
       redis.call('HDEL', KEYS[2], session)
+      redis.call('HDEL', KEYS[4], session)
       local group, member = string.match(session, '^(.*)/(.*)$')
       redis.call('SREM', KEYS[3] .. member, group)
       table.insert(removed, session)
@@ -357,12 +386,15 @@ def put_session(
     timeout_seconds: int,
     deadline_ms: int,
     only_if_absent: bool = False,
+    member_epoch: int | None = None,
 ) -> None:
     k = keys()
     key = session_key(group_id, member_id)
     pipe = r.pipeline(transaction=True)
     pipe.zadd(k.sessions, {key: deadline_ms}, nx=only_if_absent)
     pipe.hset(k.timeouts, key, timeout_seconds * 1000)
+    if member_epoch is not None:
+        pipe.hset(k.epochs, key, member_epoch)
     pipe.sadd(k.member_groups(member_id), group_id)
     pipe.execute()
 
@@ -373,15 +405,57 @@ def remove_session(r: redis.Redis, group_id: str, member_id: str) -> None:
     pipe = r.pipeline(transaction=True)
     pipe.zrem(k.sessions, key)
     pipe.hdel(k.timeouts, key)
+    pipe.hdel(k.epochs, key)
     pipe.srem(k.member_groups(member_id), group_id)
     pipe.execute()
 
 
-def renew_session(r: redis.Redis, group_id: str, member_id: str, now_ms: int) -> int | None:
-    """Move the session's deadline to now + its timeout; None if there is no such session."""
+class StaleEpoch(Exception):
+    """The session belongs to another incarnation (member epoch) of the member."""
+
+
+def renew_session(r: redis.Redis, group_id: str, member_id: str, now_ms: int, member_epoch: int) -> int | None:
+    """Move the session's deadline to now + its timeout if ``member_epoch`` is the session's; None if
+    there is no such session (or it records no epoch). StaleEpoch if it belongs to another incarnation."""
     k = keys()
-    deadline = r.eval(RENEW_SESSION_LUA, 2, k.sessions, k.timeouts, session_key(group_id, member_id), now_ms)
+    key = session_key(group_id, member_id)
+    deadline = r.eval(RENEW_SESSION_LUA, 3, k.sessions, k.timeouts, k.epochs, key, now_ms, member_epoch)
+    if deadline == b"FENCED":
+        raise StaleEpoch(key)
     return int(deadline) if deadline is not None else None
+
+
+def take_session(
+    r: redis.Redis,
+    group_id: str,
+    member_id: str,
+    *,
+    now_ms: int,
+    timeout_seconds: int,
+    member_epoch: int,
+    mode: str,
+    unknown_deadline_ms: int = 0,
+) -> tuple[bool, int | None]:
+    """Start the session of a join's incarnation (TAKE_SESSION_LUA). Returns (taken, previous deadline):
+    taken False (nothing changed) when ``mode`` is 'dynamic' and the previous session is still live."""
+    k = keys()
+    status, previous = r.eval(
+        TAKE_SESSION_LUA,
+        4,
+        k.sessions,
+        k.timeouts,
+        k.epochs,
+        k.member_groups(member_id),
+        session_key(group_id, member_id),
+        now_ms,
+        now_ms + timeout_seconds * 1000,
+        timeout_seconds * 1000,
+        member_epoch,
+        mode,
+        unknown_deadline_ms,
+        group_id,
+    )
+    return status == b"OK", int(float(previous)) if previous else None
 
 
 def session_deadlines(r: redis.Redis, sessions: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -402,10 +476,11 @@ def remove_expired_sessions(r: redis.Redis, sessions: Sequence[tuple[str, str]],
     k = keys()
     removed = r.eval(
         REMOVE_EXPIRED_SESSIONS_LUA,
-        3,
+        4,
         k.sessions,
         k.timeouts,
         k.member_prefix,
+        k.epochs,
         now_ms,
         *[session_key(g, m) for g, m in sessions],
     )

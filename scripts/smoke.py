@@ -93,7 +93,8 @@ def check_stack(api: Api, clone: Path, env: dict[str, str], port: int) -> None:
     beat = api.expect("POST", "/api/v1/services/smoke-1/heartbeat/", (200,), {"health": "healthy"})
     step(f"heartbeat: 200 {beat}")
 
-    join = {"member_id": "smoke-1", "service_name": "smoke", "topics": ["smoke-topic"]}
+    # static: a rerun fences the previous run's incarnation instead of being refused while it is live
+    join = {"member_id": "smoke-1", "service_name": "smoke", "topics": ["smoke-topic"], "static": True}
     member = api.expect("POST", "/api/v1/groups/smoke-group/members/", (200, 201), join)
     owned = member.get("assigned_partitions", {}).get("smoke-topic", []) + member.get("pending", {}).get(
         "smoke-topic", []

@@ -41,36 +41,42 @@ def test_concurrent_joins_and_leaves_keep_generations_sequential_and_owners_uniq
         rng = random.Random(n)
         client = client_for(key)
         member_id = f"m{n}"
+        epoch = None  # the incarnation this thread is, while it is a member
         try:
             while time.monotonic() < stop_at:
-                joined = client.post(
-                    "/api/v1/groups/g1/members/",
-                    {"member_id": member_id, "service_name": "c", "topics": ["orders"]},
-                    format="json",
-                )
-                if joined.status_code not in (200, 201):
-                    failures.append(f"join {joined.status_code} {joined.content!r}")
-                    return
-                generation = joined.json()["generation"]
+                if epoch is None:
+                    joined = client.post(
+                        "/api/v1/groups/g1/members/",
+                        {"member_id": member_id, "service_name": "c", "topics": ["orders"]},
+                        format="json",
+                    )
+                    if joined.status_code not in (200, 201):
+                        failures.append(f"join {joined.status_code} {joined.content!r}")
+                        return
+                    generation, epoch = joined.json()["generation"], joined.json()["member_epoch"]
                 for _ in range(rng.randint(1, 4)):
                     beat = client.post(
-                        f"/api/v1/groups/g1/members/{member_id}/heartbeat/", {"generation": generation}, format="json"
+                        f"/api/v1/groups/g1/members/{member_id}/heartbeat/",
+                        {"generation": generation, "member_epoch": epoch},
+                        format="json",
                     )
                     if beat.status_code != 200:
                         failures.append(f"heartbeat {beat.status_code}")
                         return
                     generation = beat.json()["generation"]
                 if rng.random() < 0.7 and time.monotonic() < stop_at:
-                    left = client.delete(f"/api/v1/groups/g1/members/{member_id}/")
+                    left = client.delete(f"/api/v1/groups/g1/members/{member_id}/?member_epoch={epoch}")
                     if left.status_code != 204:
                         failures.append(f"leave {left.status_code}")
                         return
+                    epoch = None
             # finish as a member, so the final state has members to balance
-            client.post(
-                "/api/v1/groups/g1/members/",
-                {"member_id": member_id, "service_name": "c", "topics": ["orders"]},
-                format="json",
-            )
+            if epoch is None:
+                client.post(
+                    "/api/v1/groups/g1/members/",
+                    {"member_id": member_id, "service_name": "c", "topics": ["orders"]},
+                    format="json",
+                )
         except Exception as exc:  # noqa: BLE001 - reported below
             failures.append(repr(exc))
         finally:
@@ -116,8 +122,9 @@ def test_concurrent_joins_and_leaves_keep_generations_sequential_and_owners_uniq
 
     # every member confirms the final generation; then all 24 partitions are owned, evenly
     client = client_for(key)
-    for m in group.members.values_list("member_id", flat=True):
-        client.post(f"/api/v1/groups/g1/members/{m}/heartbeat/", {"generation": group.generation}, format="json")
+    for m, epoch in group.members.values_list("member_id", "member_epoch"):
+        body = {"generation": group.generation, "member_epoch": epoch}
+        client.post(f"/api/v1/groups/g1/members/{m}/heartbeat/", body, format="json")
     body = client.get("/api/v1/groups/g1/").json()
     seen = owners_by_partition(body)
     assert sorted(seen) == [("orders", n) for n in range(PARTITIONS)]

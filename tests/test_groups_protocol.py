@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 
-from groups.models import RebalanceEvent, ServiceGroup, Topic
+from groups.models import GroupMember, RebalanceEvent, ServiceGroup, Topic
 from groups.tasks import expire_once
 from tests.conftest import client_for, service_body
 
@@ -21,8 +21,19 @@ def join(api, member_id, topics=("orders",), group="g1", **extra):
     return api.post(f"/api/v1/groups/{group}/members/", body, format="json")
 
 
+def current_epoch(member_id, group="g1"):
+    """The member's current incarnation (tests of incarnations are in tests/test_member_epochs.py)."""
+    epoch = GroupMember.objects.filter(group_id=group, member_id=member_id).values_list("member_epoch", flat=True)
+    return epoch.first() or 1
+
+
 def beat(api, member_id, generation, group="g1"):
-    return api.post(f"/api/v1/groups/{group}/members/{member_id}/heartbeat/", {"generation": generation}, format="json")
+    body = {"generation": generation, "member_epoch": current_epoch(member_id, group)}
+    return api.post(f"/api/v1/groups/{group}/members/{member_id}/heartbeat/", body, format="json")
+
+
+def leave(api, member_id, group="g1"):
+    return api.delete(f"/api/v1/groups/{group}/members/{member_id}/?member_epoch={current_epoch(member_id, group)}")
 
 
 def owned_everywhere(api, group="g1"):
@@ -59,6 +70,7 @@ def test_three_members_join_one_after_another(api, orders):
         "revoking": {},
         "pending": {},
         "version": 1,
+        "member_epoch": 1,
     }
 
     second = join(api, "m2").json()
@@ -108,7 +120,7 @@ def test_a_leaving_members_partitions_go_to_the_others_and_nothing_else_moves(ap
         settle(api, ["m1", "m2", "m3"][: int(m[1])])
     _, before = owned_everywhere(api)
 
-    assert api.delete("/api/v1/groups/g1/members/m2/").status_code == 204
+    assert leave(api, "m2").status_code == 204
     body, after = owned_everywhere(api)
     assert body["generation"] == 4
     assert sorted(after) == [("orders", n) for n in range(12)]  # nobody to revoke from: handed over at once
@@ -177,10 +189,11 @@ def test_growing_a_topic_rebalances_its_groups_and_shrinking_is_400(api, orders)
     assert api.get("/api/v1/topics/orders/").json()["partitions"] == 16
 
 
-def test_rejoin_with_the_same_topics_keeps_the_generation(api, orders):
-    join(api, "m1")
-    again = join(api, "m1")
-    assert again.status_code == 200 and again.json()["generation"] == 1
+def test_a_static_rejoin_with_the_same_topics_keeps_the_generation(api, orders):
+    join(api, "m1", static=True)
+    again = join(api, "m1", static=True)
+    assert again.status_code == 200
+    assert (again.json()["generation"], again.json()["member_epoch"]) == (1, 2)
 
 
 def test_a_service_heartbeat_renews_the_membership_of_the_same_id(api, owner, orders):
@@ -229,13 +242,14 @@ def test_other_validation_and_ownership_rules(api, make_token, orders):
     join(api, "m1")
     assert beat(api, "m1", -1).status_code == 400
     assert api.post("/api/v1/groups/g1/members/m1/heartbeat/", {}, format="json").json() == {
-        "generation": ["This field is required."]
+        "generation": ["This field is required."],
+        "member_epoch": ["This field is required."],
     }
     assert api.put("/api/v1/topics/t2/", {"partitions": 0}, format="json").status_code == 400
     assert api.put("/api/v1/topics/t2/", {"partitions": 10001}, format="json").status_code == 400
     _, other_key = make_token("other")
     other = client_for(other_key)
-    assert other.delete("/api/v1/groups/g1/members/m1/").status_code == 403
+    assert other.delete("/api/v1/groups/g1/members/m1/?member_epoch=1").status_code == 403
     assert beat(other, "m1", 1).status_code == 403
     assert join(other, "m1").status_code == 403
     assert other.get("/api/v1/groups/g1/members/m1/").status_code == 200
@@ -278,6 +292,7 @@ def test_group_and_member_reads(api, orders):
         "revoking": {},
         "pending": {},
         "version": 1,
+        "member_epoch": 1,
     }
     assert api.get("/api/v1/groups/g1/members/nobody/").status_code == 404
     assert api.get("/api/v1/groups/nope/").status_code == 404

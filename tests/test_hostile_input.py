@@ -140,8 +140,14 @@ def test_a_join_refuses_hostile_values_naming_the_field(world, field, value):
 
 @pytest.mark.parametrize("generation", [2**63, 10**40, "9" * 5000, -1, True], ids=str)
 def test_a_member_heartbeat_refuses_generations_no_column_can_hold(world, generation):
-    body = raw_json({"generation": generation})
+    body = raw_json({"generation": generation, "member_epoch": 1})
     assert_refused(world, "POST", "/api/v1/groups/g1/members/m1/heartbeat/", body, "generation")
+
+
+@pytest.mark.parametrize("member_epoch", [2**63, 10**40, "9" * 5000, 0, -1, True], ids=str)
+def test_a_member_heartbeat_refuses_epochs_no_column_can_hold(world, member_epoch):
+    body = raw_json({"generation": 0, "member_epoch": member_epoch})
+    assert_refused(world, "POST", "/api/v1/groups/g1/members/m1/heartbeat/", body, "member_epoch")
 
 
 @pytest.mark.parametrize("partitions", [10**30, "9" * 5000, 0], ids=str)
@@ -200,7 +206,7 @@ VALID_BODIES = {
     ("POST", "/api/v1/services/"): service_body("svc-2", group_id="g", lease_duration=5, weight=1, health="healthy"),
     ("POST", "/api/v1/services/svc-1/heartbeat/"): {"health": "healthy"},
     ("POST", "/api/v1/groups/g1/members/"): {"member_id": "m2", "service_name": "c", "topics": ["orders"]},
-    ("POST", "/api/v1/groups/g1/members/m1/heartbeat/"): {"generation": 0},
+    ("POST", "/api/v1/groups/g1/members/m1/heartbeat/"): {"generation": 0, "member_epoch": 1},
     ("PUT", "/api/v1/topics/orders/"): {"partitions": 20},
 }
 
@@ -314,7 +320,10 @@ WS_PATHS = {
     "root": ("/", 4404, None),
     "group_id with a newline": ("/ws/groups/g1%0A/", 4400, "group_id"),
     "group_id too long": ("/ws/groups/" + "g" * 129 + "/", 4400, "group_id"),
-    "member_id with NUL": ("/ws/groups/g1/members/m1%00/", 4400, "member_id"),
+    "member_id with NUL": ("/ws/groups/g1/members/m1%00/?member_epoch=1", 4400, "member_id"),
+    "no member_epoch": ("/ws/groups/g1/members/m1/", 4400, "member_epoch"),
+    "member_epoch of 5,000 digits": ("/ws/groups/g1/members/m1/?member_epoch=" + "9" * 5000, 4400, "member_epoch"),
+    "member_epoch 0": ("/ws/groups/g1/members/m1/?member_epoch=0", 4400, "member_epoch"),
     "watched name with a newline": ("/ws/services/?name=kafka-source%0A", 4400, "name"),
 }
 
@@ -337,7 +346,7 @@ def test_a_websocket_to_a_bad_path_gets_an_error_and_a_close_code(world, path, c
 
 
 async def member_socket(key: str) -> WebsocketCommunicator:
-    communicator = WebsocketCommunicator(application, f"/ws/groups/g1/members/m1/?token={key}")
+    communicator = WebsocketCommunicator(application, f"/ws/groups/g1/members/m1/?member_epoch=1&token={key}")
     ok, _ = await communicator.connect(timeout=5)
     assert ok
     assert (await communicator.receive_json_from(timeout=5))["type"] == "member.assignment"

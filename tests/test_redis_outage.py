@@ -65,7 +65,9 @@ def join(api, member_id: str) -> None:
 
 
 def member_beat(api, member_id: str) -> int:
-    response = api.post(f"/api/v1/groups/g1/members/{member_id}/heartbeat/", {"generation": 0}, format="json")
+    epoch = GroupMember.objects.filter(group_id="g1", member_id=member_id).values_list("member_epoch", flat=True)
+    body = {"generation": 0, "member_epoch": epoch.first() or 1}
+    response = api.post(f"/api/v1/groups/g1/members/{member_id}/heartbeat/", body, format="json")
     return response.status_code
 
 

@@ -96,14 +96,20 @@ def test_group_stream_sends_current_state_then_each_new_generation_in_order(owne
         first = await connected(communicator)
         assert first["generation"] == 1
         assert first["members"] == [
-            {"member_id": "m1", "assigned_partitions": {"orders": list(range(12))}, "revoking": {}, "pending": {}}
+            {
+                "member_id": "m1",
+                "assigned_partitions": {"orders": list(range(12))},
+                "revoking": {},
+                "pending": {},
+                "member_epoch": 1,
+            }
         ]
         await call(join, key, "m2")
         second = await communicator.receive_json_from(timeout=5)
         assert second["generation"] == 2 and second["state"] == "reconciling"
         owned = [p for m in second["members"] for p in m["assigned_partitions"].get("orders", [])]
         assert sorted(owned) == list(range(12))  # m1 still owns all: none shown twice
-        await call(client_for(key).delete, "/api/v1/groups/g1/members/m2/")
+        await call(client_for(key).delete, "/api/v1/groups/g1/members/m2/?member_epoch=2")
         third = await communicator.receive_json_from(timeout=5)
         assert third["generation"] == 3 and [m["member_id"] for m in third["members"]] == ["m1"]
         await communicator.disconnect()
@@ -118,11 +124,11 @@ def test_member_stream_and_acks_over_the_socket(owner):
     join(key, "m2")
 
     async def scenario() -> None:
-        m1 = socket("/ws/groups/g1/members/m1/", key)
+        m1 = socket("/ws/groups/g1/members/m1/?member_epoch=1", key)
         state = await connected(m1)
         assert state["type"] == "member.assignment" and state["generation"] == 2
         assert len(state["revoking"]["orders"]) == 6
-        m2 = socket("/ws/groups/g1/members/m2/", key)
+        m2 = socket("/ws/groups/g1/members/m2/?member_epoch=2", key)
         assert (await connected(m2))["pending"] == {"orders": list(range(6, 12))}
 
         await m1.send_json_to({"type": "ack", "generation": 2})  # counts as m1's heartbeat for generation 2
@@ -141,7 +147,7 @@ def test_bad_messages_get_an_error_and_the_connection_survives(owner):
     join(key, "m1")
 
     async def scenario() -> None:
-        communicator = socket("/ws/groups/g1/members/m1/", key)
+        communicator = socket("/ws/groups/g1/members/m1/?member_epoch=1", key)
         await connected(communicator)
         await communicator.send_to(text_data="{not json")
         assert "malformed JSON" in (await communicator.receive_json_from(timeout=5))["detail"]
@@ -164,10 +170,10 @@ def test_unknown_member_and_other_owners_acks(owner, make_token):
     _, other = make_token("other")
 
     async def scenario() -> None:
-        missing = socket("/ws/groups/g1/members/nobody/", key)
+        missing = socket("/ws/groups/g1/members/nobody/?member_epoch=1", key)
         assert (await connected(missing))["type"] == "error"
         assert await missing.receive_output(timeout=5) == {"type": "websocket.close", "code": 4404}
-        intruder = socket("/ws/groups/g1/members/m1/", other)
+        intruder = socket("/ws/groups/g1/members/m1/?member_epoch=1", other)
         await connected(intruder)  # reading is allowed to every token
         await intruder.send_json_to({"type": "ack", "generation": 1})
         assert "another token" in (await intruder.receive_json_from(timeout=5))["detail"]
@@ -245,7 +251,7 @@ def test_messages_are_ordered_by_generation_then_version(owner):
     join(key, "m2")
 
     async def scenario() -> None:
-        m2 = socket("/ws/groups/g1/members/m2/", key)
+        m2 = socket("/ws/groups/g1/members/m2/?member_epoch=2", key)
         state = await connected(m2)
         assert (state["generation"], state["version"]) == (2, 2)
         layer = get_channel_layer()

@@ -45,7 +45,7 @@ def test_join_and_leave_reach_subscribers_of_both_servers_in_order(servers, key)
                 "/api/v1/groups/g1/members/",
                 json={"member_id": "m2", "service_name": "c", "topics": ["orders"]},
             )
-            await asyncio.to_thread(rest.delete, "/api/v1/groups/g1/members/m1/")
+            await asyncio.to_thread(rest.delete, "/api/v1/groups/g1/members/m1/?member_epoch=1")
 
         await change()
         for name, ws in (("a", ws_a), ("b", ws_b)):
