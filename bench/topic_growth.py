@@ -3,6 +3,9 @@ HTTP on a running server, while a registration (POST /api/v1/services/) and a jo
 group are each issued every ~50 ms. Prints the time of the growth request and the longest wait of a
 registration and of a join issued while it ran.
 
+The growth request goes to a server process of its own (as behind a load balancer), so the waits
+measured are waits for locks, not for the same process's thread that runs synchronous views.
+
     .venv/bin/python bench/topic_growth.py [--partitions 10000] [--groups 3] [--members 5]
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/<db> .venv/bin/python bench/topic_growth.py
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Stack
+from bench.common import Stack, free_port, start_server
 
 
 def prober(url: str, token: str, kind: str, stop: threading.Event, waits: list[tuple[float, float, int]]) -> None:
@@ -49,7 +52,7 @@ def prober(url: str, token: str, kind: str, stop: threading.Event, waits: list[t
             time.sleep(max(0.0, 0.05 - waited))
 
 
-def run(url: str, token: str, partitions: int, groups: int, members: int) -> dict[str, float]:
+def run(url: str, grow_url: str, token: str, partitions: int, groups: int, members: int) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
         client.put("/api/v1/topics/big/", json={"partitions": 12}).raise_for_status()
@@ -67,7 +70,7 @@ def run(url: str, token: str, partitions: int, groups: int, members: int) -> dic
             t.start()
         time.sleep(0.5)
         started = time.perf_counter()
-        r = client.put("/api/v1/topics/big/", json={"partitions": partitions})
+        r = httpx.put(f"{grow_url}/api/v1/topics/big/", json={"partitions": partitions}, headers=headers, timeout=600)
         ended = time.perf_counter()
         r.raise_for_status()
         time.sleep(0.3)
@@ -94,7 +97,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     with Stack(workers=args.workers) as stack:
-        result = run(stack.url, stack.token, args.partitions, args.groups, args.members)
+        grow_port = free_port()
+        grower = start_server(grow_port, stack.env, workers=1)
+        try:
+            result = run(
+                stack.url, f"http://127.0.0.1:{grow_port}", stack.token, args.partitions, args.groups, args.members
+            )
+        finally:
+            grower.terminate()
+            grower.wait(timeout=20)
     database = "postgresql" if "postgres" in stack.env.get("DATABASE_URL", "") else "sqlite"
     print(
         f"{database}: 12 -> {args.partitions} partitions, {args.groups} groups x {args.members} members: "
