@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from registry.errors import NotFound
@@ -46,6 +46,8 @@ def members_of(group: ServiceGroup, exclude: str | None = None) -> list[str]:
 
 
 BATCH = 500  # rows per statement: well under SQLite's 999 bound parameters, and short statements
+GROWTH_BATCH = 2000  # new partition rows per transaction when a topic grows: tens of milliseconds
+SQLITE_WRITER_PAUSE = 0.11  # longer than SQLite's longest sleep between two tries for its lock
 
 
 def _chunks(items: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
@@ -82,12 +84,21 @@ def add_partitions(group_id: str, topic: str, count: int) -> int:
     untargeted row is what a rebalance treats as new). Returns how many rows were created."""
     existing = set(Partition.objects.filter(group_id=group_id, topic=topic).values_list("number", flat=True))
     missing = [(topic, n) for n in range(count) if n not in existing]
-    for chunk in _chunks(missing):
+    for chunk in _chunks(missing, GROWTH_BATCH):
         with transaction.atomic():
             if not ServiceGroup.objects.filter(pk=group_id).exists():
                 return 0  # the group was deleted meanwhile
             _insert_partitions(group_id, chunk)
+        yield_to_writers()
     return len(missing)
+
+
+def yield_to_writers() -> None:
+    """Between the transactions of a long job on SQLite, leave the database's single write lock free
+    for a moment. SQLite has no queue for its lock: a waiting writer polls, sleeping up to 100 ms
+    between tries, so a job that commits and begins again at once would starve it for the whole job."""
+    if connection.vendor == "sqlite":
+        time.sleep(SQLITE_WRITER_PAUSE)
 
 
 def update_state(group: ServiceGroup) -> None:

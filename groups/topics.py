@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 
 from .models import RebalanceReason, ServiceGroup, Topic
-from .rebalance import add_partitions, lock_group, rebalance
+from .rebalance import add_partitions, lock_group, rebalance, yield_to_writers
 
 MAX_PARTITIONS = 10_000
 
@@ -43,6 +43,7 @@ def put_topic(name: str, partitions: int, now: datetime) -> tuple[Topic, bool]:
             group = lock_group(group_id)
             if group is not None:
                 rebalance(group, RebalanceReason.TOPIC_CHANGE, now)
+        yield_to_writers()
     return topic, created
 
 
