@@ -225,7 +225,7 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
             transaction.on_commit(lambda: _announce_removed(removed, "expired", now))
     # Committed. Candidates with no row are entries a previous run deleted the rows of but could not
     # remove (Redis failed after its commit): removed now, which makes the removal idempotent.
-    orphans = [sid for sid in candidates if sid not in set(locked)]
+    orphans = sorted(set(candidates) - set(locked))
     lease_store.remove_if_lapsed(r, removed + orphans, now_ms)
     return removed
 
