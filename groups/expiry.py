@@ -19,7 +19,12 @@ from .rebalance import lock_group, members_of, rebalance
 def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
     """Remove up to ``limit`` members whose session ran out, one rebalance per group touched.
 
-    ``guard`` makes each group's transaction; a leader passes one fenced with its term."""
+    ``guard`` makes each group's transaction; a leader passes one fenced with its term. Under the
+    group lock the sessions' deadlines are read again (a heartbeat since the selection wins); the
+    sessions are removed from Redis only after that transaction committed, so a job whose fence
+    fails at the last moment leaves members, sessions and partitions as they were and the next run
+    expires them. Sessions with no member row (a run that failed after its commit) go too.
+    """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     candidates = lease_store.expired_sessions(r, now_ms, limit)
@@ -30,25 +35,35 @@ def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.a
     for group_id, member_ids in sorted(by_group.items()):
         with guard() as run:
             group = lock_group(group_id)
-            gone = lease_store.remove_expired_sessions(r, [(group_id, m) for m in member_ids], now_ms)
-            gone_ids = [m for _g, m in gone]
-            if group is None or not gone_ids:
-                continue
-            before = members_of(group)
-            deleted, _ = group.members.filter(member_id__in=gone_ids).delete()
-            if deleted:
+            live = lease_store.session_deadlines(r, [(group_id, m) for m in member_ids])
+            lapsed = sorted(m for m in member_ids if live.get((group_id, m), now_ms - 1) < now_ms)
+            before = members_of(group) if group is not None else []
+            gone_ids = [m for m in lapsed if m in before]
+            if group is not None and gone_ids:
+                deleted, _ = group.members.filter(member_id__in=gone_ids).delete()
                 event = rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
                 for member_id in gone_ids:
                     events.member_removed(group_id, member_id, event.generation, group.version, RebalanceReason.EXPIRY)
-                removed += [(group_id, m) for m in sorted(gone_ids) if m in before]
                 if run is not None:
                     run.items = deleted
+        # Committed: the rows are gone, so are their sessions (only those still lapsed: a member
+        # that joined again meanwhile keeps its new session).
+        lease_store.remove_expired_sessions(r, [(group_id, m) for m in lapsed], now_ms)
+        removed += [(group_id, m) for m in gone_ids]
     return removed
 
 
-def reconcile_sessions(now: datetime, grace: bool = False) -> int:
-    """Restore missing Redis sessions of members in the database (one session timeout of grace
-    when Redis lost its state); drop sessions whose member is gone. Returns how many changed."""
+def reconcile_sessions(now: datetime, grace: bool = False, guard: Guard = transaction.atomic) -> int:
+    """Make Redis's member sessions agree with the member rows; returns how many changed.
+
+    Run on a schedule by the leader (``groups.tasks.reconcile_sessions``) and after a Redis outage.
+    A member row without a session (lost by Redis, or removed by a job that failed) gets one back
+    with one session timeout from ``now``: a live member keeps it with its heartbeats, a dead one
+    is expired by the next expiry after it, so its partitions are not left revoking for good.
+    ``grace`` is kept for the outage path, which gives every session the same timeout.
+    A session with no member row is dropped: decided in ``guard``'s transaction (a leader's fenced
+    one), applied after it committed.
+    """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     changed = 0
@@ -56,15 +71,32 @@ def reconcile_sessions(now: datetime, grace: bool = False) -> int:
     present = lease_store.session_deadlines(r, [(g, m) for g, m, _t in members])
     for group_id, member_id, timeout in members:
         if (group_id, member_id) not in present:
-            deadline = now_ms + timeout * 1000 if grace else now_ms
+            # Only where Redis has none: idempotent, and true whatever the fence decides.
             lease_store.put_session(
-                r, group_id, member_id, timeout_seconds=timeout, deadline_ms=deadline, only_if_absent=True
+                r,
+                group_id,
+                member_id,
+                timeout_seconds=timeout,
+                deadline_ms=now_ms + timeout * 1000,
+                only_if_absent=True,
             )
             changed += 1
     known = {(g, m) for g, m, _t in members}
-    for session in list(lease_store.all_sessions(r)):
-        if session not in known:
+    suspects = [s for s in lease_store.all_sessions(r) if s not in known]
+    if suspects:
+        with guard() as run:
+            # Read again: a member that joined since the first read is not an orphan.
+            still = {
+                (g, m)
+                for g, m in GroupMember.objects.filter(member_id__in=[m for _g, m in suspects]).values_list(
+                    "group_id", "member_id"
+                )
+            }
+            orphans = [s for s in suspects if s not in still]
+            if run is not None:
+                run.items = len(orphans)
+        for session in orphans:
             lease_store.remove_session(r, *session)
-            changed += 1
+        changed += len(orphans)
     lease_store.mark_sessions_built(r)
     return changed

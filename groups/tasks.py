@@ -29,3 +29,12 @@ def expire_once(guard: Guard = transaction.atomic) -> list[tuple[str, str]]:
 def expire_members() -> int | None:
     """Remove members whose session ran out and rebalance their groups; how many, or None if not leader."""
     return run_as_leader("member-expiry", lambda term: len(expire_once(guard_for(term, "member-expiry"))))
+
+
+@shared_task(name="groups.reconcile_sessions", ignore_result=True)
+def reconcile_sessions() -> int | None:
+    """Make Redis's member sessions agree with the member rows (leader only); how many changed."""
+    return run_as_leader(
+        "session-reconcile",
+        lambda term: expiry.reconcile_sessions(timezone.now(), guard=guard_for(term, "session-reconcile")),
+    )

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 
 from .models import RebalanceReason, ServiceGroup, Topic
-from .rebalance import lock_group, rebalance
+from .rebalance import add_partitions, lock_group, rebalance, yield_to_writers
 
 MAX_PARTITIONS = 10_000
 
@@ -35,11 +35,15 @@ def put_topic(name: str, partitions: int, now: datetime) -> tuple[Topic, bool]:
             topic.partitions = partitions
             topic.save(update_fields=["partitions", "updated_at"])
     # A created topic may already be subscribed to (its groups waited for it): they rebalance too.
+    # The new rows are written first, in short batches without the group lock, so that the
+    # rebalance under the lock only reads them and assigns them in a few bulk updates.
     for group_id in groups_reading(name):
+        add_partitions(group_id, name, partitions)
         with transaction.atomic():
             group = lock_group(group_id)
             if group is not None:
                 rebalance(group, RebalanceReason.TOPIC_CHANGE, now)
+        yield_to_writers()
     return topic, created
 
 

@@ -281,6 +281,30 @@ class Leadership:
         self.term = Term(self.name, number, self.holder, lock)
         return self.term if self.term.valid() else None
 
+    def ensure_for_job(self) -> Term | None:
+        """The current term if this holder leads with at least ``REGISTRY_LEADER_MIN_VALIDITY_PERCENT`` of
+        the lock's validity left (renewing first if less is left), else None: a job started with
+        almost no validity left would be rejected at its commit, or worse, outlive its lock."""
+        term = self.ensure()
+        if term is None:
+            return None
+        needed = self.ttl_ms / 1000 * settings.REGISTRY_LEADER_MIN_VALIDITY_PERCENT / 100
+        if term.lock.remaining() >= needed:
+            return term
+        lock = self.redlock.extend(term.lock)
+        if lock is not None:
+            self.term = Term(term.name, term.number, term.holder, lock)
+            if lock.remaining() >= needed:
+                return self.term
+        log.warning(
+            "%s: %s skips a job: %.3f s of its lock left, %.3f s needed",
+            self.name,
+            self.holder,
+            max((lock or term.lock).remaining(), 0),
+            needed,
+        )
+        return None
+
     def step_down(self) -> None:
         if self.term is not None:
             self.redlock.release(self.term.lock)
@@ -303,8 +327,9 @@ def process_leadership() -> Leadership:
 
 
 def run_as_leader(job: str, work: Callable[[Term], int]) -> int | None:
-    """Run ``work(term)`` if this process leads; None if it does not. ``work`` fences its own writes."""
-    term = process_leadership().ensure()
+    """Run ``work(term)`` if this process leads with enough of its lock's validity left (see
+    ``Leadership.ensure_for_job``); None if it does not. ``work`` fences its own writes."""
+    term = process_leadership().ensure_for_job()
     if term is None:
         return None
     try:

@@ -50,7 +50,9 @@ return {'OK', tostring(deadline), lease_ms}
 
 HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
 
-# Remove the given services whose removal deadline is before now; returns the ids removed.
+# Remove the given services whose removal deadline is before now; returns the ids removed. Leader
+# jobs run it only after their fenced commit deleted the rows, so a rejected job changes nothing
+# here, and an entry renewed or re-registered since the decision stays.
 REMOVE_LAPSED_LUA = """
 local removed = {}
 for i, id in ipairs(ARGV) do
@@ -172,6 +174,26 @@ def put(
     pipe.execute()
 
 
+# Remove the given services whose removal deadline is still the one seen when the removal was
+# decided (an orphan whose row was gone); one re-registered since has a new deadline and stays.
+# KEYS: deadline, removal, conf, health. ARGV: id, removal deadline, id, removal deadline...
+REMOVE_UNCHANGED_LUA = """
+local removed = {}
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[2], id)
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[4], id)
+    table.insert(removed, id)
+  end
+end
+return removed
+"""
+
+
 def remove(r: redis.Redis, service_ids: Sequence[str]) -> None:
     if not service_ids:
         return
@@ -198,6 +220,24 @@ def deadlines(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, int]:
 def lapsed_ids(r: redis.Redis, now_ms: int) -> list[str]:
     """Ids whose lease deadline is at or before now."""
     return [raw.decode() for raw in r.zrangebyscore(keys().deadline, "-inf", now_ms)]
+
+
+def removal_deadlines(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, int]:
+    """Removal deadlines (lease deadline + deregister_after) of the services that have an entry."""
+    if not service_ids:
+        return {}
+    scores = r.zmscore(keys().removal, list(service_ids))
+    return {sid: int(score) for sid, score in zip(service_ids, scores, strict=True) if score is not None}
+
+
+def remove_unchanged(r: redis.Redis, seen: dict[str, int]) -> list[str]:
+    """Remove the entries whose removal deadline is still the one in ``seen``; returns the ids removed."""
+    if not seen:
+        return []
+    k = keys()
+    args = [x for sid, score in sorted(seen.items()) for x in (sid, score)]
+    removed = r.eval(REMOVE_UNCHANGED_LUA, 4, k.deadline, k.removal, k.conf, k.health, *args)
+    return [raw.decode() for raw in removed]
 
 
 def removal_candidates(r: redis.Redis, now_ms: int, limit: int) -> list[str]:

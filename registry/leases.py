@@ -195,9 +195,13 @@ def lapsed_ids(now: datetime) -> list[str]:
 def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transaction.atomic) -> list[str]:
     """Remove up to ``limit`` services whose lease lapsed more than their ``deregister_after`` ago.
 
-    Returns the ids removed (empty when there was nothing to do). A heartbeat that renews a
-    candidate between selection and removal wins: Redis re-checks each deadline atomically.
-    ``guard`` makes the transaction; a leader passes one that fences it with its term.
+    Returns the ids removed (empty when there was nothing to do). ``guard`` makes the transaction;
+    a leader passes one that fences it with its term. Redis is changed only after that transaction
+    committed: a job whose fence fails at the last moment leaves every row and every Redis entry as
+    it was. A heartbeat that renews a candidate before the rows are locked wins (the deadlines are
+    read again under the row locks); one that lands between that check and the commit renews an
+    entry whose row is gone, and that entry stays until ``reconcile`` drops it as an orphan, after
+    which the heartbeat answers 404 and the client registers again.
     """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
@@ -205,10 +209,11 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
     if not candidates:
         return []
     with guard() as run:
-        locked = set(
+        locked = list(
             Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True)
         )
-        removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
+        deadlines = lease_store.removal_deadlines(r, locked)
+        removed = [sid for sid in locked if deadlines.get(sid, now_ms - 1) < now_ms]
         for sid, name in Service.objects.filter(pk__in=removed).values_list("pk", "service_name"):
             events.service_deregistered(sid, name, "expired")
         Service.objects.filter(pk__in=removed).delete()
@@ -218,6 +223,10 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
             log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
             transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
             transaction.on_commit(lambda: _announce_removed(removed, "expired", now))
+    # Committed. Candidates with no row are entries a previous run deleted the rows of but could not
+    # remove (Redis failed after its commit): removed now, which makes the removal idempotent.
+    orphans = sorted(set(candidates) - set(locked))
+    lease_store.remove_if_lapsed(r, removed + orphans, now_ms)
     return removed
 
 
@@ -359,38 +368,55 @@ def reconcile(
     With ``grace`` (Redis lost its state), every restored lease runs at least one full lease
     from ``now``, as Consul resets TTLs after a leader change: the last heartbeats are unknown,
     and marking every live service unhealthy would be worse than trusting them one more lease.
+
+    ``guard`` makes one transaction per chunk. A restore writes what the locked row says, only
+    where Redis has no entry: true whatever the fence decides, since reconcile changes no row. A
+    drop is decided in the guard's transaction and applied after it committed, and only to an
+    entry whose removal deadline did not change meanwhile (a re-registration keeps its entry).
     """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     restored = dropped = 0
     last = ""
     while True:
-        rows = list(Service.objects.filter(pk__gt=last).order_by("pk")[:chunk])
+        rows = list(Service.objects.filter(pk__gt=last).order_by("pk").values_list("pk", flat=True)[:chunk])
         if not rows:
             break
-        last = rows[-1].pk
-        present = lease_store.deadlines(r, [s.pk for s in rows])
-        for service in rows:
-            if service.pk not in present:
-                # Under the row lock, so a concurrent deregistration cannot leave an orphan.
-                grace_ms = now_ms + service.lease_duration * 1000 if grace else 0
-                restored += restore_lease(service.pk, grace_ms, guard)
+        last = rows[-1]
+        present = lease_store.deadlines(r, rows)
+        missing = [sid for sid in rows if sid not in present]
+        if missing:
+            restored += _restore_leases(missing, now_ms if grace else None, guard)
     conf_key = lease_store.keys().conf
     cursor = 0
     while True:
         cursor, entries = r.hscan(conf_key, cursor, count=chunk)
         ids = [raw.decode() for raw in entries]
         if ids:
-            known = set(Service.objects.filter(pk__in=ids).values_list("pk", flat=True))
-            orphans = [sid for sid in ids if sid not in known]
-            lease_store.remove(r, orphans)
-            dropped += len(orphans)
+            seen = lease_store.removal_deadlines(r, ids)
+            with guard():
+                known = set(Service.objects.filter(pk__in=ids).values_list("pk", flat=True))
+            dropped += len(lease_store.remove_unchanged(r, {sid: s for sid, s in seen.items() if sid not in known}))
         if cursor == 0:
             break
     lease_store.mark_built(r)
     if restored or dropped:
         log.warning("lease state reconciled: %d restored, %d orphan(s) dropped", restored, dropped)
     return {"restored": restored, "dropped": dropped}
+
+
+def _restore_leases(service_ids: Sequence[str], grace_from_ms: int | None, guard: Guard) -> int:
+    """Recreate missing Redis entries from their rows, under the row locks (so a concurrent
+    deregistration cannot leave an orphan); with ``grace_from_ms``, at least one lease from then."""
+    restored = 0
+    with guard():
+        for service in Service.objects.select_for_update().filter(pk__in=list(service_ids)).order_by("pk"):
+            deadline_ms = lease_store.to_ms(service.lease_expires_at)
+            if grace_from_ms is not None:
+                deadline_ms = max(deadline_ms, grace_from_ms + service.lease_duration * 1000)
+            _put_lease(get_redis(), service, deadline_ms, only_if_absent=True)
+            restored += 1
+    return restored
 
 
 def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:

@@ -140,6 +140,9 @@ REGISTRY_REDIS_PREFIX = env_str("REGISTRY_REDIS_PREFIX", "conveyor:")
 REDIS_SOCKET_TIMEOUT_MS = env_int("REDIS_SOCKET_TIMEOUT_MS", 5000, minimum=10, maximum=60_000)
 REGISTRY_LEADER_TTL_MS = env_int("REGISTRY_LEADER_TTL_MS", 10_000, minimum=100, maximum=600_000)
 REGISTRY_LEADER_NODE_TIMEOUT_MS = env_int("REGISTRY_LEADER_NODE_TIMEOUT_MS", 100, minimum=1, maximum=10_000)
+# A leader job starts only with at least this share (in percent) of its lock's validity left: it
+# renews first, and skips the run if it cannot, rather than start a job it may not finish in time.
+REGISTRY_LEADER_MIN_VALIDITY_PERCENT = env_int("REGISTRY_LEADER_MIN_VALIDITY_PERCENT", 50, minimum=1, maximum=90)
 
 
 # Websocket push. RedisPubSubChannelLayer, not RedisChannelLayer: a group_send is one PUBLISH that
