@@ -52,16 +52,22 @@ def reconcile_sessions(now: datetime, grace: bool = False) -> int:
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     changed = 0
-    members = list(GroupMember.objects.values_list("group_id", "member_id", "session_timeout"))
-    present = lease_store.session_deadlines(r, [(g, m) for g, m, _t in members])
-    for group_id, member_id, timeout in members:
+    members = list(GroupMember.objects.values_list("group_id", "member_id", "session_timeout", "owner"))
+    present = lease_store.session_deadlines(r, [(g, m) for g, m, _t, _o in members])
+    for group_id, member_id, timeout, owner_id in members:
         if (group_id, member_id) not in present:
             deadline = now_ms + timeout * 1000 if grace else now_ms
             lease_store.put_session(
-                r, group_id, member_id, timeout_seconds=timeout, deadline_ms=deadline, only_if_absent=True
+                r,
+                group_id,
+                member_id,
+                timeout_seconds=timeout,
+                deadline_ms=deadline,
+                owner_id=owner_id,
+                only_if_absent=True,
             )
             changed += 1
-    known = {(g, m) for g, m, _t in members}
+    known = {(g, m) for g, m, _t, _o in members}
     for session in list(lease_store.all_sessions(r)):
         if session not in known:
             lease_store.remove_session(r, *session)

@@ -8,3 +8,11 @@ class NotFound(Exception):
 
 class Forbidden(Exception):
     """The token may not change this: it did not create it and is not staff."""
+
+
+class InvalidInput(Exception):
+    """Input a domain rule refuses (a quota, say) where only the database can tell: a 400 naming ``field``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -1,5 +1,6 @@
-"""API error responses beyond DRF's own: domain NotFound/Forbidden errors of every app become 404/403 with
-their message, and an unreachable lease store is a 503 the client may retry."""
+"""API error responses beyond DRF's own: domain NotFound/Forbidden/InvalidInput errors of every app become
+404/403/400 with their message (a 400 names its field, like DRF's), and an unreachable lease store is a
+503 the client may retry."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 from . import outage
-from .errors import Forbidden, NotFound
+from .errors import Forbidden, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -27,4 +28,6 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         exc = exceptions.NotFound(str(exc))
     elif isinstance(exc, Forbidden):
         exc = exceptions.PermissionDenied(str(exc))
+    elif isinstance(exc, InvalidInput):
+        exc = exceptions.ValidationError({exc.field: [str(exc)]})
     return exception_handler(exc, context)

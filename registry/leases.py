@@ -138,11 +138,14 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
         events.service_deregistered(service_id, service.service_name, "deregistered")
-        transaction.on_commit(lambda: _announce_removed([service_id], "deregistered"))
+        owners = {service_id: service.owner_id}
+        transaction.on_commit(lambda: _announce_removed(owners, "deregistered"))
 
 
-def _announce_removed(service_ids: list[str], reason: str, now: datetime | None = None) -> None:
-    services_removed.send(sender=Service, service_ids=service_ids, reason=reason, now=now or timezone.now())
+def _announce_removed(owners: dict[str, int | None], reason: str, now: datetime | None = None) -> None:
+    services_removed.send(
+        sender=Service, service_ids=list(owners), owners=owners, reason=reason, now=now or timezone.now()
+    )
 
 
 def _operator_change(service_ids: Sequence[str], change: Callable[[Service], None]) -> int:
@@ -209,15 +212,17 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
             Service.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True)
         )
         removed = [sid for sid in lease_store.remove_if_lapsed(r, candidates, now_ms) if sid in locked]
-        for sid, name in Service.objects.filter(pk__in=removed).values_list("pk", "service_name"):
+        owners = {}
+        for sid, name, owner_id in Service.objects.filter(pk__in=removed).values_list("pk", "service_name", "owner"):
             events.service_deregistered(sid, name, "expired")
+            owners[sid] = owner_id
         Service.objects.filter(pk__in=removed).delete()
         if run is not None:
             run.items = len(removed)
         if removed:
             log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
             transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
-            transaction.on_commit(lambda: _announce_removed(removed, "expired", now))
+            transaction.on_commit(lambda: _announce_removed(owners, "expired", now))
     return removed
 
 
