@@ -124,7 +124,11 @@ class GroupViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(self._body(list(page)))
 
-    @extend_schema(summary="One consumer group", responses={200: GroupSerializer, 401: _ERRORS[401], 404: _ERRORS[404]})
+    @extend_schema(
+        summary="One consumer group",
+        description="Open to every token, like the list: who reads what is not secret; joining is (403).",
+        responses={200: GroupSerializer, 401: _ERRORS[401], 404: _ERRORS[404]},
+    )
     def retrieve(self, request: Request, pk: str) -> Response:
         return Response(self._body([self.get_object()])[0])
 
