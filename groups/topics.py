@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from registry.errors import Forbidden
 from registry.models import ApiToken
@@ -93,6 +93,34 @@ def groups_reading(topic: str) -> list[str]:
 
 
 def ensure_topics(names: Iterable[str], owner: ApiToken | None = None) -> None:
-    """Create the topics that do not exist yet, with the default partition count, owned by ``owner``."""
+    """Create the topics that do not exist yet, with the default partition count, owned by ``owner``, and
+    share-lock them until the caller's transaction ends.
+
+    The lock is what makes ``delete_topic`` safe beside a join: a delete that checked "no group reads
+    it" cannot remove a topic a join is subscribing a group to, and a join never subscribes to a topic
+    deleted under it (it creates the topic again). Shared, so joins do not wait for one another.
+    """
+    names = sorted(set(names))
     default = settings.REGISTRY_DEFAULT_PARTITIONS
-    Topic.objects.bulk_create([Topic(name=n, partitions=default, owner=owner) for n in names], ignore_conflicts=True)
+    for _attempt in range(3):
+        Topic.objects.bulk_create(
+            [Topic(name=n, partitions=default, owner=owner) for n in names], ignore_conflicts=True
+        )
+        if _share_lock(names) == len(names):
+            return
+        # a concurrent delete_topic committed between the insert and the lock: create it again
+    raise RuntimeError(f"topics {names} kept disappearing while a join subscribed to them")
+
+
+def _share_lock(names: list[str]) -> int:
+    """FOR SHARE on the named topic rows (PostgreSQL; SQLite runs one writing transaction at a time, so
+    the insert above already excludes a delete); returns how many rows exist."""
+    if connection.vendor != "postgresql":
+        return Topic.objects.filter(name__in=names).count()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT name FROM {connection.ops.quote_name(Topic._meta.db_table)} "
+            "WHERE name = ANY(%s) ORDER BY name FOR SHARE",
+            [names],
+        )
+        return len(cursor.fetchall())

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
 from django.apps import apps
 from django.contrib.auth.models import User
+from django.db import connection, transaction
 from django.test import Client
 
+from groups import topics
 from groups.models import GroupMember, RebalanceEvent, ServiceGroup, Topic
 from groups.tasks import expire_once
 from registry import lease_store
@@ -227,6 +231,54 @@ def test_a_topic_from_before_has_no_owner_and_only_staff_may_grow_it(victim, sta
     assert put_topic(victim[1], "legacy", 4).status_code == 403
     assert victim[1].delete("/api/v1/topics/legacy/").status_code == 403
     assert put_topic(staff[1], "legacy", 4).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_racing_a_join_onto_the_topic_waits_and_then_refuses(owner):
+    """The join's share lock on its topics: a delete that finds no reader cannot slip in before the join
+    that makes the group one commits (without it, the group would read a topic that is gone)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: SQLite runs one writing transaction at a time")
+    assert put_topic(client_for(owner[1]), "t", 4).status_code == 201
+    subscribed, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def joiner() -> None:
+        try:
+            with transaction.atomic():
+                topics.ensure_topics(["t"], owner[0])
+                ServiceGroup.objects.create(group_id="g", owner=owner[0], topics=["t"])
+                subscribed.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def deleter() -> None:
+        try:
+            outcome.append(topics.delete_topic("t"))
+        except topics.TopicInUse as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    join_thread = threading.Thread(target=joiner)
+    join_thread.start()
+    assert subscribed.wait(30)
+    delete_thread = threading.Thread(target=deleter)
+    delete_thread.start()
+    for _ in range(300):  # until the delete waits on a row lock (or, without the share lock, has finished)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            if cursor.fetchone()[0] or outcome:
+                break
+        time.sleep(0.05)
+    release.set()
+    join_thread.join(30)
+    delete_thread.join(30)
+
+    assert len(outcome) == 1 and isinstance(outcome[0], topics.TopicInUse), outcome
+    assert outcome[0].readers == ["g"]
+    assert Topic.objects.filter(name="t").exists()
 
 
 # --- quotas ---------------------------------------------------------------------------------
