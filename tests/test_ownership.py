@@ -136,6 +136,60 @@ def test_an_operator_grant_in_the_admin_lets_a_second_token_join(victim, victims
     assert join(attacker[1], "m3").status_code == 403
 
 
+@pytest.mark.django_db(transaction=True)
+def test_racing_first_joins_of_two_tokens_make_one_owner_and_refuse_the_other(owner, make_token):
+    """Both tokens join the new group g at once, a few times over: one owns it, the other's joins are all
+    refused, and every member belongs to the owner."""
+    other = make_token("other")
+    client_for(owner[1]).put("/api/v1/topics/orders/", {"partitions": 6}, format="json")
+    start = threading.Barrier(2)
+    statuses: dict[str, list[int]] = {"owner": [], "other": []}
+
+    def racer(name: str, key: str) -> None:
+        client = client_for(key)
+        try:
+            start.wait(30)
+            for n in range(3):
+                statuses[name].append(join(client, f"{name}-{n}", group="g").status_code)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=racer, args=("owner", owner[1])),
+        threading.Thread(target=racer, args=("other", other[1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    group = ServiceGroup.objects.get(pk="g")
+    winner = "owner" if group.owner == owner[0] else "other"
+    loser = "other" if winner == "owner" else "owner"
+    assert statuses[winner] == [201, 201, 201] and statuses[loser] == [403, 403, 403], statuses
+    assert member_ids("g") == [f"{winner}-{n}" for n in range(3)]
+    assert set(GroupMember.objects.filter(group=group).values_list("owner", flat=True)) == {group.owner_id}
+
+
+def test_an_operator_sets_a_topics_owner_and_grants_in_the_admin(victim, attacker, operator):
+    put_topic(victim[1], "orders", 12)
+    page = operator.get("/admin/groups/topic/orders/change/").content.decode()
+    assert 'name="grants"' in page and 'name="owner"' in page
+
+    response = operator.post(
+        "/admin/groups/topic/orders/change/", {"partitions": "12", "owner": victim[0].pk, "grants": [attacker[0].pk]}
+    )
+
+    assert response.status_code == 302
+    topic = Topic.objects.get(name="orders")
+    assert (topic.owner, list(topic.grants.all()), topic.partitions) == (victim[0], [attacker[0]], 12)
+    assert put_topic(attacker[1], "orders", 13).status_code == 200
+    operator.post("/admin/groups/topic/orders/change/", {"partitions": "13", "owner": attacker[0].pk})
+    topic = Topic.objects.get(name="orders")
+    assert (topic.owner, list(topic.grants.all())) == (attacker[0], [])
+    assert put_topic(victim[1], "orders", 14).status_code == 403
+
+
 def test_an_ownerless_group_is_for_staff_and_granted_tokens_only(victims_group, victim, attacker, staff):
     ServiceGroup.objects.filter(pk="g1").update(owner=None)  # a group from before, or its owner was deleted
 
