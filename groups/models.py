@@ -32,14 +32,6 @@ class RebalanceReason(models.TextChoices):
     MANUAL = "manual", "manual"
 
 
-class OwnedQuerySet(models.QuerySet):
-    def allowing(self, token: ApiToken) -> models.QuerySet:
-        """The rows ``token`` may change: all for staff, else those it owns or was granted."""
-        if token.is_staff:
-            return self
-        return self.filter(models.Q(owner=token) | models.Q(grants=token)).distinct()
-
-
 class Owned(models.Model):
     """An owner token and the tokens an operator granted the same rights; staff tokens have them too."""
 
@@ -55,12 +47,11 @@ class Owned(models.Model):
         ApiToken, blank=True, related_name="+", help_text="Tokens an operator allowed to act as its owner."
     )
 
-    objects = OwnedQuerySet.as_manager()
-
     class Meta:
         abstract = True
 
     def allows(self, token: ApiToken) -> bool:
+        """May ``token`` act as the owner (join the group; grow or delete the topic)?"""
         if token.is_staff or (self.owner_id is not None and self.owner_id == token.pk):
             return True
         return self.pk is not None and self.grants.filter(pk=token.pk).exists()
