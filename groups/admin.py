@@ -1,5 +1,6 @@
 """Operators' admin for consumer groups: generations and state, members with owned, revoking and pending
-partitions, rebalance history, topics (grow only), and the actions force rebalance and remove member."""
+partitions, rebalance history, topics (grow only), the owner and granted tokens of groups and topics, and
+the actions force rebalance and remove member."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from django.utils.html import format_html, format_html_join
 from registry import lease_store
 from registry.redis_client import get_redis
 
-from . import membership, rebalance, topics
+from . import membership, quotas, rebalance, topics
 from .assignments import member_views
 from .models import GroupMember, GroupState, RebalanceEvent, ServiceGroup, Topic
 
@@ -56,12 +57,13 @@ def _session_left(group_id: str, member_id: str, deadlines: dict[tuple[str, str]
 class TopicForm(forms.ModelForm):
     class Meta:
         model = Topic
-        fields = ["name", "partitions"]
+        fields = ["name", "partitions", "owner", "grants"]
 
     def clean_partitions(self) -> int:
         partitions = self.cleaned_data["partitions"]
-        if not 1 <= partitions <= topics.MAX_PARTITIONS:
-            raise forms.ValidationError(f"between 1 and {topics.MAX_PARTITIONS}")
+        limit = quotas.max_partitions()
+        if not 1 <= partitions <= limit:
+            raise forms.ValidationError(f"between 1 and {limit} (REGISTRY_MAX_PARTITIONS_PER_TOPIC)")
         if self.instance.pk and partitions < self.instance.partitions:
             raise forms.ValidationError(
                 f"topics can grow but never shrink (it has {self.instance.partitions} partitions)"
@@ -72,9 +74,11 @@ class TopicForm(forms.ModelForm):
 @admin.register(Topic)
 class TopicAdmin(admin.ModelAdmin):
     form = TopicForm
-    list_display = ["name", "partitions", "groups_reading", "updated_at"]
+    list_display = ["name", "partitions", "owner", "groups_reading", "updated_at"]
+    list_filter = ["owner"]
     search_fields = ["name"]
     actions = ["delete_unread"]
+    filter_horizontal = ["grants"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Topic | None = None) -> list[str]:
         return ["name"] if obj else []
@@ -84,8 +88,10 @@ class TopicAdmin(admin.ModelAdmin):
         return ", ".join(topics.groups_reading(topic.name)) or "-"
 
     def save_model(self, request: HttpRequest, obj: Topic, form: Any, change: bool) -> None:
-        # Through the domain function, so groups reading the topic rebalance onto new partitions.
+        # Through the domain function, so groups reading the topic rebalance onto new partitions. Then
+        # the owner alone (the grants are saved with the form's many-to-many data).
         topics.put_topic(obj.name, obj.partitions, timezone.now())
+        Topic.objects.filter(pk=obj.pk).update(owner=obj.owner)
 
     def has_delete_permission(self, request: HttpRequest, obj: Topic | None = None) -> bool:
         # A topic a group reads cannot be deleted: its partitions would vanish under their owners.
@@ -116,18 +122,25 @@ class TopicAdmin(admin.ModelAdmin):
 
 @admin.register(ServiceGroup)
 class ServiceGroupAdmin(admin.ModelAdmin):
-    list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "updated_at"]
-    list_filter = ["state"]
+    list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "owner", "updated_at"]
+    list_filter = ["state", "owner"]
     search_fields = ["group_id", "members__member_id"]
     actions = ["force_rebalance"]
-    fields = ["group_id", "generation", "state_badge", "topic_list", "members_table", "history_table"]
-    readonly_fields = fields
+    readonly_fields = ["group_id", "generation", "state_badge", "topic_list", "members_table", "history_table"]
+    # Who may join: the owner (the token whose join created the group), the granted tokens, and staff.
+    fields = [*readonly_fields[:4], "owner", "grants", *readonly_fields[4:]]
+    filter_horizontal = ["grants"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).annotate(n_members=Count("members", distinct=True))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # groups come into being when a member joins
+
+    def save_model(self, request: HttpRequest, obj: ServiceGroup, form: Any, change: bool) -> None:
+        # The owner alone: the rest of the row (generation, state...) changes under the group lock only,
+        # and the copy this form loaded may be stale by now. Grants are saved with the form's M2M data.
+        obj.save(update_fields=["owner"])
 
     def has_delete_permission(self, request: HttpRequest, obj: ServiceGroup | None = None) -> bool:
         # Only an empty group: members leave through "remove member", which rebalances.

@@ -67,9 +67,9 @@ def reconcile_sessions(now: datetime, grace: bool = False, guard: Guard = transa
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     changed = 0
-    members = list(GroupMember.objects.values_list("group_id", "member_id", "session_timeout"))
-    present = lease_store.session_deadlines(r, [(g, m) for g, m, _t in members])
-    for group_id, member_id, timeout in members:
+    members = list(GroupMember.objects.values_list("group_id", "member_id", "session_timeout", "owner"))
+    present = lease_store.session_deadlines(r, [(g, m) for g, m, _t, _o in members])
+    for group_id, member_id, timeout, owner_id in members:
         if (group_id, member_id) not in present:
             # Only where Redis has none: idempotent, and true whatever the fence decides.
             lease_store.put_session(
@@ -78,10 +78,11 @@ def reconcile_sessions(now: datetime, grace: bool = False, guard: Guard = transa
                 member_id,
                 timeout_seconds=timeout,
                 deadline_ms=now_ms + timeout * 1000,
+                owner_id=owner_id,
                 only_if_absent=True,
             )
             changed += 1
-    known = {(g, m) for g, m, _t in members}
+    known = {(g, m) for g, m, _t, _o in members}
     suspects = [s for s in lease_store.all_sessions(r) if s not in known]
     if suspects:
         with guard() as run:

@@ -87,6 +87,7 @@ def start_session(member: GroupMember, now_ms: int, mode: str, previous_timeout:
         mode=mode,
         # a row without a session (Redis lost it): its incarnation may have heartbeated just now
         unknown_deadline_ms=now_ms + previous_timeout * 1000,
+        owner_id=member.owner_id,  # couples the session to that token's service of the same id
     )
     if not taken:
         assert previous is not None

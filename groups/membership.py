@@ -6,7 +6,7 @@ refused and change nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from django.db import transaction
@@ -17,9 +17,9 @@ from registry.errors import Forbidden, NotFound
 from registry.models import ApiToken
 from registry.redis_client import get_redis
 
-from . import events, incarnations
+from . import events, incarnations, quotas
 from .assignments import PartitionAssignment, assignment_of, member_rows, no_member
-from .models import GroupMember, Partition, RebalanceReason
+from .models import GroupMember, Partition, RebalanceReason, ServiceGroup
 from .rebalance import lock_group, members_of, rebalance, update_state
 from .topics import ensure_topics
 
@@ -32,6 +32,10 @@ class NotOwner(Forbidden):
     """The token did not create this member and is not staff."""
 
 
+class GroupNotYours(Forbidden):
+    """The group belongs to another token: only its owner, granted tokens and staff may join it."""
+
+
 def put_session(member: GroupMember, now_ms: int) -> None:
     lease_store.put_session(
         get_redis(),
@@ -40,6 +44,7 @@ def put_session(member: GroupMember, now_ms: int) -> None:
         timeout_seconds=member.session_timeout,
         deadline_ms=now_ms + member.session_timeout * 1000,
         member_epoch=member.member_epoch,
+        owner_id=member.owner_id,
     )
 
 
@@ -60,15 +65,26 @@ def join(
     deadline (at once if it had lapsed). A new member or changed subscriptions rebalance the group.
     """
     topics = sorted(set(topics))
+    quotas.check_topics_per_join(topics)
     now_ms = lease_store.to_ms(now)
     with transaction.atomic():
-        ensure_topics(topics)
-        group = lock_group(group_id, create=True)
+        # Any refusal below rolls back these creations: nothing is written.
+        ensure_topics(topics, owner=token)
+        # The first join creates the group, owned by its token.
+        ServiceGroup.objects.bulk_create([ServiceGroup(group_id=group_id, owner=token)], ignore_conflicts=True)
+        group = lock_group(group_id)
         assert group is not None
+        if not group.allows(token):
+            raise GroupNotYours(
+                f"group {group_id!r} belongs to another token; an operator can grant your token access to it "
+                "(admin: consumer groups, grants)"
+            )
         member = group.members.filter(member_id=member_id).first()
         created = member is None
         if member is not None and not token.may_change_member(member):
             raise NotOwner(f"member {member_id!r} was joined by another token")
+        if created:
+            quotas.check_room_for_member(group)
         epoch = incarnations.next_epoch(group)
         if member is None:
             member = GroupMember.objects.create(
@@ -146,12 +162,16 @@ def leave(
         )
 
 
-def remove_members(member_ids: Sequence[str], reason: str, now: datetime) -> list[tuple[str, str]]:
-    """Remove these member ids from every group they are in (their service went away)."""
+def remove_members(owners: Mapping[str, int | None], reason: str, now: datetime) -> list[tuple[str, str]]:
+    """Their services went away: remove each member id in ``owners`` from every group where the token
+    that joined it is the one that owned the service (``owners``: service id -> owner token id). A
+    member of the same id joined by another token is not the service's to remove."""
     removed = []
-    for group_id, member_id in GroupMember.objects.filter(member_id__in=list(member_ids)).values_list(
-        "group_id", "member_id"
+    for group_id, member_id, owner_id in GroupMember.objects.filter(member_id__in=list(owners)).values_list(
+        "group_id", "member_id", "owner_id"
     ):
+        if owner_id is None or owner_id != owners[member_id]:
+            continue
         try:
             leave(group_id, member_id, None, now, reason=reason)
             removed.append((group_id, member_id))

@@ -4,6 +4,11 @@ One ``Partition`` row per partition of a group's subscribed topics holds its sin
 ``owner`` and the ``target`` the assignor chose, so a partition can never be owned by two
 members: while ``owner`` and ``target`` differ the partition is being revoked from its owner
 (revoke before assign). A member's session deadline lives in Redis, like a service lease.
+
+Groups and topics belong to tokens: a group to the token whose join created it, a topic to the token
+that created it (by PUT or by a join naming it); an operator may grant other tokens the same rights
+in the admin, and staff tokens have them everywhere. A group or topic without an owner (from before
+ownership was recorded, or whose owner token was deleted) is open to staff and granted tokens only.
 """
 
 from __future__ import annotations
@@ -27,7 +32,32 @@ class RebalanceReason(models.TextChoices):
     MANUAL = "manual", "manual"
 
 
-class Topic(models.Model):
+class Owned(models.Model):
+    """An owner token and the tokens an operator granted the same rights; staff tokens have them too."""
+
+    owner = models.ForeignKey(
+        ApiToken,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The token that created it. Empty: only staff and granted tokens may change it.",
+    )
+    grants = models.ManyToManyField(
+        ApiToken, blank=True, related_name="+", help_text="Tokens an operator allowed to act as its owner."
+    )
+
+    class Meta:
+        abstract = True
+
+    def allows(self, token: ApiToken) -> bool:
+        """May ``token`` act as the owner (join the group; grow or delete the topic)?"""
+        if token.is_staff or (self.owner_id is not None and self.owner_id == token.pk):
+            return True
+        return self.pk is not None and self.grants.filter(pk=token.pk).exists()
+
+
+class Topic(Owned):
     name = models.CharField(max_length=128, primary_key=True)
     partitions = models.PositiveIntegerField(help_text="1..10000; topics can grow, never shrink.")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -40,7 +70,7 @@ class Topic(models.Model):
         return self.name
 
 
-class ServiceGroup(models.Model):
+class ServiceGroup(Owned):
     group_id = models.CharField(max_length=128, primary_key=True)
     generation = models.PositiveBigIntegerField(default=0)
     version = models.PositiveBigIntegerField(

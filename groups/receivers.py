@@ -1,5 +1,6 @@
-"""Reactions of the groups app to registry events: a service that goes away leaves its groups; after a
-Redis outage, member sessions that Redis lost are restored."""
+"""Reactions of the groups app to registry events: a service that goes away leaves the groups its own
+token joined it to (a member of the same id joined by another token stays); after a Redis outage,
+member sessions that Redis lost are restored."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from django.dispatch import receiver
 
+from registry.leases import Guard
 from registry.signals import lease_store_recovered, services_removed
 
 from . import expiry, membership
@@ -15,11 +17,13 @@ from .models import RebalanceReason
 
 
 @receiver(services_removed)
-def remove_memberships(sender: Any, service_ids: list[str], reason: str, now: datetime, **kwargs: Any) -> None:
+def remove_memberships(
+    sender: Any, service_ids: list[str], owners: dict[str, int | None], reason: str, now: datetime, **kwargs: Any
+) -> None:
     why = RebalanceReason.EXPIRY if reason == "expired" else RebalanceReason.LEAVE
-    membership.remove_members(service_ids, why, now)
+    membership.remove_members(owners, why, now)
 
 
 @receiver(lease_store_recovered)
-def restore_sessions(sender: Any, now: datetime, **kwargs: Any) -> None:
-    expiry.reconcile_sessions(now, grace=True)
+def restore_sessions(sender: Any, now: datetime, guard: Guard, **kwargs: Any) -> None:
+    expiry.reconcile_sessions(now, grace=True, guard=guard)  # the leader's fence, as for the leases

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -43,6 +43,14 @@ FENCED = OpenApiResponse(
 )
 
 
+class TopicInUseSerializer(serializers.Serializer):
+    """409 body of a topic delete refused because groups read the topic."""
+
+    detail = serializers.CharField()
+    code = serializers.CharField(help_text='Always "topic_in_use".')
+    groups = serializers.ListField(child=serializers.CharField(), help_text="The groups that read the topic.")
+
+
 class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     queryset = Topic.objects.all()
     serializer_class = TopicSerializer
@@ -59,17 +67,49 @@ class TopicViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     @extend_schema(
         summary="Create or grow a topic",
+        description="Any token may create a topic, and owns it. Growing it is for its owner, the tokens an "
+        "operator granted it to, and staff; a PUT of the current count changes nothing and is open to all. "
+        "Partitions: at most REGISTRY_MAX_PARTITIONS_PER_TOPIC (default 10000); shrinking is refused.",
         request=TopicPutSerializer,
-        responses={201: TopicSerializer, 200: TopicSerializer, 400: _ERRORS[400], 401: _ERRORS[401]},
+        responses={
+            201: TopicSerializer,
+            200: TopicSerializer,
+            400: bad_request("Bad input, a shrink, or more partitions than REGISTRY_MAX_PARTITIONS_PER_TOPIC."),
+            401: _ERRORS[401],
+            403: error("The topic belongs to another token (growing it is for its owner, granted tokens, staff)."),
+        },
     )
     def update(self, request: Request, pk: str) -> Response:
         incoming = TopicPutSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         try:
-            topic, created = topics.put_topic(pk, incoming.validated_data["partitions"], timezone.now())
+            topic, created = topics.put_topic(pk, incoming.validated_data["partitions"], timezone.now(), request.user)
         except topics.TopicShrink as exc:
             raise exceptions.ValidationError({"partitions": [str(exc)]}) from None
         return Response(TopicSerializer(topic).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    @extend_schema(
+        summary="Delete a topic",
+        description="For the topic's owner, the tokens an operator granted it to, and staff. A topic that a "
+        "group reads is not deleted (409, code topic_in_use, naming the groups): its partitions would vanish "
+        "under their owners.",
+        responses={
+            204: None,
+            401: _ERRORS[401],
+            403: error("The topic belongs to another token."),
+            404: error("No such topic."),
+            409: TopicInUseSerializer,
+        },
+    )
+    def destroy(self, request: Request, pk: str) -> Response:
+        try:
+            deleted = topics.delete_topic(pk, request.user)
+        except topics.TopicInUse as exc:
+            body = {"detail": str(exc), "code": "topic_in_use", "groups": exc.readers}
+            return Response(body, status=status.HTTP_409_CONFLICT)
+        if not deleted:
+            raise exceptions.NotFound(f"no topic {pk!r}")
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def _sessions(groups: list[ServiceGroup]) -> dict[tuple[str, str], object]:
@@ -91,7 +131,11 @@ class GroupViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(self._body(list(page)))
 
-    @extend_schema(summary="One consumer group", responses={200: GroupSerializer, 401: _ERRORS[401], 404: _ERRORS[404]})
+    @extend_schema(
+        summary="One consumer group",
+        description="Open to every token, like the list: who reads what is not secret; joining is (403).",
+        responses={200: GroupSerializer, 401: _ERRORS[401], 404: _ERRORS[404]},
+    )
     def retrieve(self, request: Request, pk: str) -> Response:
         return Response(self._body([self.get_object()])[0])
 
@@ -105,8 +149,14 @@ class GroupMembersView(APIView):
         responses={
             201: PartitionAssignmentSerializer,
             200: PartitionAssignmentSerializer,
-            400: _ERRORS[400],
-            403: error("The group belongs to another token, or member_id was joined by another token."),
+            400: bad_request(
+                "Bad input, or a quota: more topics than REGISTRY_MAX_TOPICS_PER_JOIN (field topics), a group "
+                "at REGISTRY_MAX_MEMBERS_PER_GROUP members (field member_id)."
+            ),
+            403: error(
+                "The group belongs to another token (only its owner, tokens an operator granted it to, and "
+                "staff may join it), or member_id was joined by another token."
+            ),
             409: OpenApiResponse(
                 ConflictSerializer,
                 description="code member_id_in_use: member_id is live under another incarnation and the join is "

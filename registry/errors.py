@@ -22,3 +22,11 @@ class Conflict(Exception):
 
     def body(self) -> dict[str, object]:
         return {"code": self.code, "detail": str(self), **self.extra}
+
+
+class InvalidInput(Exception):
+    """Input a domain rule refuses (a quota, say) where only the database can tell: a 400 naming ``field``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

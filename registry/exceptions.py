@@ -1,6 +1,6 @@
-"""API error responses beyond DRF's own: domain NotFound/Forbidden/Conflict errors of every app become
-404/403/409 with their message (a 409 also with its machine-readable ``code``), and an unreachable lease
-store or database is a 503 the client may retry."""
+"""API error responses beyond DRF's own: domain NotFound/Forbidden/Conflict/InvalidInput errors of every app
+become 404/403/409/400 with their message (a 409 also with its machine-readable ``code``, a 400 names its
+field like DRF's), and an unreachable lease store or database is a 503 the client may retry."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 from . import outage
-from .errors import Conflict, Forbidden, NotFound
+from .errors import Conflict, Forbidden, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -35,4 +35,6 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         exc = exceptions.NotFound(str(exc))
     elif isinstance(exc, Forbidden):
         exc = exceptions.PermissionDenied(str(exc))
+    elif isinstance(exc, InvalidInput):
+        exc = exceptions.ValidationError({exc.field: [str(exc)]})
     return exception_handler(exc, context)

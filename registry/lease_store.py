@@ -24,6 +24,8 @@ from django.conf import settings
 #          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
 # KEYS: deadline, removal, conf, health, token, heartbeat counter, the service id's member groups,
 #       member sessions, member timeouts. ARGV: id, now_ms, health.
+# A member session of the same id is renewed only if the token that joined it owns the service
+# (the owner id is kept with the session's timeout, see session_value); an ownerless service renews none.
 HEARTBEAT_LUA = """
 local token = redis.call('GET', KEYS[5])
 if not token then return {'TOKEN_MISS'} end
@@ -36,11 +38,18 @@ local deadline = tonumber(ARGV[2]) + tonumber(lease_ms)
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
 redis.call('INCR', KEYS[6])
--- a service that is also a group member keeps its memberships with the same heartbeat
-for _, group in ipairs(redis.call('SMEMBERS', KEYS[7])) do
-  local session = group .. '/' .. ARGV[1]
-  local timeout = redis.call('HGET', KEYS[9], session)
-  if timeout then redis.call('ZADD', KEYS[8], 'XX', tonumber(ARGV[2]) + tonumber(timeout), session) end
+-- a service that is also a group member keeps its memberships with the same heartbeat, where the
+-- same token joined them
+if owner ~= '' then
+  for _, group in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+    local session = group .. '/' .. ARGV[1]
+    local entry = redis.call('HGET', KEYS[9], session)
+    local timeout, member_owner
+    if entry then timeout, member_owner = string.match(entry, '^(%d+):(%d*)$') end
+    if member_owner == owner then
+      redis.call('ZADD', KEYS[8], 'XX', tonumber(ARGV[2]) + tonumber(timeout), session)
+    end
+  end
 end
 if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[3] then
   return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
@@ -297,9 +306,9 @@ GRACE_SESSIONS_LUA = """
 local extended = 0
 for i, session in ipairs(ARGV) do
   if i > 1 then
-    local timeout = redis.call('HGET', KEYS[2], session)
-    if timeout then
-      local deadline = tonumber(ARGV[1]) + tonumber(timeout)
+    local entry = redis.call('HGET', KEYS[2], session)
+    if entry then
+      local deadline = tonumber(ARGV[1]) + tonumber(string.match(entry, '^%d+'))
       extended = extended + redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', deadline, session)
     end
   end
@@ -354,18 +363,21 @@ def counters(r: redis.Redis, names: Iterable[str]) -> dict[str, int]:
 
 
 # --- member sessions ---------------------------------------------------------------------
-# A session is keyed "<group_id>/<member_id>" ('/' never appears in an identifier).
+# A session is keyed "<group_id>/<member_id>" ('/' never appears in an identifier). Its entry in the
+# timeouts hash is "<timeout_ms>:<owner token id>" (owner empty if none): the heartbeat of a service
+# with the member's id renews the session only for that owner. Scripts read the timeout as the
+# leading digits, so an entry of the older form "<timeout_ms>" still works (and couples to nothing).
 
 # Renew only the incarnation the session belongs to (groups.incarnations): a stale member epoch
 # renews nothing. No session, or no epoch recorded (a session restored by reconcile): false, and
 # the database decides. KEYS: sessions, timeouts, epochs. ARGV: session, now_ms, member_epoch.
 RENEW_SESSION_LUA = """
-local timeout = redis.call('HGET', KEYS[2], ARGV[1])
-if not timeout then return false end
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return false end
 local epoch = redis.call('HGET', KEYS[3], ARGV[1])
 if not epoch then return false end
 if epoch ~= ARGV[3] then return 'FENCED' end
-local deadline = tonumber(ARGV[2]) + tonumber(timeout)
+local deadline = tonumber(ARGV[2]) + tonumber(string.match(entry, '^%d+'))
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 return tostring(deadline)
 """
@@ -375,7 +387,8 @@ return tostring(deadline)
 # between; a row without a session counts as live until ARGV[7] (one timeout from now). A dynamic
 # join ('dynamic') of a member whose session has not run out changes nothing and answers LIVE.
 # KEYS: sessions, timeouts, epochs, the member's groups. ARGV: session, now_ms, deadline_ms,
-# timeout_ms, member_epoch, mode (new | dynamic | static), unknown_deadline_ms, group_id.
+# the timeouts entry (session_value: timeout and owner), member_epoch, mode (new | dynamic | static),
+# unknown_deadline_ms, group_id.
 TAKE_SESSION_LUA = """
 local old = false
 if ARGV[6] ~= 'new' then
@@ -413,6 +426,10 @@ def session_key(group_id: str, member_id: str) -> str:
     return f"{group_id}/{member_id}"
 
 
+def session_value(timeout_seconds: int, owner_id: int | None) -> str:
+    return f"{timeout_seconds * 1000}:{owner_id if owner_id is not None else ''}"
+
+
 def split_session(key: str) -> tuple[str, str]:
     group_id, _, member_id = key.partition("/")
     return group_id, member_id
@@ -425,14 +442,16 @@ def put_session(
     *,
     timeout_seconds: int,
     deadline_ms: int,
+    owner_id: int | None = None,
     only_if_absent: bool = False,
     member_epoch: int | None = None,
 ) -> None:
+    """Write a member's session; ``owner_id`` is the token that joined it (see session_value)."""
     k = keys()
     key = session_key(group_id, member_id)
     pipe = r.pipeline(transaction=True)
     pipe.zadd(k.sessions, {key: deadline_ms}, nx=only_if_absent)
-    pipe.hset(k.timeouts, key, timeout_seconds * 1000)
+    pipe.hset(k.timeouts, key, session_value(timeout_seconds, owner_id))
     if member_epoch is not None:
         pipe.hset(k.epochs, key, member_epoch)
     pipe.sadd(k.member_groups(member_id), group_id)
@@ -475,6 +494,7 @@ def take_session(
     member_epoch: int,
     mode: str,
     unknown_deadline_ms: int = 0,
+    owner_id: int | None = None,
 ) -> tuple[bool, int | None]:
     """Start the session of a join's incarnation (TAKE_SESSION_LUA). Returns (taken, previous deadline):
     taken False (nothing changed) when ``mode`` is 'dynamic' and the previous session is still live."""
@@ -489,7 +509,7 @@ def take_session(
         session_key(group_id, member_id),
         now_ms,
         now_ms + timeout_seconds * 1000,
-        timeout_seconds * 1000,
+        session_value(timeout_seconds, owner_id),
         member_epoch,
         mode,
         unknown_deadline_ms,

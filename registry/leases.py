@@ -138,11 +138,14 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
         events.service_deregistered(service_id, service.service_name, "deregistered")
-        transaction.on_commit(lambda: _announce_removed([service_id], "deregistered"))
+        owners = {service_id: service.owner_id}
+        transaction.on_commit(lambda: _announce_removed(owners, "deregistered"))
 
 
-def _announce_removed(service_ids: list[str], reason: str, now: datetime | None = None) -> None:
-    services_removed.send(sender=Service, service_ids=service_ids, reason=reason, now=now or timezone.now())
+def _announce_removed(owners: dict[str, int | None], reason: str, now: datetime | None = None) -> None:
+    services_removed.send(
+        sender=Service, service_ids=list(owners), owners=owners, reason=reason, now=now or timezone.now()
+    )
 
 
 def _operator_change(service_ids: Sequence[str], change: Callable[[Service], None]) -> int:
@@ -214,15 +217,17 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
         )
         deadlines = lease_store.removal_deadlines(r, locked)
         removed = [sid for sid in locked if deadlines.get(sid, now_ms - 1) < now_ms]
-        for sid, name in Service.objects.filter(pk__in=removed).values_list("pk", "service_name"):
+        owners = {}
+        for sid, name, owner_id in Service.objects.filter(pk__in=removed).values_list("pk", "service_name", "owner"):
             events.service_deregistered(sid, name, "expired")
+            owners[sid] = owner_id
         Service.objects.filter(pk__in=removed).delete()
         if run is not None:
             run.items = len(removed)
         if removed:
             log.info("expired %d service(s): %s", len(removed), ", ".join(removed[:20]))
             transaction.on_commit(lambda: lease_store.incr(r, "expirations", len(removed)))
-            transaction.on_commit(lambda: _announce_removed(removed, "expired", now))
+            transaction.on_commit(lambda: _announce_removed(owners, "expired", now))
     # Committed. Candidates with no row are entries a previous run deleted the rows of but could not
     # remove (Redis failed after its commit): removed now, which makes the removal idempotent.
     orphans = sorted(set(candidates) - set(locked))

@@ -16,8 +16,9 @@ from .redis_client import get_redis
 
 log = logging.getLogger(__name__)
 
-# Sent after the commit that removed services: service_ids (list of str), reason
-# ("deregistered" or "expired"), now. The groups app removes those ids from their groups.
+# Sent after the commit that removed services: service_ids (list of str), owners (service id -> id of
+# the token that owned it, or None), reason ("deregistered" or "expired"), now. The groups app removes
+# those ids from their groups where the same token joined them.
 services_removed = Signal()
 
 # Sent by registry.outage after Redis came back (restarted, emptied, or unreachable for a while) and the

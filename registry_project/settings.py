@@ -177,6 +177,17 @@ REGISTRY_DEREGISTER_AFTER = env_int("REGISTRY_DEREGISTER_AFTER", 60, minimum=0, 
 REGISTRY_CLEANUP_BATCH = env_int("REGISTRY_CLEANUP_BATCH", 500, minimum=1, maximum=100000)
 REGISTRY_DEFAULT_PARTITIONS = env_int("REGISTRY_DEFAULT_PARTITIONS", 12, minimum=1, maximum=10000)
 
+# Quotas of the groups app (groups/quotas.py): a request past one is a 400 naming the field and the
+# setting, and nothing is written. 10000 partitions and 100 topics per join are also hard ceilings.
+REGISTRY_MAX_PARTITIONS_PER_TOPIC = env_int("REGISTRY_MAX_PARTITIONS_PER_TOPIC", 10000, minimum=1, maximum=10000)
+REGISTRY_MAX_TOPICS_PER_JOIN = env_int("REGISTRY_MAX_TOPICS_PER_JOIN", 64, minimum=1, maximum=100)
+REGISTRY_MAX_MEMBERS_PER_GROUP = env_int("REGISTRY_MAX_MEMBERS_PER_GROUP", 1000, minimum=1, maximum=100000)
+if REGISTRY_DEFAULT_PARTITIONS > REGISTRY_MAX_PARTITIONS_PER_TOPIC:
+    raise ImproperlyConfigured(
+        f"REGISTRY_DEFAULT_PARTITIONS ({REGISTRY_DEFAULT_PARTITIONS}) must not exceed "
+        f"REGISTRY_MAX_PARTITIONS_PER_TOPIC ({REGISTRY_MAX_PARTITIONS_PER_TOPIC})"
+    )
+
 # Limits on what a client may send (registry_project/limits.py), checked before the work: a larger
 # request body is refused with 413 before it is read, a larger websocket message closes the socket
 # with 1009. The heartbeat fast path keeps its own, smaller cap (64 KiB).
