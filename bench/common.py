@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ class Stack:
         self.port = free_port()
         self.server: subprocess.Popen[bytes] | None = None
         self.env = dict(os.environ)
+        self.env.setdefault("SECRET_KEY", secrets.token_urlsafe(50))  # a throwaway stack's own key
 
     @property
     def url(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -83,6 +84,8 @@ def main() -> None:
     var = Path(tempfile.mkdtemp(prefix="registry-recovery-"))
     port = free_port()
     env = clean_env({"REGISTRY_VAR_DIR": str(var), "REGISTRY_PORT": str(port), "LOG_LEVEL": "CRITICAL"})
+    # A var folder of its own has no secret_key file (`make run` writes one in var/): a key for this stack.
+    env.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE, env=env, check=True, capture_output=True
     )

@@ -129,8 +129,9 @@ def test_an_operator_grant_in_the_admin_lets_a_second_token_join(victim, victims
     assert group.generation == 1  # the admin wrote the owner and grants only
     assert join(attacker[1], "m2").status_code == 201
     assert member_ids() == ["m1", "m2"]
-    # the grant is to the group: the victim's member is still the victim's
-    assert attacker[1].delete("/api/v1/groups/g1/members/m1/").status_code == 403
+    # the grant is to the group: the victim's member is still the victim's, even with its epoch right
+    epoch = attacker[1].get("/api/v1/groups/g1/members/m1/").json()["member_epoch"]
+    assert attacker[1].delete(f"/api/v1/groups/g1/members/m1/?member_epoch={epoch}").status_code == 403
 
     operator.post("/admin/groups/servicegroup/g1/change/", {"owner": victim[0].pk, "grants": []})
     assert join(attacker[1], "m3").status_code == 403
@@ -268,7 +269,8 @@ def test_an_unread_topic_is_deleted_by_its_owner_204_then_404(victim, victims_gr
     response = victim[1].delete("/api/v1/topics/spare/")
     assert response.status_code == 404 and "spare" in response.json()["detail"]
     # once the group stops reading it, the read topic goes too
-    assert victim[1].delete("/api/v1/groups/g1/members/m1/").status_code == 204
+    epoch = victim[1].get("/api/v1/groups/g1/members/m1/").json()["member_epoch"]
+    assert victim[1].delete(f"/api/v1/groups/g1/members/m1/?member_epoch={epoch}").status_code == 204
     assert victim[1].delete("/api/v1/topics/orders/").status_code == 204
 
 
@@ -376,7 +378,8 @@ def test_members_per_group_quota(victim, victims_group, settings):
     assert member_ids() == ["m1", "m2"]
     assert ServiceGroup.objects.get(pk="g1").generation == 2
     assert ("g1", "m3") not in sessions()
-    assert join(victim[1], "m2", topics=["orders", "more"]).status_code == 200  # a rejoin adds nobody
+    # a (static) rejoin of a member adds nobody: not refused by the quota
+    assert join(victim[1], "m2", topics=["orders", "more"], static=True).status_code == 200
 
 
 # --- service-member coupling ---------------------------------------------------------------
@@ -473,7 +476,7 @@ def test_a_session_entry_without_an_owner_renews_and_couples_to_nothing(victim, 
     t0_ms = lease_store.to_ms(T0)
     with time_machine.travel(T0, tick=False) as clock:
         put_topic(victim[1], "orders", 12)
-        join(victim[1], "m1", session_timeout=10)
+        epoch = join(victim[1], "m1", session_timeout=10).json()["member_epoch"]
         assert r.hget(lease_store.keys().timeouts, "g1/m1").decode() == f"10000:{owner[0].pk}"
         r.hset(lease_store.keys().timeouts, "g1/m1", "10000")
         victim[1].post("/api/v1/services/", service_body("m1", lease_duration=60), format="json")
@@ -481,6 +484,6 @@ def test_a_session_entry_without_an_owner_renews_and_couples_to_nothing(victim, 
         assert heartbeat("m1", victim[2])[0] == 200  # no owner in the entry: the service renews nothing
         assert lease_store.session_deadlines(r, [("g1", "m1")]) == {("g1", "m1"): t0_ms + 10000}
     # the member's own renewal and the outage grace read the timeout alike
-    assert lease_store.renew_session(r, "g1", "m1", t0_ms + 9000) == t0_ms + 19000
+    assert lease_store.renew_session(r, "g1", "m1", t0_ms + 9000, epoch) == t0_ms + 19000
     assert lease_store.grant_grace(r, t0_ms + 20000)[1] == 1
     assert lease_store.session_deadlines(r, [("g1", "m1")]) == {("g1", "m1"): t0_ms + 30000}
