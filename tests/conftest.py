@@ -11,8 +11,10 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import channel_layers
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, connection
+from django.test import Client
 from rest_framework.test import APIClient
 
 from registry import lease_store
@@ -48,6 +50,23 @@ def redis_clean(redis_server: RedisServer) -> Iterator[None]:
     lease_store.mark_built(r)
     lease_store.mark_sessions_built(r)
     yield
+
+
+@pytest.fixture
+def operator(db: Any) -> Client:
+    """A logged-in superuser: an on-call operator in the admin."""
+    client = Client()
+    client.force_login(User.objects.create_superuser("operator", "op@example.com", "pw-for-tests-only"))
+    return client
+
+
+@pytest.fixture
+def masters() -> Iterator[list[RedisServer]]:
+    """Three independent redis-server masters (leadership), stopped after the test."""
+    servers = [RedisServer().start() for _ in range(3)]
+    yield servers
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

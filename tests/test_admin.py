@@ -6,8 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
-from django.contrib.auth.models import User
-from django.test import Client
 
 from registry import lease_store
 from registry.models import ApiToken, Service
@@ -17,14 +15,6 @@ from tests.conftest import service_body
 pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 7, 1, 9, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def operator() -> Client:
-    user = User.objects.create_superuser("operator", "op@example.com", "pw-for-tests-only")
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

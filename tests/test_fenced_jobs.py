@@ -33,14 +33,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def masters() -> Iterator[list[RedisServer]]:
-    servers = [RedisServer().start() for _ in range(3)]
-    yield servers
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
 def leader(masters: list[RedisServer]) -> Iterator[Leadership]:
     leadership = Leadership("jobs", urls=[m.url for m in masters], ttl_ms=TTL_MS, holder="w1", node_timeout_ms=50)
     yield leadership

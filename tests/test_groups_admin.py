@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import User
-from django.test import Client
 
 from groups.models import GroupMember, ServiceGroup, Topic
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator() -> Client:
-    client = Client()
-    client.force_login(User.objects.create_superuser("operator", "op@example.com", "pw-for-tests-only"))
-    return client
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -23,14 +23,6 @@ from tests.conftest import service_body
 
 TTL_MS = 1000
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def masters() -> Iterator[list[RedisServer]]:
-    servers = [RedisServer().start() for _ in range(3)]
-    yield servers
-    for server in servers:
-        server.stop()
 
 
 def contender(masters: list[RedisServer], holder: str, ttl_ms: int = TTL_MS) -> Leadership:

@@ -4,20 +4,12 @@ only an operator reverses it (undrain restores the weight from before the drain)
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import User
 
 from registry import leases
 from registry.models import Service
 from tests.conftest import service_body
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator(client):
-    user = User.objects.create_superuser("oncall", "oncall@example.com", "pw")
-    client.force_login(user)
-    return client
 
 
 def register(api, service_id: str, weight: int) -> dict:

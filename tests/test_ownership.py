@@ -11,9 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 from django.apps import apps
-from django.contrib.auth.models import User
 from django.db import connection, transaction
-from django.test import Client
 
 from groups import topics
 from groups.models import GroupMember, RebalanceEvent, ServiceGroup, Topic
@@ -60,13 +58,6 @@ def attacker(make_token):
 def staff(make_token):
     token, key = make_token("ops", staff=True)
     return token, client_for(key), key
-
-
-@pytest.fixture
-def operator() -> Client:
-    client = Client()
-    client.force_login(User.objects.create_superuser("operator", "op@example.com", "pw-for-tests-only"))
-    return client
 
 
 @pytest.fixture
