@@ -67,9 +67,9 @@ def test_leadership_survives_one_master_and_steps_down_without_a_majority(master
 
     masters[0].kill()
     time.sleep(TTL_MS / 1000 * 0.6)  # past half the TTL: ensure() must renew on the two left
-    renewed = leader.ensure()
-    assert renewed is not None and renewed.number == term.number
-    assert renewed.lock.valid_until > term.lock.valid_until
+    # (a busy machine can make one renewal miss a node's 50 ms timeout: ensure() tries again while valid)
+    renewed = wait_for(lambda: (t := leader.ensure()) and t.lock.valid_until > term.lock.valid_until and t, 0.3)
+    assert renewed.number == term.number
     job_write(renewed)
     assert LeaderJobRun.objects.count() == 2
 
