@@ -354,8 +354,12 @@ def run_history(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     began = time.monotonic()
     with Run(args, out) as run:
         members = member_ids(args.members)
-        for member_id, static in members:
+        # broken members first, alone until they consume everything: the others' joins must revoke from them
+        ordered = sorted(members, key=lambda m: m[0] not in args.broken)
+        for member_id, static in ordered:
             run.start(member_id, static, broken=member_id in args.broken)
+            if member_id in args.broken and len(args.broken) == ordered.index((member_id, static)) + 1:
+                run.wait_covered(60)
         window_start = run.wait_covered(60)
         faults = args.faults
         counts: dict[str, int] = defaultdict(int)
