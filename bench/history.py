@@ -161,7 +161,11 @@ def all_covered_at(history: History) -> float | None:
 
 
 def takeover(history: History, inc: str, held: Iterable[str], since: float) -> float | None:
-    """Time from ``since`` until every partition in ``held`` was consumed by another incarnation."""
+    """Time from ``since`` until every partition in ``held`` was consumed by another incarnation
+    (None if one never was, or if ``held`` is empty: nothing to take over)."""
+    held = list(held)
+    if not held:
+        return None
     last = since
     for p in held:
         starts = [i.start for i in history.intervals if i.partition == p and i.inc != inc and i.start >= since]
@@ -275,7 +279,8 @@ class Run:
         found: set[str] = set()
         for path in [self.out / name] if name else self.out.glob("*.jsonl"):
             open_: set[tuple[str, str]] = set()
-            for line in path.read_text().splitlines():
+            lines = path.read_text().splitlines() if path.exists() else []  # not started far enough to write
+            for line in lines:
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -387,10 +392,10 @@ def run_history(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         history = run.history(window_end)
         bound = args.session_timeout + args.cleanup + args.slack
         violations = check(history, bound, (window_start, window_end), run.excluded)
-        kill_takeovers = [takeover(history, _inc_of(history, out / f, t), held, t) for f, t, held in run.kills]
-        leave_takeovers = [
-            takeover(history, e["inc"], e["held"], e["t"]) for e in history.leaves if e["t"] < window_end
-        ]
+        kills = [(_inc_of(history, out / f, t), held, t) for f, t, held in run.kills if held]
+        kill_takeovers = [takeover(history, inc, held, t) for inc, held, t in kills]
+        leaves = [e for e in history.leaves if e["t"] < window_end and e["held"]]
+        leave_takeovers = [takeover(history, e["inc"], e["held"], e["t"]) for e in leaves]
     return {
         "runtime_s": round(time.monotonic() - began, 1),
         "checked_s": round(window_end - window_start, 1),
@@ -410,7 +415,7 @@ def run_history(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def _inc_of(history: History, path: Path, before: float) -> str:
     """The incarnation a killed process was in (its last join before ``before``)."""
     inc = ""
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             event = json.loads(line)
         except ValueError:
@@ -428,7 +433,6 @@ def run_takeover(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for member_id, static in members:
             run.start(member_id, static)
         run.wait_covered(60)
-        leaves_before = 0
         for round_ in range(args.takeover):
             member_id, static = members[round_ % len(members)]
             time.sleep(1)
@@ -439,8 +443,8 @@ def run_takeover(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             run.wait_covered(60)
         time.sleep(1)
         history = run.history()
-        kills = [takeover(history, _inc_of(history, out / f, t), held, t) for f, t, held in run.kills]
-        leaves = [takeover(history, e["inc"], e["held"], e["t"]) for e in history.leaves[leaves_before:]]
+        kills = [takeover(history, _inc_of(history, out / f, t), held, t) for f, t, held in run.kills if held]
+        leaves = [takeover(history, e["inc"], e["held"], e["t"]) for e in history.leaves if e["held"]]
     return {
         "runtime_s": round(time.monotonic() - began, 1),
         "session_timeout_s": args.session_timeout,
