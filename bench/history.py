@@ -330,10 +330,21 @@ class Run:
             self.killed_at[self.files[old.pid]] = time.monotonic()
 
     def leave(self, member_id: str, static: bool) -> None:
+        """A clean leave, then a join: by the same process (SIGUSR1) or by a new one (SIGTERM, restart)."""
         process = self.slots[member_id]
+        if random.random() < 0.5:
+            self.note(f"leave and rejoin {member_id} pid {process.pid}")
+            process.send_signal(signal.SIGUSR1)
+            return
         self.note(f"leave {member_id} pid {process.pid}")
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.note(f"{member_id} pid {process.pid} did not leave within 30 s: killed")
+            process.kill()
+            process.wait()
+            self.killed_at[self.files[process.pid]] = time.monotonic()
         time.sleep(random.uniform(0.5, 1.5))
         self.start(member_id, static)
 

@@ -217,7 +217,8 @@ class Member:
             if not await self.join():
                 await asyncio.sleep(0.3)
                 continue
-            why = await self.incarnation()
+            # a signal during the join: act on it now (the incarnation would not see it)
+            why = self.stopping or await self.incarnation()
             self.log("end", why=why, t=time.monotonic())
             if why in ("leave", "rejoin"):
                 await self.leave()
