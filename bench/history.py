@@ -277,7 +277,9 @@ class Run:
     def open_partitions(self, name: str | None = None) -> set[str]:
         """Partitions with an open interval (in one history file, or in all)."""
         found: set[str] = set()
-        for path in [self.out / name] if name else self.out.glob("*.jsonl"):
+        # a killed process's unclosed intervals ended with it
+        paths = [self.out / name] if name else [p for p in self.out.glob("*.jsonl") if p.name not in self.killed_at]
+        for path in paths:
             open_: set[tuple[str, str]] = set()
             lines = path.read_text().splitlines() if path.exists() else []  # not started far enough to write
             for line in lines:
@@ -471,6 +473,7 @@ def summary(values: list[float | None]) -> dict[str, Any]:
         "rounds": len(values),
         "median": round(statistics.median(done), 3) if done else None,
         "max": round(max(done), 3) if done else None,
+        "all": [round(v, 3) if v is not None else None for v in values],
         "not_taken_over": len(values) - len(done),
     }
 
