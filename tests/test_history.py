@@ -14,7 +14,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def run(tmp_path: Path, *argv: str) -> dict[str, object]:
-    args = history.parser().parse_args(["--seed", "7", *argv])
+    # The unowned bound is session_timeout + cleanup + slack: a time. Inside the whole suite on a busy
+    # machine the leader loop and the pushes run late, so the slack here is 8 s rather than the
+    # benchmark's 2 s: the test checks that takeovers happen, the benchmark how fast.
+    args = history.parser().parse_args(["--seed", "7", "--slack", "8", *argv])
     return history.run_history(args, tmp_path)
 
 
