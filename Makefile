@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery clean
+.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery history clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-heartbeat: $(VENV)/.dev var/secret_key
 
 bench-redis-recovery: $(VENV)/.runtime
 	$(PY) bench/redis_recovery.py
+
+# The consumer-group history check, long: 6 member processes, 3 minutes of faults, then the checker
+# (exit 1 on any violation), after the takeover figures. HISTORY_ARGS adds options (see --help).
+history: $(VENV)/.dev
+	$(PY) bench/history.py --takeover 5
+	$(PY) bench/history.py --seconds 180 $(HISTORY_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
