@@ -26,6 +26,7 @@ def run(tmp_path: Path, *argv: str) -> dict[str, object]:
 MEMBER_FAULTS = ["kill", "freeze", "duplicate", "leave"]
 
 
+@pytest.mark.history
 def test_short_history_has_no_violation(tmp_path: Path) -> None:
     figures = run(tmp_path, "--seconds", "22", "--faults", *MEMBER_FAULTS)
     assert figures["violations"] == {"overlap": 0, "unowned": 0, "generation": 0}, figures["violation_lines"]
