@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,6 +163,17 @@ def asgi_request(method: str, path: str, *, host: str = "127.0.0.1", **kwargs: A
 def heartbeat(request: pytest.FixtureRequest) -> Heartbeater:
     """Every heartbeat test runs against both front doors, which must answer alike."""
     return Heartbeater(request.param)
+
+
+def wait_for(check: Callable[[], Any], seconds: float = 5.0) -> Any:
+    """Poll ``check`` until it returns something truthy (returned); AssertionError after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"not true within {seconds}s")
 
 
 def database_url() -> str:

@@ -26,7 +26,7 @@ from registry.leadership import Leadership, NotLeader, Term, fenced
 from registry.models import LeaderJobRun, Service
 from registry.redis_client import get_redis
 from registry_project.embedded_redis import RedisServer
-from tests.conftest import service_body
+from tests.conftest import service_body, wait_for
 
 TTL_MS = 1000
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -37,16 +37,6 @@ def leader(masters: list[RedisServer]) -> Iterator[Leadership]:
     leadership = Leadership("jobs", urls=[m.url for m in masters], ttl_ms=TTL_MS, holder="w1", node_timeout_ms=50)
     yield leadership
     leadership.close()
-
-
-def wait_for(check: Callable[[], Any], seconds: float = 5.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"not true within {seconds}s")
 
 
 def failing_at_commit(term: Term, job: str) -> Callable[[], Any]:

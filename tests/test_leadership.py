@@ -6,9 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from django.db import connection
@@ -19,7 +17,7 @@ from registry.leadership import Leadership, Lock, NotLeader, StaleTerm, Term, fe
 from registry.models import ApiToken, LeaderJobRun, LeaderTerm, LeaderTermHistory, Service
 from registry.redis_client import get_redis
 from registry_project.embedded_redis import RedisServer
-from tests.conftest import service_body
+from tests.conftest import service_body, wait_for
 
 TTL_MS = 1000
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -27,16 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def contender(masters: list[RedisServer], holder: str, ttl_ms: int = TTL_MS) -> Leadership:
     return Leadership("jobs", urls=[m.url for m in masters], ttl_ms=ttl_ms, holder=holder, node_timeout_ms=50)
-
-
-def wait_for(check: Callable[[], Any], seconds: float = 5.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"not true within {seconds}s")
 
 
 def sleep_past(lock: Lock) -> None:
