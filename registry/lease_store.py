@@ -59,25 +59,36 @@ return {'OK', tostring(deadline), lease_ms}
 
 HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
 
+# One service's whole lease entry, removed; the removal scripts below share it.
+# KEYS: deadline, removal, conf, health.
+_REMOVE_ENTRY_LUA = """
+local removed = {}
+local function remove(id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  table.insert(removed, id)
+end
+"""
+
 # Remove the given services whose removal deadline is before now; returns the ids removed. Leader
 # jobs run it only after their fenced commit deleted the rows, so a rejected job changes nothing
 # here, and an entry renewed or re-registered since the decision stays.
-REMOVE_LAPSED_LUA = """
-local removed = {}
+REMOVE_LAPSED_LUA = (
+    _REMOVE_ENTRY_LUA
+    + """
 for i, id in ipairs(ARGV) do
   if i > 1 then
     local score = redis.call('ZSCORE', KEYS[2], id)
     if (not score) or tonumber(score) < tonumber(ARGV[1]) then
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZREM', KEYS[2], id)
-      redis.call('HDEL', KEYS[3], id)
-      redis.call('HDEL', KEYS[4], id)
-      table.insert(removed, id)
+      remove(id)
     end
   end
 end
 return removed
 """
+)
 
 
 @dataclass(frozen=True)
@@ -186,21 +197,19 @@ def put(
 # Remove the given services whose removal deadline is still the one seen when the removal was
 # decided (an orphan whose row was gone); one re-registered since has a new deadline and stays.
 # KEYS: deadline, removal, conf, health. ARGV: id, removal deadline, id, removal deadline...
-REMOVE_UNCHANGED_LUA = """
-local removed = {}
+REMOVE_UNCHANGED_LUA = (
+    _REMOVE_ENTRY_LUA
+    + """
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[2], id)
   if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
-    table.insert(removed, id)
+    remove(id)
   end
 end
 return removed
 """
+)
 
 
 def remove(r: redis.Redis, service_ids: Sequence[str]) -> None:
