@@ -1,0 +1,32 @@
+"""The asyncio API of conveyor: the same names as the sync one (``Registry``, ``register``, ``group_member``,
+``balancer``, the errors), with coroutines and async iterators."""
+
+from ..errors import (
+    Conflict,
+    ConveyorError,
+    Fenced,
+    Forbidden,
+    InvalidRequest,
+    NoInstanceAvailable,
+    NotFound,
+    RateLimited,
+    ServiceNotFound,
+    Unauthorized,
+    Unavailable,
+)
+from .registry import Registry
+
+__all__ = [
+    "Conflict",
+    "ConveyorError",
+    "Fenced",
+    "Forbidden",
+    "InvalidRequest",
+    "NoInstanceAvailable",
+    "NotFound",
+    "RateLimited",
+    "Registry",
+    "ServiceNotFound",
+    "Unauthorized",
+    "Unavailable",
+]
