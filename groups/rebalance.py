@@ -19,9 +19,10 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from registry.errors import NotFound
+from registry.models import ApiToken
 
 from . import assignor, events
-from .models import GroupState, Partition, RebalanceEvent, RebalanceReason, ServiceGroup, Topic
+from .models import GroupState, Partition, RebalanceEvent, RebalanceReason, RetiredGroup, ServiceGroup, Topic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,13 +32,15 @@ class GroupNotFound(NotFound):
     pass
 
 
-def lock_group(group_id: str, *, create: bool = False) -> ServiceGroup | None:
-    """The group's row, locked until the transaction ends (created first with ``create``); None if absent."""
-    group = ServiceGroup.objects.select_for_update().filter(pk=group_id).first()
-    if group is None and create:
-        ServiceGroup.objects.bulk_create([ServiceGroup(group_id=group_id)], ignore_conflicts=True)
-        group = ServiceGroup.objects.select_for_update().get(pk=group_id)
-    return group
+def lock_group(group_id: str, *, create_for: ApiToken | None = None) -> ServiceGroup | None:
+    """The group's row, locked until the transaction ends; None if absent. With ``create_for``, a missing
+    group is created first, owned by that token; a group deleted before continues its member epochs."""
+    if create_for is not None:
+        retired = RetiredGroup.objects.filter(pk=group_id).values_list("member_epochs", flat=True).first()
+        ServiceGroup.objects.bulk_create(
+            [ServiceGroup(group_id=group_id, owner=create_for, member_epochs=retired or 0)], ignore_conflicts=True
+        )
+    return ServiceGroup.objects.select_for_update().filter(pk=group_id).first()
 
 
 def members_of(group: ServiceGroup, exclude: str | None = None) -> list[str]:
