@@ -28,7 +28,7 @@ import pytest
 from conveyor import Registry
 from conveyor import aio as conveyor_aio
 from conveyor._member_state import ASSIGNED, LOST, REVOKED, MemberState, Snapshot, session_deadline
-from conveyor.errors import Fenced
+from conveyor.errors import Fenced, Forbidden, InvalidRequest, Unauthorized
 from conveyor.listener import TopicPartition
 from conveyor.member import GroupMember
 
@@ -578,3 +578,19 @@ def test_short_history_with_client_members_has_no_violation(tmp_path: Path) -> N
     assert set(figures["faults"]) == set(faults)
     assert figures["partitions"] == len(history.ALL_PARTITIONS)
     assert figures["incarnations"] > 6
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(60)
+def test_a_join_refused_for_good_raises_from_the_constructor(servers, key, make_token, topic, members):
+    a_url, _ = servers
+    member(members, a_url, key, "a", None)  # the group is key's now
+    other = make_token("other")[1]
+    with pytest.raises(Forbidden):
+        Registry(a_url, other).group_member("g", topics=[TOPIC], member_id="b")
+    with pytest.raises(Unauthorized):
+        Registry(a_url, "not-a-token").group_member("g", topics=[TOPIC], member_id="b")
+    with pytest.raises(InvalidRequest) as refused:
+        Registry(a_url, key).group_member("g", topics=["no spaces allowed"], member_id="b")
+    assert "topics" in refused.value.fields
+    assert set(group_members(a_url, key)) == {"a"}  # none of them joined
