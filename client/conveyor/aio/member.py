@@ -36,7 +36,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -340,9 +340,9 @@ class GroupMember:
         self._wake.set()
         log.info("member %s joined group %s: member_epoch %d", self.member_id, self.group, epoch)
         tasks = [
-            asyncio.create_task(self._heartbeats(epoch)),
-            asyncio.create_task(self._follow(epoch)),
-            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._guarded(self._heartbeats(epoch))),
+            asyncio.create_task(self._guarded(self._follow(epoch))),
+            asyncio.create_task(self._guarded(self._watch())),
         ]
         try:
             why = await self._ended
@@ -356,6 +356,15 @@ class GroupMember:
         self._wake.set()
         await self._until_idle()
         return why
+
+    async def _guarded(self, task: Coroutine[Any, Any, None]) -> None:
+        """Run one of the incarnation's tasks; a fault in it stops the member (holding nothing)
+        rather than leaving it without heartbeats or without its socket."""
+        try:
+            await task
+        except Exception as exc:
+            log.exception("member %s of group %s: internal error", self.member_id, self.group)
+            self._fail(errors.ConveyorError(f"the member stopped: {exc!r}"))
 
     def _end(self, why: str) -> None:
         """The incarnation is over (``why``): from now on nothing is held."""
