@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from conveyor import Registry
@@ -31,20 +32,21 @@ TICK = 0.05
 
 
 class Committer:
-    """The listener: a revocation "commits" for ``seconds``; nothing else is needed, the ticks follow
-    ``member.assignment``."""
+    """The listener: a revocation "commits" for ``seconds``. The ticks follow ``member.assignment``;
+    an assignment or a loss also ticks at once, as an application starts or stops consuming there."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, tick: Callable[[], None]) -> None:
         self.seconds = seconds
+        self.tick = tick
 
     def on_partitions_revoked(self, partitions: list[TopicPartition]) -> None:
         time.sleep(self.seconds)
 
     def on_partitions_assigned(self, partitions: list[TopicPartition]) -> None:
-        pass
+        self.tick()
 
     def on_partitions_lost(self, partitions: list[TopicPartition]) -> None:
-        pass
+        self.tick()
 
 
 class Process:
@@ -98,7 +100,7 @@ class Process:
         return self.registry.group_member(
             self.args.group,
             topics=self.args.topics,
-            listener=Committer(self.args.commit_seconds),
+            listener=Committer(self.args.commit_seconds, self.tick),
             member_id=self.args.member_id,
             service_name="history",
             static=self.args.static,

@@ -346,12 +346,12 @@ class GroupMember:
         ]
         try:
             why = await self._ended
+            if why == CLOSED:
+                await self._leave(epoch)  # first: closing the socket would only delay the others
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if why == CLOSED:
-            await self._leave(epoch)
         self._state.end()
         self._wake.set()
         await self._until_idle()
@@ -524,7 +524,8 @@ class GroupMember:
                 return
 
     def _after_processed(self, before: int) -> None:
-        if self._state.processed > before and self._state.ack_due():
+        # closing, the leave that follows hands everything over at once: no confirmation to wait for
+        if self._state.processed > before and self._state.ack_due() and not self._state.closing:
             self._ack_now.set()
 
     async def _call(self, step: Step) -> None:
