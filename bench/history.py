@@ -234,9 +234,10 @@ class Run:
     def start(self, member_id: str, static: bool, broken: bool = False) -> subprocess.Popen[bytes]:
         self.seq += 1
         name = f"{member_id}-{self.seq}.jsonl"
+        script = "history_client_member.py" if self.args.client else "history_member.py"
         command = [
             sys.executable,
-            str(BASE / "bench" / "history_member.py"),
+            str(BASE / "bench" / script),
             "--url",
             self.stack.url,
             "--token",
@@ -489,6 +490,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--broken", nargs="*", default=[], help="member ids run with --broken")
     p.add_argument("--takeover", type=int, default=0, help="rounds of takeover figures instead of a history run")
+    p.add_argument("--client", action="store_true", help="members built on the client (history_client_member.py)")
     p.add_argument("--database-url", default=None, help="default: a new SQLite file")
     p.add_argument("--out", type=Path, default=None, help="keep the histories here")
     p.add_argument("--verbose", action="store_true")
