@@ -93,6 +93,16 @@ class PartitionAssignmentSerializer(serializers.Serializer):
     )
 
 
+class MemberHeartbeatReplySerializer(PartitionAssignmentSerializer):
+    """The answer to a member heartbeat (and, over the member websocket, to an ack)."""
+
+    session_expires_at = serializers.DateTimeField(
+        help_text="The session's deadline after this heartbeat: its arrival plus session_timeout (ISO 8601 UTC). "
+        "Stop consuming if no later heartbeat is confirmed by then; measure from your own send time, "
+        "not from this instant, if your clock may differ from the server's."
+    )
+
+
 class MemberSerializer(PartitionAssignmentSerializer):
     service_name = serializers.CharField()
     topics = serializers.ListField(child=serializers.CharField())

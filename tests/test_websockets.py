@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -171,9 +171,16 @@ def test_an_ack_gets_exactly_one_message_and_the_hand_over_still_reaches_every_o
         assert (await m2.receive_json_from(timeout=5))["assigned_partitions"] == {"orders": list(range(6, 12))}
         assert (await group.receive_json_from(timeout=5))["version"] == 3
 
-        # an ack that changes nothing is answered once too
+        # an ack that changes nothing is answered once too, with the session's new deadline
+        before = datetime.now(UTC)
         await m1.send_json_to({"type": "ack", "generation": 2})
-        assert (await m1.receive_json_from(timeout=5))["version"] == 3
+        answer = await m1.receive_json_from(timeout=5)
+        after = datetime.now(UTC)
+        assert answer["version"] == 3
+        deadline = datetime.fromisoformat(answer["session_expires_at"])  # ISO 8601 UTC, "Z"
+        assert answer["session_expires_at"].endswith("Z")
+        timeout = timedelta(seconds=30)  # the join's default session_timeout
+        assert before + timeout - timedelta(milliseconds=1) <= deadline <= after + timeout
         assert await m1.receive_nothing(timeout=0.5)
         assert await m2.receive_nothing(timeout=0.1)
         for communicator in (m1, m1_again, m2, group):
