@@ -88,6 +88,10 @@ class PartitionAssignmentSerializer(serializers.Serializer):
         help_text="Owned partitions it must give up: confirm the generation to hand them over."
     )
     pending = PartitionMapField(help_text="Partitions it will own once their current owner gives them up.")
+    version = serializers.IntegerField(
+        help_text="The group's version: bumped on every change of ownership (hand-overs within a generation "
+        "too). Order views by (generation, version); drop any at or below the newest you have."
+    )
     member_epoch = serializers.IntegerField(
         help_text="The member's current incarnation: every heartbeat, ack, socket and leave must carry it."
     )
@@ -104,6 +108,7 @@ class MemberHeartbeatReplySerializer(PartitionAssignmentSerializer):
 
 
 class MemberSerializer(PartitionAssignmentSerializer):
+    version = None  # the group's, given once at the group's level
     service_name = serializers.CharField()
     topics = serializers.ListField(child=serializers.CharField())
     joined_at = serializers.DateTimeField()
@@ -116,6 +121,7 @@ class MemberSerializer(PartitionAssignmentSerializer):
 class GroupSerializer(serializers.Serializer):
     group_id = serializers.CharField()
     generation = serializers.IntegerField()
+    version = serializers.IntegerField(help_text="Bumped on every change of ownership; orders views of one generation.")
     state = serializers.CharField()
     topics = serializers.ListField(child=serializers.CharField())
     members = MemberSerializer(many=True)
@@ -141,6 +147,7 @@ def group_body(group: Any, views: dict[str, Any], sessions: dict[tuple[str, str]
         {
             "group_id": group.group_id,
             "generation": group.generation,
+            "version": group.version,
             "state": group.state,
             "topics": group.topics,
             "members": members,

@@ -172,3 +172,35 @@ def test_labels_sent_as_the_schema_types_them_are_accepted(api, owner):
     assert response.status_code == 201
     assert response.json()["labels"] == {"env": "prod"}
     assert client_for(None).get("/api/v1/services/").status_code == 401
+
+
+def test_assignments_document_version_and_heartbeat_answers_the_session_deadline(api, schema):
+    components = schema["components"]["schemas"]
+    for component in ("PartitionAssignment", "MemberHeartbeatReply", "Group"):
+        assert components[component]["properties"]["version"]["type"] == "integer", component
+        assert "version" in components[component]["required"], component
+    reply = components["MemberHeartbeatReply"]
+    assert reply["properties"]["session_expires_at"] == {
+        "type": "string",
+        "format": "date-time",
+        "description": reply["properties"]["session_expires_at"]["description"],
+    }
+    assert "session_expires_at" in reply["required"]
+    beat = _operations(schema)[("post", "/api/v1/groups/{group_id}/members/{member_id}/heartbeat/")]
+    assert beat["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/MemberHeartbeatReply"
+    }
+
+    # and the server answers exactly the documented fields
+    def documented(component: str) -> set[str]:
+        return set(components[component]["properties"])
+
+    joined = api.post(
+        "/api/v1/groups/g1/members/", {"member_id": "m1", "service_name": "c", "topics": ["t"]}, format="json"
+    ).json()
+    assert set(joined) == documented("PartitionAssignment")
+    answer = api.post("/api/v1/groups/g1/members/m1/heartbeat/", {"generation": 1, "member_epoch": 1}, format="json")
+    assert set(answer.json()) == documented("MemberHeartbeatReply")
+    group = api.get("/api/v1/groups/g1/").json()
+    assert set(group) == documented("Group") and group["version"] == joined["version"]
+    assert set(group["members"][0]) == documented("Member")
