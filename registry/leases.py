@@ -348,7 +348,10 @@ def heartbeat_flow(
     key_hash = hash_token(token_key)
     now_ms = lease_store.to_ms(now)
     for _attempt in range(3):
-        reply = yield Eval(lease_store.keys().heartbeat_keys(key_hash, service_id), [service_id, now_ms, health])
+        reply = yield Eval(
+            lease_store.keys().heartbeat_keys(key_hash, service_id),
+            [service_id, now_ms, health, lease_store.claim_valid_ms()],
+        )
         code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if code in ("OK", "HEALTH_CHANGED"):
             deadline_ms, lease_ms = int(reply[1]), int(reply[2])

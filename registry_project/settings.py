@@ -143,6 +143,10 @@ REGISTRY_LEADER_NODE_TIMEOUT_MS = env_int("REGISTRY_LEADER_NODE_TIMEOUT_MS", 100
 # A leader job starts only with at least this share (in percent) of its lock's validity left: it
 # renews first, and skips the run if it cannot, rather than start a job it may not finish in time.
 REGISTRY_LEADER_MIN_VALIDITY_PERCENT = env_int("REGISTRY_LEADER_MIN_VALIDITY_PERCENT", 50, minimum=1, maximum=90)
+# The member-expiry job claims the lapsed sessions it is about to remove; no heartbeat renews a claimed
+# session (it waits for the job's group lock and the database decides). A claim older than this is
+# ignored, so a job that died mid-way blocks renewals no longer: longer than any expiry transaction.
+REGISTRY_SESSION_CLAIM_SECONDS = env_int("REGISTRY_SESSION_CLAIM_SECONDS", 60, minimum=1, maximum=3600)
 
 
 # Websocket push. RedisPubSubChannelLayer, not RedisChannelLayer: a group_send is one PUBLISH that

@@ -7,6 +7,7 @@ then its holder sleeps past the lock's validity before the commit, so ``fenced``
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection, transaction
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
@@ -148,6 +150,104 @@ def test_member_expiry_rejected_at_commit_keeps_the_session_and_the_next_run_han
     assert expiry.expire_members(later, guard=fresh_guard(leader, "member-expiry")) == [("g", "dead")]
     assert partitions_of("g") == [("live", "live")] * 4  # nothing left revoking
     assert not lease_store.session_deadlines(get_redis(), [("g", "dead")])
+
+
+def committing_after(during: Callable[[], None]) -> Callable[[], Any]:
+    """A guard that runs ``during`` inside the job's transaction, after its writes, before its commit."""
+
+    @contextmanager
+    def guard() -> Iterator[None]:
+        with transaction.atomic():
+            yield None
+            during()
+
+    return guard
+
+
+class HeartbeatDuring:
+    """A member heartbeat sent from another thread while the expiry job's transaction is open: it gets
+    half a second to answer before the job goes on (an answer then is the race this guards against)."""
+
+    def __init__(self, member_epoch: int, token: Any, now: Any) -> None:
+        self.args = ("g", "dead", 0, member_epoch, token, now)
+        self.answer: Any = None
+        self.error: Exception | None = None
+        self.answered_before_commit = False
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        try:
+            self.answer = membership.heartbeat(*self.args)
+        except Exception as exc:  # noqa: BLE001  (kept for the assertions)
+            self.error = exc
+        finally:
+            connection.close()
+
+    def __call__(self) -> None:
+        self.thread.start()
+        self.thread.join(0.5)
+        self.answered_before_commit = not self.thread.is_alive()
+
+
+def test_a_heartbeat_during_member_expiry_is_not_told_its_session_is_kept(owner):
+    """The race a history run found: the job read the session as lapsed, a heartbeat renewed it in Redis
+    and answered 200 with the member's partitions while the job handed them on. The job claims the
+    session first, so the heartbeat waits for the commit and finds the member gone."""
+    group_with_a_revoking_dead_member(owner)
+    epoch = GroupMember.objects.get(group_id="g", member_id="dead").member_epoch
+    later = timezone.now() + timedelta(seconds=5)
+    beat = HeartbeatDuring(epoch, owner[0], later)
+
+    assert expiry.expire_members(later, guard=committing_after(beat)) == [("g", "dead")]
+    beat.thread.join(30)
+
+    assert not beat.answered_before_commit
+    assert isinstance(beat.error, membership.MemberNotFound), beat.answer
+    assert partitions_of("g") == [("live", "live")] * 4
+    assert not lease_store.session_deadlines(get_redis(), [("g", "dead")])  # no orphan session left
+
+
+def test_a_heartbeat_during_a_rejected_member_expiry_keeps_the_member(leader, owner):
+    group_with_a_revoking_dead_member(owner)
+    epoch = GroupMember.objects.get(group_id="g", member_id="dead").member_epoch
+    later = timezone.now() + timedelta(seconds=5)
+    term = wait_for(leader.ensure, 5)
+    beat = HeartbeatDuring(epoch, owner[0], later)
+
+    def rejected() -> Callable[[], Any]:
+        @contextmanager
+        def guard() -> Iterator[LeaderJobRun]:
+            with failing_at_commit(term, "member-expiry")() as run:
+                yield run
+                beat()
+
+        return guard
+
+    with pytest.raises(NotLeader):
+        expiry.expire_members(later, guard=rejected())
+    beat.thread.join(30)
+
+    assert not beat.answered_before_commit
+    assert beat.error is None and beat.answer is not None  # the row stayed: the session is written again
+    assert lease_store.session_deadlines(get_redis(), [("g", "dead")])[("g", "dead")] > lease_store.to_ms(later)
+    assert expiry.expire_members(later, guard=fresh_guard(leader, "member-expiry")) == []
+    # and its claim is gone: Redis renews it again without the database
+    assert lease_store.renew_session(get_redis(), "g", "dead", lease_store.to_ms(later), epoch)
+
+
+def test_a_claimed_session_is_renewed_by_no_heartbeat_until_the_claim_is_released(owner):
+    group_with_a_revoking_dead_member(owner)
+    r = get_redis()
+    epoch = GroupMember.objects.get(group_id="g", member_id="dead").member_epoch
+    later_ms = lease_store.to_ms(timezone.now() + timedelta(seconds=5))
+    assert lease_store.claim_expired_sessions(r, [("g", "dead"), ("g", "live")], later_ms) == [("g", "dead")]
+
+    assert lease_store.renew_session(r, "g", "dead", later_ms, epoch) is None  # the database must decide
+    live_epoch = GroupMember.objects.get(group_id="g", member_id="live").member_epoch
+    assert lease_store.renew_session(r, "g", "live", later_ms, live_epoch) is not None
+
+    lease_store.release_claims(r, [("g", "dead")])
+    assert lease_store.renew_session(r, "g", "dead", later_ms, epoch) is not None
 
 
 @pytest.fixture

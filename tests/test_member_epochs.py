@@ -94,6 +94,18 @@ def test_every_join_takes_a_new_epoch_never_reused_after_a_leave(api, orders):
     assert (member["member_id"], member["member_epoch"], member["static"]) == ("m1", 3, False)
 
 
+def test_a_group_deleted_and_created_again_never_hands_out_an_old_epoch(api, orders):
+    assert join(api, "m1").json()["member_epoch"] == 1
+    assert join(api, "m2").json()["member_epoch"] == 2
+    assert leave(api, "m1", 1).status_code == 204 and leave(api, "m2", 2).status_code == 204
+    ServiceGroup.objects.get(pk="g1").delete()  # an operator deletes the empty group in the admin
+
+    again = join(api, "m1")
+    assert again.status_code == 201 and again.json()["member_epoch"] == 3
+    # a zombie of the first m1 (epoch 1) is still refused by the new group
+    assert beat(api, "m1", 0, 1).status_code == 409
+
+
 @pytest.mark.django_db
 def test_a_missing_epoch_is_a_400_naming_it_except_for_an_operators_removal(api, orders, make_token):
     join(api, "m1")
