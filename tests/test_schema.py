@@ -26,6 +26,8 @@ TABLE = {
     ("get", "/api/v1/services/{service_id}/"): {"200", "401", "429", "503", *PATH_ID},
     ("post", "/api/v1/services/{service_id}/heartbeat/"): {"200", "400", "401", "403", "404", "413", "503"},
     ("delete", "/api/v1/services/{service_id}/"): {"204", "401", "403", "429", "503", *PATH_ID},
+    ("post", "/api/v1/services/{service_id}/drain/"): {"200", "401", "403", "429", "503", *PATH_ID},
+    ("post", "/api/v1/services/{service_id}/undrain/"): {"200", "401", "403", "429", "503", *PATH_ID},
     ("put", "/api/v1/topics/{name}/"): {"200", "201", "401", "403", "429", "503", *BODY, *PATH_ID},
     ("delete", "/api/v1/topics/{name}/"): {"204", "401", "403", "409", "429", "503", *PATH_ID},
     ("get", "/api/v1/topics/"): {"200", "401", "404", "429"},
