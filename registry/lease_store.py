@@ -304,14 +304,18 @@ def take_revision(r: redis.Redis, service_id: str, stored: int, recoveries_seen:
     return int(taken), int(recoveries)
 
 
+# KEYS: revision counter. ARGV: newest stored revision, jump.
 RAISE_COUNTER_LUA = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+if tonumber(redis.call('GET', KEYS[1]) or '0') <= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]))
+end
 """
 
 
-def raise_revision_counter(r: redis.Redis, at_least: int) -> None:
-    """Move the registry's revision counter up to ``at_least`` if it is below (after Redis lost it)."""
-    r.eval(RAISE_COUNTER_LUA, 1, keys().counter("revision"), at_least)
+def raise_revision_counter(r: redis.Redis, newest_stored: int, jump: int) -> None:
+    """After Redis lost data: a revision counter at or below the newest revision the database stores has
+    lost increments (removals among them, whose revisions nothing stores), so it moves ``jump`` above it."""
+    r.eval(RAISE_COUNTER_LUA, 1, keys().counter("revision"), newest_stored, jump)
 
 
 def lapsed_ids(r: redis.Redis, now_ms: int) -> list[str]:

@@ -423,10 +423,9 @@ def reconcile(
     now_ms = lease_store.to_ms(now)
     restored = dropped = 0
     if grace:
-        # Redis may have lost the revision counter too: above every stored revision, with room for the
-        # removals counted after the newest of them (registry.revisions)
+        # Redis may have lost the revision counter too (registry.revisions)
         newest = Service.objects.aggregate(newest=Max("revision"))["newest"] or 0
-        lease_store.raise_revision_counter(r, newest + revisions.RESTORE_JUMP)
+        lease_store.raise_revision_counter(r, newest, revisions.RESTORE_JUMP)
     last = ""
     while True:
         rows = list(Service.objects.filter(pk__gt=last).order_by("pk").values_list("pk", flat=True)[:chunk])

@@ -148,9 +148,14 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def _operator_change(self, request: Request, change: Callable[[list[str]], int]) -> Response:
         if not request.user.is_staff:
             raise exceptions.PermissionDenied("Draining is an operator's decision: only staff tokens may do it.")
-        service = self.get_object()  # 404 first
-        change([service.service_id])
-        return Response(ServiceSerializer(self.get_object(), context=self.get_serializer_context()).data)
+        pk = self.kwargs["pk"]
+        if not Service.objects.filter(pk=pk).exists():
+            raise exceptions.NotFound(f"no service is registered under the id {pk!r}")
+        change([pk])
+        service = Service.objects.select_related("owner").filter(pk=pk).first()
+        if service is None:  # deregistered meanwhile
+            raise exceptions.NotFound(f"no service is registered under the id {pk!r}")
+        return Response(ServiceSerializer(service, context=self.get_serializer_context()).data)
 
 
 class ServiceHeartbeatView(APIView):
