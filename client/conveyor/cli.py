@@ -467,6 +467,7 @@ def groups_list(ctx: Context) -> int:
 
 
 MEMBER_HEADERS = ["MEMBER", "EPOCH", "SERVICE", "#OWNED", "#REVOKING", "#PENDING", "OWNED", "REVOKING", "PENDING"]
+WATCH_HEADERS = [h for h in MEMBER_HEADERS if h != "SERVICE"]  # group.assignment messages do not name it
 
 
 def _member_row(m: dict[str, Any]) -> list[Any]:
@@ -541,13 +542,13 @@ def groups_watch(ctx: Context) -> int:
         if ctx.out.as_json:
             ctx.out.line(message)
         else:
-            rows = [_member_row(m) for m in message.get("members", [])]
+            rows = [row[:2] + row[3:] for row in map(_member_row, message.get("members", []))]  # no service here
             ctx.out.text(
                 f"generation {order[0]}  version {order[1]}  {message.get('state')}  "
                 f"topics {','.join(message.get('topics', [])) or '-'}"
             )
             ctx.out.text(
-                "\n".join("  " + line for line in render_table(rows, MEMBER_HEADERS).splitlines())
+                "\n".join("  " + line for line in render_table(rows, WATCH_HEADERS).splitlines())
                 if rows
                 else "  no members"
             )
