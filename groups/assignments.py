@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.db.models import Q
@@ -24,9 +25,11 @@ class PartitionAssignment:
     pending: dict[str, list[int]] = field(default_factory=dict)
     version: int = 0  # the group's version: orders views of one generation (hand-overs)
     member_epoch: int = 0  # the member's current incarnation (groups.incarnations)
+    # The session's deadline after the heartbeat or ack this view answers (None in other views).
+    session_expires_at: datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        view = {
             "group_id": self.group_id,
             "member_id": self.member_id,
             "generation": self.generation,
@@ -36,6 +39,9 @@ class PartitionAssignment:
             "version": self.version,
             "member_epoch": self.member_epoch,
         }
+        if self.session_expires_at is not None:
+            view["session_expires_at"] = self.session_expires_at.isoformat().replace("+00:00", "Z")
+        return view
 
 
 def no_member(group_id: str, member_id: str) -> str:

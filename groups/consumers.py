@@ -104,6 +104,15 @@ class MemberConsumer(PushConsumer):
                 "member_epoch": payload["member_epoch"],
             }
             await self.finish(refusal, FENCED)
+        elif (
+            kind == "member.assignment"
+            and (payload.get("generation", 0), payload.get("version") or 0) <= self.last_order
+        ):
+            # Already sent (typically as the answer to this socket's own ack, which the broadcast of the
+            # hand-over it caused repeats): one message per ack. Views of one (generation, version) differ
+            # only in member_epoch, which a later incarnation's join changes without a version: that case
+            # is handled above, and a socket of the later incarnation was opened after that join.
+            return
         else:
             await super().forward(payload)
 
@@ -141,4 +150,12 @@ class MemberConsumer(PushConsumer):
         except incarnations.FencedMemberEpoch as exc:
             await self.finish({"type": "error", **exc.body()}, FENCED)
             return
-        await self.forward(events.member_message(assignment))
+        await self.answer(events.member_message(assignment))
+
+    async def answer(self, message: dict[str, Any]) -> None:
+        """The answer to an ack: always sent (exactly one per ack), read after the ack took effect, so it
+        is at least as new as anything this socket was sent; a push of the same view is then dropped."""
+        if self.finished:
+            return
+        self.last_order = max(self.last_order, (message.get("generation", 0), message.get("version") or 0))
+        await self.send_json(message)

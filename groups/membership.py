@@ -7,6 +7,7 @@ refused and change nothing."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from django.db import transaction
@@ -208,6 +209,7 @@ def heartbeat(
                 raise MemberNotFound(no_member(group_id, member_id))
             incarnations.check_epoch(member, member_epoch)
             put_session(member, now_ms)
+            renewed = now_ms + member.session_timeout * 1000
     rows = member_rows(member)
     # a partition it will own may be held for a fenced incarnation: hand it over once the hold ended
     waiting = any(owner_id is None and target_id == member.pk for _t, _n, owner_id, target_id, _g in rows)
@@ -223,7 +225,7 @@ def heartbeat(
         if member is None:
             raise MemberNotFound(no_member(group_id, member_id))
         rows = member_rows(member)
-    return assignment_of(member.group, member, rows)
+    return replace(assignment_of(member.group, member, rows), session_expires_at=lease_store.from_ms(renewed))
 
 
 def acknowledge(group_id: str, member_id: str, generation: int, member_epoch: int | None = None) -> int:

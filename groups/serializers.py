@@ -88,12 +88,27 @@ class PartitionAssignmentSerializer(serializers.Serializer):
         help_text="Owned partitions it must give up: confirm the generation to hand them over."
     )
     pending = PartitionMapField(help_text="Partitions it will own once their current owner gives them up.")
+    version = serializers.IntegerField(
+        help_text="The group's version: bumped on every change of ownership (hand-overs within a generation "
+        "too). Order views by (generation, version); drop any at or below the newest you have."
+    )
     member_epoch = serializers.IntegerField(
         help_text="The member's current incarnation: every heartbeat, ack, socket and leave must carry it."
     )
 
 
+class MemberHeartbeatReplySerializer(PartitionAssignmentSerializer):
+    """The answer to a member heartbeat (and, over the member websocket, to an ack)."""
+
+    session_expires_at = serializers.DateTimeField(
+        help_text="The session's deadline after this heartbeat: its arrival plus session_timeout (ISO 8601 UTC). "
+        "Stop consuming if no later heartbeat is confirmed by then; measure from your own send time, "
+        "not from this instant, if your clock may differ from the server's."
+    )
+
+
 class MemberSerializer(PartitionAssignmentSerializer):
+    version = None  # the group's, given once at the group's level
     service_name = serializers.CharField()
     topics = serializers.ListField(child=serializers.CharField())
     joined_at = serializers.DateTimeField()
@@ -106,6 +121,7 @@ class MemberSerializer(PartitionAssignmentSerializer):
 class GroupSerializer(serializers.Serializer):
     group_id = serializers.CharField()
     generation = serializers.IntegerField()
+    version = serializers.IntegerField(help_text="Bumped on every change of ownership; orders views of one generation.")
     state = serializers.CharField()
     topics = serializers.ListField(child=serializers.CharField())
     members = MemberSerializer(many=True)
@@ -131,6 +147,7 @@ def group_body(group: Any, views: dict[str, Any], sessions: dict[tuple[str, str]
         {
             "group_id": group.group_id,
             "generation": group.generation,
+            "version": group.version,
             "state": group.state,
             "topics": group.topics,
             "members": members,

@@ -22,6 +22,7 @@ from .serializers import (
     GroupSerializer,
     JoinSerializer,
     LeaveSerializer,
+    MemberHeartbeatReplySerializer,
     MemberHeartbeatSerializer,
     PartitionAssignmentSerializer,
     TopicPutSerializer,
@@ -235,10 +236,11 @@ class GroupMemberHeartbeatView(APIView):
     @extend_schema(
         summary="Member heartbeat",
         description="Keeps the session of the incarnation member_epoch and confirms the generation it has "
-        "finished revoking for (handing over what it was revoking). Answers with the current assignment; 409 "
-        "for another incarnation's member_epoch; 404 once the member is gone (join again).",
+        "finished revoking for (handing over what it was revoking). Answers with the current assignment and "
+        "the session's new deadline (session_expires_at); 409 for another incarnation's member_epoch; 404 once "
+        "the member is gone (join again).",
         request=MemberHeartbeatSerializer,
-        responses={200: PartitionAssignmentSerializer, **_ERRORS, 409: FENCED},
+        responses={200: MemberHeartbeatReplySerializer, **_ERRORS, 409: FENCED},
     )
     def post(self, request: Request, group_id: str, member_id: str) -> Response:
         incoming = MemberHeartbeatSerializer(data=request.data)

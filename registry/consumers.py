@@ -2,7 +2,7 @@
 service.health and service.deregistered events.
 
 On connect, every current service of that name (all services without ``name``) is sent as a
-``service.registered`` event; every event carries the registry ``revision``.
+``service.registered`` event; every event carries the service's ``revision`` (``registry.revisions``).
 
 Bad input never drops a socket without a word: a bad identifier in the path or query is an ``error``
 message naming the field and close code 4400, an unknown path 4404, a message over
@@ -115,7 +115,12 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
 
 
 class ServicesConsumer(PushConsumer):
-    last_revision = -1  # registry revision of the newest event this subscriber has
+    """/ws/services/?name=N: the current services as ``service.registered`` (each with its revision), then
+    every later event; per service, only what is newer than what this subscriber was sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.revisions: dict[str, int] = {}  # service id -> revision of the newest state sent
 
     def watched_name(self) -> str | None:
         names = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("name")
@@ -133,24 +138,24 @@ class ServicesConsumer(PushConsumer):
 
     async def forward(self, payload: dict[str, Any]) -> None:
         if payload.get("type") == "snapshot":
-            revision, services = await database_sync_to_async(self.snapshot)()
-            for service in services:
-                await self.send_json({"type": "service.registered", "revision": revision, **service})
-            self.last_revision = revision
+            for service in await database_sync_to_async(self.snapshot)():
+                await self.send_once({"type": "service.registered", **service})
             return
-        revision = payload.get("revision", 0)
-        if revision <= self.last_revision:
-            return  # already reflected in what this subscriber has
-        self.last_revision = revision
+        await self.send_once(payload)
+
+    async def send_once(self, payload: dict[str, Any]) -> None:
+        service_id, revision = payload.get("service_id", ""), payload.get("revision", 0)
+        if revision <= self.revisions.get(service_id, -1):
+            return  # this subscriber has that state of the service, or a newer one
+        self.revisions[service_id] = revision
         await self.send_json(payload)
 
-    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
-        revision = events.current_revision()
+    def snapshot(self) -> list[dict[str, Any]]:
         qs = Service.objects.all()
         name = self.watched_name()
         if name is not None:
             qs = qs.filter(service_name=name)
-        return revision, [events.service_payload(s) for s in attach_live_leases(qs[:10_000])]
+        return [events.service_payload(s) for s in attach_live_leases(qs[:10_000])]
 
 
 class UnknownPathConsumer(AsyncJsonWebsocketConsumer):

@@ -1,18 +1,18 @@
 """Registry events for `/ws/services/` watchers: service.registered, service.updated (an operator's drain or
 weight), service.health, service.deregistered.
 
-Each carries the registry ``revision`` (a Redis counter bumped per event, like etcd's revision).
+Each carries the service's ``revision`` (``registry.revisions``): strictly higher for every change of that
+service a watcher can see, and the same number a snapshot shows for the same state.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
 
-from . import lease_store
 from .push import after_commit, channel_group, send_now
-from .redis_client import get_redis
 
 ALL = "all"
 
@@ -23,17 +23,11 @@ def watch_groups(service_name: str | None) -> list[str]:
     )
 
 
-def next_revision() -> int:
-    return int(get_redis().incr(lease_store.keys().counter("revision")))
-
-
-def current_revision() -> int:
-    return int(get_redis().get(lease_store.keys().counter("revision")) or 0)
-
-
-def service_payload(service: Any) -> dict[str, Any]:
-    now = timezone.now()
+def service_payload(service: Any, now: datetime | None = None) -> dict[str, Any]:
+    """The service as read at ``now`` (its live lease attached): effective health and revision agree."""
+    now = now or timezone.now()
     return {
+        "revision": service.effective_revision(now),
         "service_id": service.service_id,
         "service_name": service.service_name,
         "service_type": service.service_type,
@@ -54,7 +48,7 @@ def publish_now(event: str, service_name: str, body: dict[str, Any]) -> None:
 
 
 def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
-    payload = {"type": event, "revision": next_revision(), **body}
+    payload = {"type": event, **body}
     for group in {*watch_groups(None), *watch_groups(service_name)}:
         send_now(group, payload)
 
@@ -75,6 +69,6 @@ def service_health(service: Any) -> None:
     after_commit(lambda: _publish("service.health", service.service_name, body))
 
 
-def service_deregistered(service_id: str, service_name: str, reason: str) -> None:
-    body = {"service_id": service_id, "service_name": service_name, "reason": reason}
+def service_deregistered(service_id: str, service_name: str, reason: str, revision: int) -> None:
+    body = {"revision": revision, "service_id": service_id, "service_name": service_name, "reason": reason}
     after_commit(lambda: _publish("service.deregistered", service_name, body))

@@ -23,7 +23,10 @@ from django.conf import settings
 # Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
 #          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
 # KEYS: deadline, removal, conf, health, token, heartbeat counter, the service id's member groups,
-#       member sessions, member timeouts, expiry claims. ARGV: id, now_ms, health, claim_valid_ms.
+#       member sessions, member timeouts, expiry claims, recoveries, recovered.
+#       ARGV: id, now_ms, health, claim_valid_ms.
+# A renewal of a lapsed lease counts a recovery (registry.revisions) and queues it for the cleanup
+# job's announcement.
 # A member session of the same id is renewed only if the token that joined it owns the service
 # (the owner id is kept with the session's timeout, see session_value); an ownerless service renews none,
 # and neither is a session the expiry job has claimed (see CLAIM_SESSIONS_LUA).
@@ -36,9 +39,14 @@ local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
 local token_id, staff = string.match(token, '^(.*):(%d)$')
 if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
 local deadline = tonumber(ARGV[2]) + tonumber(lease_ms)
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], deadline, ARGV[1])
 redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
 redis.call('INCR', KEYS[6])
+if before and tonumber(before) <= tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[11], ARGV[1], 1)
+  redis.call('SADD', KEYS[12], ARGV[1])
+end
 -- a service that is also a group member keeps its memberships with the same heartbeat, where the
 -- same token joined them
 if owner ~= '' then
@@ -62,7 +70,7 @@ return {'OK', tostring(deadline), lease_ms}
 HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
 
 # One service's whole lease entry, removed; the removal scripts below share it.
-# KEYS: deadline, removal, conf, health.
+# KEYS: deadline, removal, conf, health, recoveries.
 _REMOVE_ENTRY_LUA = """
 local removed = {}
 local function remove(id)
@@ -70,6 +78,7 @@ local function remove(id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
   redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[5], id)
   table.insert(removed, id)
 end
 """
@@ -102,6 +111,9 @@ class Keys:
     tokens: str
     built: str
     counters: str
+    recoveries: str  # hash: id -> renewals after a lapse (registry.revisions)
+    recovered: str  # set: ids renewed after a lapse, not yet announced to watchers
+    lapse_announced: str  # set: ids whose lapse watchers were told of, not yet their recovery
 
     sessions: str
     timeouts: str
@@ -122,6 +134,8 @@ class Keys:
             self.sessions,
             self.timeouts,
             self.claims,
+            self.recoveries,
+            self.recovered,
         ]
 
     def member_groups(self, member_id: str) -> str:
@@ -148,6 +162,9 @@ def _keys(p: str) -> Keys:
         tokens=f"{p}tokens",
         built=f"{p}lease:built",
         counters=f"{p}counter",
+        recoveries=f"{p}lease:recoveries",
+        recovered=f"{p}lease:recovered",
+        lapse_announced=f"{p}lease:deadline:lapse-announced",
         sessions=f"{p}member:session",
         timeouts=f"{p}member:timeout",
         epochs=f"{p}member:epoch",
@@ -183,10 +200,16 @@ def put(
     owner_id: int | None,
     health: str,
     only_if_absent: bool = False,
+    restored_recoveries: int | None = None,
 ) -> None:
-    """Write a service's whole lease entry atomically (MULTI/EXEC)."""
+    """Write a service's whole lease entry atomically (MULTI/EXEC). ``restored_recoveries``: the entry is
+    recreated from the database, with this recovery count if it has none (registry.revisions), and its
+    state is queued for the cleanup job's announcement."""
     k = keys()
     pipe = r.pipeline(transaction=True)
+    if restored_recoveries is not None:
+        pipe.hsetnx(k.recoveries, service_id, restored_recoveries)
+        pipe.sadd(k.recovered, service_id)
     pipe.zadd(k.deadline, {service_id: deadline_ms}, nx=only_if_absent)
     pipe.zadd(k.removal, {service_id: deadline_ms + deregister_after * 1000}, nx=only_if_absent)
     conf = conf_value(lease_seconds, deregister_after, owner_id)
@@ -201,7 +224,7 @@ def put(
 
 # Remove the given services whose removal deadline is still the one seen when the removal was
 # decided (an orphan whose row was gone); one re-registered since has a new deadline and stays.
-# KEYS: deadline, removal, conf, health. ARGV: id, removal deadline, id, removal deadline...
+# KEYS: deadline, removal, conf, health, recoveries. ARGV: id, removal deadline, id, removal deadline...
 REMOVE_UNCHANGED_LUA = (
     _REMOVE_ENTRY_LUA
     + """
@@ -226,6 +249,7 @@ def remove(r: redis.Redis, service_ids: Sequence[str]) -> None:
     pipe.zrem(k.removal, *service_ids)
     pipe.hdel(k.conf, *service_ids)
     pipe.hdel(k.health, *service_ids)
+    pipe.hdel(k.recoveries, *service_ids)
     pipe.execute()
 
 
@@ -238,6 +262,60 @@ def deadlines(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, int]:
         return {}
     scores = r.zmscore(keys().deadline, list(service_ids))
     return {sid: int(score) for sid, score in zip(service_ids, scores, strict=True) if score is not None}
+
+
+def live_entries(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
+    """Each service's lease deadline and recovery count (None where absent), read in one atomic step."""
+    if not service_ids:
+        return {}
+    k = keys()
+    pipe = r.pipeline(transaction=True)
+    pipe.zmscore(k.deadline, list(service_ids))
+    pipe.hmget(k.recoveries, list(service_ids))
+    scores, counts = pipe.execute()
+    return {
+        sid: (int(score) if score is not None else None, int(count) if count is not None else None)
+        for sid, score, count in zip(service_ids, scores, counts, strict=True)
+    }
+
+
+# A revision for a persisted change of one service (registry.revisions): the next value of the registry
+# counter, raised above the service's current revision base if the counter is behind it (the counter
+# then follows, so a later registration of the id is above it too). Returns it with the recovery count
+# it includes. KEYS: revision counter, recoveries. ARGV: id, stored revision, recoveries seen.
+TAKE_REVISION_LUA = """
+local recoveries = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local base = tonumber(ARGV[2]) + math.max(0, recoveries - tonumber(ARGV[3]))
+local taken = redis.call('INCR', KEYS[1])
+if taken <= base then
+  taken = base + 1
+  redis.call('SET', KEYS[1], taken)
+end
+return {taken, recoveries}
+"""
+
+
+def take_revision(r: redis.Redis, service_id: str, stored: int, recoveries_seen: int) -> tuple[int, int]:
+    """A new stored revision for a change of ``service_id`` and the recovery count it includes (TAKE_REVISION_LUA)."""
+    k = keys()
+    taken, recoveries = r.eval(
+        TAKE_REVISION_LUA, 2, k.counter("revision"), k.recoveries, service_id, stored, recoveries_seen
+    )
+    return int(taken), int(recoveries)
+
+
+# KEYS: revision counter. ARGV: newest stored revision, jump.
+RAISE_COUNTER_LUA = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') <= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]))
+end
+"""
+
+
+def raise_revision_counter(r: redis.Redis, newest_stored: int, jump: int) -> None:
+    """After Redis lost data: a revision counter at or below the newest revision the database stores has
+    lost increments (removals among them, whose revisions nothing stores), so it moves ``jump`` above it."""
+    r.eval(RAISE_COUNTER_LUA, 1, keys().counter("revision"), newest_stored, jump)
 
 
 def lapsed_ids(r: redis.Redis, now_ms: int) -> list[str]:
@@ -259,7 +337,7 @@ def remove_unchanged(r: redis.Redis, seen: dict[str, int]) -> list[str]:
         return []
     k = keys()
     args = [x for sid, score in sorted(seen.items()) for x in (sid, score)]
-    removed = r.eval(REMOVE_UNCHANGED_LUA, 4, k.deadline, k.removal, k.conf, k.health, *args)
+    removed = r.eval(REMOVE_UNCHANGED_LUA, 5, k.deadline, k.removal, k.conf, k.health, k.recoveries, *args)
     return [raw.decode() for raw in removed]
 
 
@@ -271,7 +349,7 @@ def remove_if_lapsed(r: redis.Redis, service_ids: Sequence[str], now_ms: int) ->
     if not service_ids:
         return []
     k = keys()
-    removed = r.eval(REMOVE_LAPSED_LUA, 4, k.deadline, k.removal, k.conf, k.health, now_ms, *service_ids)
+    removed = r.eval(REMOVE_LAPSED_LUA, 5, k.deadline, k.removal, k.conf, k.health, k.recoveries, now_ms, *service_ids)
     return [raw.decode() for raw in removed]
 
 
@@ -297,8 +375,9 @@ def mark_built(r: redis.Redis) -> None:
 
 
 # Grace after an outage: push every lease deadline (and removal deadline) to at least now + its
-# lease. XX: never recreate an entry deregistered meanwhile; GT: never shorten a renewed one.
-# KEYS: deadline, removal, conf. ARGV: now_ms, ids...
+# lease. XX: never recreate an entry deregistered meanwhile; GT: never shorten a renewed one. A lapsed
+# lease it revives counts a recovery, as a heartbeat's would (registry.revisions).
+# KEYS: deadline, removal, conf, recoveries, recovered. ARGV: now_ms, ids...
 GRACE_LEASES_LUA = """
 local extended = 0
 for i, id in ipairs(ARGV) do
@@ -307,6 +386,11 @@ for i, id in ipairs(ARGV) do
     if conf then
       local lease_ms, dereg_ms = string.match(conf, '^(%d+):(%d+):')
       local deadline = tonumber(ARGV[1]) + tonumber(lease_ms)
+      local before = redis.call('ZSCORE', KEYS[1], id)
+      if before and tonumber(before) <= tonumber(ARGV[1]) then
+        redis.call('HINCRBY', KEYS[4], id, 1)
+        redis.call('SADD', KEYS[5], id)
+      end
       extended = extended + redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', deadline, id)
       redis.call('ZADD', KEYS[2], 'XX', 'GT', deadline + tonumber(dereg_ms), id)
     end
@@ -338,7 +422,7 @@ def grant_grace(r: redis.Redis, now_ms: int, chunk: int = 1000) -> tuple[int, in
     k = keys()
     counts = []
     for hash_key, script, zkeys in (
-        (k.conf, GRACE_LEASES_LUA, [k.deadline, k.removal, k.conf]),
+        (k.conf, GRACE_LEASES_LUA, [k.deadline, k.removal, k.conf, k.recoveries, k.recovered]),
         (k.timeouts, GRACE_SESSIONS_LUA, [k.sessions, k.timeouts]),
     ):
         extended = cursor = 0

@@ -19,9 +19,10 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Max
 from django.utils import timezone
 
-from . import events, lease_store
+from . import events, lease_store, revisions
 from .errors import Forbidden, NotFound
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
 from .redis_client import get_redis
@@ -47,7 +48,7 @@ def _set_labels(service: Service, labels: dict[str, str], *, replace: bool) -> N
     ServiceLabel.objects.bulk_create(ServiceLabel(service=service, key=k, value=v) for k, v in labels.items())
 
 
-def _put_lease(r: redis.Redis, service: Service, deadline_ms: int, *, only_if_absent: bool = False) -> None:
+def _put_lease(r: redis.Redis, service: Service, deadline_ms: int) -> None:
     lease_store.put(
         r,
         service.service_id,
@@ -56,8 +57,35 @@ def _put_lease(r: redis.Redis, service: Service, deadline_ms: int, *, only_if_ab
         deregister_after=service.deregister_after,
         owner_id=service.owner_id,
         health=service.health,
-        only_if_absent=only_if_absent,
     )
+
+
+def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> None:
+    """Recreate a missing Redis entry from the row (only where there is none). Its recovery count starts
+    a jump above the row's, so the revision never goes back (registry.revisions)."""
+    lease_store.put(
+        r,
+        service.service_id,
+        deadline_ms=deadline_ms,
+        lease_seconds=service.lease_duration,
+        deregister_after=service.deregister_after,
+        owner_id=service.owner_id,
+        health=service.health,
+        only_if_absent=True,
+        restored_recoveries=service.recoveries_seen + revisions.RESTORE_JUMP,
+    )
+
+
+def _new_revision(r: redis.Redis, service: Service, *, existing: bool = True) -> None:
+    """Give a persisted change of ``service`` (row locked, not yet saved) its revision (registry.revisions)."""
+    stored, seen = (service.revision, service.recoveries_seen) if existing else (0, 0)
+    service.revision, service.recoveries_seen = lease_store.take_revision(r, service.service_id, stored, seen)
+    service.live_recoveries = service.recoveries_seen
+
+
+def _removal_revision(r: redis.Redis, service_id: str, stored: int, seen: int) -> int:
+    """The revision of the event that a service was removed (row locked, Redis entry not yet removed)."""
+    return revisions.removal_revision(lease_store.take_revision(r, service_id, stored, seen)[0])
 
 
 def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Service, bool]:
@@ -105,6 +133,7 @@ def _register_once(
         if created:
             service = Service(service_id=data["service_id"], registered_at=now, owner=token, **fields)
             service.weight = service.weight_in_effect()
+            _new_revision(r, service, existing=False)
             service.save(force_insert=True)
             _set_labels(service, fields["labels"], replace=False)
         else:
@@ -114,7 +143,8 @@ def _register_once(
             for name, value in fields.items():
                 setattr(service, name, value)
             service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
-            service.save(update_fields=[*fields, "weight"])
+            _new_revision(r, service)
+            service.save(update_fields=[*fields, "weight", "revision", "recoveries_seen"])
             if labels_changed:
                 _set_labels(service, fields["labels"], replace=True)
         # The Redis entry is part of the record, written under the row lock (see module doc).
@@ -134,10 +164,11 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
             raise ServiceNotFound(f"no service is registered under the id {service_id!r}")
         if actor is not None and not actor.may_change(service):
             raise NotOwner(f"service {service_id!r} is registered by another token")
+        revision = _removal_revision(r, service_id, service.revision, service.recoveries_seen)
         lease_store.remove(r, [service_id])
         service.delete()
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
-        events.service_deregistered(service_id, service.service_name, "deregistered")
+        events.service_deregistered(service_id, service.service_name, "deregistered", revision)
         owners = {service_id: service.owner_id}
         transaction.on_commit(lambda: _announce_removed(owners, "deregistered"))
 
@@ -159,7 +190,8 @@ def _operator_change(service_ids: Sequence[str], change: Callable[[Service], Non
             if (service.drained, service.operator_weight) == before:
                 continue
             service.weight = service.weight_in_effect()
-            service.save(update_fields=["drained", "operator_weight", "weight"])
+            _new_revision(get_redis(), service)
+            service.save(update_fields=["drained", "operator_weight", "weight", "revision", "recoveries_seen"])
             attach_live_leases([service])
             events.service_updated(service)
             changed += 1
@@ -182,12 +214,14 @@ def set_operator_weight(service_ids: Sequence[str], weight: int | None) -> int:
 
 
 def attach_live_leases(services: Iterable[Service]) -> list[Service]:
-    """Load the Redis deadlines of ``services`` (one round trip) so their effective health is current."""
+    """Load the Redis deadlines and recovery counts of ``services`` (one round trip) so their effective
+    health and revision are current."""
     services = list(services)
-    live = lease_store.deadlines(get_redis(), [s.service_id for s in services])
+    live = lease_store.live_entries(get_redis(), [s.service_id for s in services])
     for service in services:
-        ms = live.get(service.service_id)
+        ms, recoveries = live.get(service.service_id, (None, None))
         service.live_expires_at = lease_store.from_ms(ms) if ms is not None else None
+        service.live_recoveries = recoveries
     return services
 
 
@@ -218,8 +252,10 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
         deadlines = lease_store.removal_deadlines(r, locked)
         removed = [sid for sid in locked if deadlines.get(sid, now_ms - 1) < now_ms]
         owners = {}
-        for sid, name, owner_id in Service.objects.filter(pk__in=removed).values_list("pk", "service_name", "owner"):
-            events.service_deregistered(sid, name, "expired")
+        for sid, name, owner_id, stored, seen in Service.objects.filter(pk__in=removed).values_list(
+            "pk", "service_name", "owner", "revision", "recoveries_seen"
+        ):
+            events.service_deregistered(sid, name, "expired", _removal_revision(r, sid, stored, seen))
             owners[sid] = owner_id
         Service.objects.filter(pk__in=removed).delete()
         if run is not None:
@@ -281,7 +317,8 @@ def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
             return False
         service.health = health
         service.lease_expires_at = lease_store.from_ms(deadline_ms)
-        service.save(update_fields=["health", "lease_expires_at"])
+        _new_revision(get_redis(), service)
+        service.save(update_fields=["health", "lease_expires_at", "revision", "recoveries_seen"])
         lease_store.set_health(get_redis(), service_id, health)
         service.live_expires_at = service.lease_expires_at
         events.service_health(service)
@@ -298,7 +335,7 @@ def restore_lease(service_id: str, at_least_until_ms: int = 0, guard: Guard = tr
         if service is None:
             return False
         deadline_ms = max(lease_store.to_ms(service.lease_expires_at), at_least_until_ms)
-        _put_lease(get_redis(), service, deadline_ms, only_if_absent=True)
+        _restore_lease_entry(get_redis(), service, deadline_ms)
     return True
 
 
@@ -385,6 +422,10 @@ def reconcile(
     r = get_redis()
     now_ms = lease_store.to_ms(now)
     restored = dropped = 0
+    if grace:
+        # Redis may have lost the revision counter too (registry.revisions)
+        newest = Service.objects.aggregate(newest=Max("revision"))["newest"] or 0
+        lease_store.raise_revision_counter(r, newest, revisions.RESTORE_JUMP)
     last = ""
     while True:
         rows = list(Service.objects.filter(pk__gt=last).order_by("pk").values_list("pk", flat=True)[:chunk])
@@ -422,27 +463,42 @@ def _restore_leases(service_ids: Sequence[str], grace_from_ms: int | None, guard
             deadline_ms = lease_store.to_ms(service.lease_expires_at)
             if grace_from_ms is not None:
                 deadline_ms = max(deadline_ms, grace_from_ms + service.lease_duration * 1000)
-            _put_lease(get_redis(), service, deadline_ms, only_if_absent=True)
+            _restore_lease_entry(get_redis(), service, deadline_ms)
             restored += 1
     return restored
 
 
 def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:
-    """Tell /ws/services/ watchers about leases that lapsed (health becomes unhealthy) or were renewed
-    after a lapse, since the last run. Lapsing writes nothing, so the cleanup job notices it here."""
+    """Tell /ws/services/ watchers of leases that lapsed (effective health becomes unhealthy) and of lapsed
+    leases renewed again (recovered) since the last run, each with its revision (registry.revisions).
+
+    Lapsing writes nothing, so this job notices it; a recovery is queued by the heartbeat script (or an
+    outage's grace, or a restored entry) in the ``recovered`` set. A queued id is taken off the queue
+    before its state is read, so a recovery after that read is queued again and announced next run.
+    """
     r = get_redis()
     k = lease_store.keys()
-    announced_key = f"{k.deadline}:lapse-announced"
     lapsed = set(lease_store.lapsed_ids(r, lease_store.to_ms(now)))
-    announced = {raw.decode() for raw in r.smembers(announced_key)}
-    newly_lapsed = sorted(lapsed - announced)[:limit]
-    recovered = sorted(announced - lapsed)[:limit]
-    services = {s.pk: s for s in attach_live_leases(Service.objects.filter(pk__in=newly_lapsed + recovered))}
-    for sid in newly_lapsed + recovered:
-        if sid in services:
-            events.publish_now("service.health", services[sid].service_name, events.service_payload(services[sid]))
-    if newly_lapsed:
-        r.sadd(announced_key, *newly_lapsed)
-    if recovered:
-        r.srem(announced_key, *recovered)
-    return {"lapsed": len(newly_lapsed), "recovered": len(recovered)}
+    announced = {raw.decode() for raw in r.smembers(k.lapse_announced)}
+    queued = {raw.decode() for raw in r.smembers(k.recovered)}
+    due = sorted((lapsed - announced) | queued | (announced - lapsed))[:limit]
+    if not due:
+        return {"lapsed": 0, "recovered": 0}
+    taken = [sid for sid in due if sid in queued]
+    if taken:
+        r.srem(k.recovered, *taken)
+    services = {s.pk: s for s in attach_live_leases(Service.objects.filter(pk__in=due))}
+    read_at = timezone.now()
+    now_lapsed, now_live = [], []
+    for sid in due:
+        service = services.get(sid)
+        if service is None:  # removed meanwhile: its removal was announced
+            now_live.append(sid)
+            continue
+        events.publish_now("service.health", service.service_name, events.service_payload(service, read_at))
+        (now_lapsed if service.expires_at <= read_at else now_live).append(sid)
+    if now_lapsed:
+        r.sadd(k.lapse_announced, *now_lapsed)
+    if now_live:
+        r.srem(k.lapse_announced, *now_live)
+    return {"lapsed": len(now_lapsed), "recovered": len([sid for sid in now_live if sid in services])}

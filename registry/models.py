@@ -15,6 +15,8 @@ from typing import Any
 from django.db import models
 from django.db.models import Exists, OuterRef, Q
 
+from . import revisions
+
 
 class ServiceType(models.TextChoices):
     SOURCE = "source", "source"
@@ -124,11 +126,18 @@ class Service(models.Model):
         db_index=True, help_text="Deadline at the last persisted change; heartbeats move it in Redis."
     )
     owner = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="services")
+    revision = models.PositiveBigIntegerField(
+        default=0, help_text="Registry revision of the last persisted change (registry.revisions)."
+    )
+    recoveries_seen = models.PositiveBigIntegerField(
+        default=0, help_text="The lease's recovery count in Redis when the revision was taken (registry.revisions)."
+    )
 
     objects = ServiceQuerySet.as_manager()
 
     # Set by registry.leases.attach_live_leases() from Redis for the records being read.
     live_expires_at: datetime | None = None
+    live_recoveries: int | None = None
 
     class Meta:
         ordering = ["service_name", "service_id"]
@@ -153,6 +162,10 @@ class Service(models.Model):
     def effective_health(self, now: datetime) -> str:
         """A lapsed lease reads as unhealthy from the instant it lapses, whatever was reported."""
         return Health.UNHEALTHY if self.expires_at <= now else self.health
+
+    def effective_revision(self, now: datetime) -> int:
+        """The revision of the state read at ``now`` (registry.revisions): odd once the lease has lapsed."""
+        return revisions.revision_of(self.revision, self.recoveries_seen, self.live_recoveries, self.expires_at <= now)
 
 
 class ServiceLabel(models.Model):

@@ -172,10 +172,6 @@ _RESPONSE_FACTS: dict[tuple[str, str], tuple[dict[str, Any], bool]] = {
         True,
     ),
     ("Group", "state"): ({"type": "string", "enum": ["empty", "reconciling", "stable"]}, True),
-    ("PartitionAssignment", "version"): (
-        {"type": "integer", "description": "The group's version: bumped on every change of ownership."},
-        True,
-    ),
 }
 
 

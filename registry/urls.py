@@ -14,4 +14,6 @@ urlpatterns = [
     path("leader/", LeaderView.as_view(), name="leader"),
     *router.urls,
     fallback("services/{service_id}/"),
+    fallback("services/{service_id}/drain/"),
+    fallback("services/{service_id}/undrain/"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -10,6 +11,7 @@ from django.utils import timezone
 from django.views.defaults import page_not_found
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -41,6 +43,7 @@ _ERRORS = {
     403: error("The token did not create this service and is not staff."),
     404: error("No such service."),
 }
+OPERATORS_ONLY = error("Only staff tokens (operators) may drain or undrain.")
 
 
 @extend_schema_view(
@@ -118,6 +121,41 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def destroy(self, request: Request, pk: str) -> Response:
         leases.deregister(pk, request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        summary="Drain (operator)",
+        description="Takes the service out of selection (weight 0) until an operator undrains it, also across "
+        "its re-registrations, as the admin's Drain action does. Staff tokens only. Draining a drained service "
+        "changes nothing. Answers the service as it is now.",
+        request=None,
+        responses={200: ServiceSerializer, 401: _ERRORS[401], 403: OPERATORS_ONLY, 404: _ERRORS[404]},
+    )
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, pk: str) -> Response:
+        return self._operator_change(request, leases.drain)
+
+    @extend_schema(
+        summary="Undrain (operator)",
+        description="Puts a drained service back in selection with the weight it had before the drain (an "
+        "operator's weight, else its own), as the admin's Undrain action does. Staff tokens only.",
+        request=None,
+        responses={200: ServiceSerializer, 401: _ERRORS[401], 403: OPERATORS_ONLY, 404: _ERRORS[404]},
+    )
+    @action(detail=True, methods=["post"])
+    def undrain(self, request: Request, pk: str) -> Response:
+        return self._operator_change(request, leases.undrain)
+
+    def _operator_change(self, request: Request, change: Callable[[list[str]], int]) -> Response:
+        if not request.user.is_staff:
+            raise exceptions.PermissionDenied("Draining is an operator's decision: only staff tokens may do it.")
+        pk = self.kwargs["pk"]
+        if not Service.objects.filter(pk=pk).exists():
+            raise exceptions.NotFound(f"no service is registered under the id {pk!r}")
+        change([pk])
+        service = Service.objects.select_related("owner").filter(pk=pk).first()
+        if service is None:  # deregistered meanwhile
+            raise exceptions.NotFound(f"no service is registered under the id {pk!r}")
+        return Response(ServiceSerializer(service, context=self.get_serializer_context()).data)
 
 
 class ServiceHeartbeatView(APIView):

@@ -208,6 +208,28 @@ def test_a_service_heartbeat_renews_the_membership_of_the_same_id(api, owner, or
         assert expire_once() == [("g1", "m1")]
 
 
+def test_a_member_heartbeat_answers_with_the_session_deadline_it_set(api, orders):
+    from registry import lease_store
+    from registry.redis_client import get_redis
+
+    with time_machine.travel(T0, tick=False) as clock:
+        join(api, "m1", session_timeout=10)
+        clock.move_to(T0 + timedelta(seconds=4))
+        answer = beat(api, "m1", 1)
+        assert answer.status_code == 200
+        assert answer.json()["session_expires_at"] == "2026-08-01T10:00:14Z"
+        # the deadline it names is the one the expiry job goes by
+        clock.move_to(T0 + timedelta(seconds=14))
+        assert expire_once() == []
+        # a session Redis lost is restored by the heartbeat, from that heartbeat's time
+        lease_store.remove_session(get_redis(), "g1", "m1")
+        assert beat(api, "m1", 1).json()["session_expires_at"] == "2026-08-01T10:00:24Z"
+        clock.move_to(T0 + timedelta(seconds=24, milliseconds=1))
+        assert expire_once() == [("g1", "m1")]
+    # only answers to heartbeats carry it: the member's assignment (GET) does not
+    assert "session_expires_at" not in join(api, "m2").json()
+
+
 def test_deregistering_a_service_removes_it_from_its_groups(api, orders, django_capture_on_commit_callbacks):
     api.post("/api/v1/services/", service_body("m1"), format="json")
     join(api, "m1")

@@ -78,3 +78,27 @@ def test_the_api_shows_the_drain_and_the_operator_weight(api):
     leases.drain(["a"])
     body = api.get("/api/v1/services/a/").json()
     assert (body["weight"], body["drained"], body["operator_weight"]) == (0, True, 30)
+
+
+def test_staff_tokens_drain_and_undrain_over_the_api_and_others_may_not(api, make_token):
+    from tests.conftest import client_for
+
+    register(api, "a", 50)
+    staff = client_for(make_token("ops", staff=True)[1])
+    # the owner of the service is not an operator
+    refused = api.post("/api/v1/services/a/drain/")
+    assert refused.status_code == 403 and "staff" in refused.json()["detail"]
+    assert weights("a")["a"] == (50, False, None, 50)
+
+    drained = staff.post("/api/v1/services/a/drain/")
+    assert drained.status_code == 200
+    assert (drained.json()["service_id"], drained.json()["weight"], drained.json()["drained"]) == ("a", 0, True)
+    assert staff.post("/api/v1/services/a/drain/").json()["drained"] is True  # again: nothing changes
+    register(api, "a", 50)  # a restart keeps it drained
+    assert weights("a")["a"] == (0, True, None, 50)
+
+    undrained = staff.post("/api/v1/services/a/undrain/")
+    assert (undrained.status_code, undrained.json()["weight"], undrained.json()["drained"]) == (200, 50, False)
+    assert staff.post("/api/v1/services/nobody/drain/").status_code == 404
+    bad = staff.post("/api/v1/services/bad%20id/undrain/")
+    assert bad.status_code == 400 and "service_id" in bad.json()

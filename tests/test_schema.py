@@ -26,6 +26,8 @@ TABLE = {
     ("get", "/api/v1/services/{service_id}/"): {"200", "401", "429", "503", *PATH_ID},
     ("post", "/api/v1/services/{service_id}/heartbeat/"): {"200", "400", "401", "403", "404", "413", "503"},
     ("delete", "/api/v1/services/{service_id}/"): {"204", "401", "403", "429", "503", *PATH_ID},
+    ("post", "/api/v1/services/{service_id}/drain/"): {"200", "401", "403", "429", "503", *PATH_ID},
+    ("post", "/api/v1/services/{service_id}/undrain/"): {"200", "401", "403", "429", "503", *PATH_ID},
     ("put", "/api/v1/topics/{name}/"): {"200", "201", "401", "403", "429", "503", *BODY, *PATH_ID},
     ("delete", "/api/v1/topics/{name}/"): {"204", "401", "403", "409", "429", "503", *PATH_ID},
     ("get", "/api/v1/topics/"): {"200", "401", "404", "429"},
@@ -172,3 +174,35 @@ def test_labels_sent_as_the_schema_types_them_are_accepted(api, owner):
     assert response.status_code == 201
     assert response.json()["labels"] == {"env": "prod"}
     assert client_for(None).get("/api/v1/services/").status_code == 401
+
+
+def test_assignments_document_version_and_heartbeat_answers_the_session_deadline(api, schema):
+    components = schema["components"]["schemas"]
+    for component in ("PartitionAssignment", "MemberHeartbeatReply", "Group"):
+        assert components[component]["properties"]["version"]["type"] == "integer", component
+        assert "version" in components[component]["required"], component
+    reply = components["MemberHeartbeatReply"]
+    assert reply["properties"]["session_expires_at"] == {
+        "type": "string",
+        "format": "date-time",
+        "description": reply["properties"]["session_expires_at"]["description"],
+    }
+    assert "session_expires_at" in reply["required"]
+    beat = _operations(schema)[("post", "/api/v1/groups/{group_id}/members/{member_id}/heartbeat/")]
+    assert beat["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/MemberHeartbeatReply"
+    }
+
+    # and the server answers exactly the documented fields
+    def documented(component: str) -> set[str]:
+        return set(components[component]["properties"])
+
+    joined = api.post(
+        "/api/v1/groups/g1/members/", {"member_id": "m1", "service_name": "c", "topics": ["t"]}, format="json"
+    ).json()
+    assert set(joined) == documented("PartitionAssignment")
+    answer = api.post("/api/v1/groups/g1/members/m1/heartbeat/", {"generation": 1, "member_epoch": 1}, format="json")
+    assert set(answer.json()) == documented("MemberHeartbeatReply")
+    group = api.get("/api/v1/groups/g1/").json()
+    assert set(group) == documented("Group") and group["version"] == joined["version"]
+    assert set(group["members"][0]) == documented("Member")

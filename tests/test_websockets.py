@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -138,6 +138,53 @@ def test_member_stream_and_acks_over_the_socket(owner):
         assert pushed["assigned_partitions"] == {"orders": list(range(6, 12))} and pushed["pending"] == {}
         await m1.disconnect()
         await m2.disconnect()
+
+    run(scenario)
+
+
+def test_an_ack_gets_exactly_one_message_and_the_hand_over_still_reaches_every_other_socket(owner):
+    key = owner[1]
+    client_for(key).put("/api/v1/topics/orders/", {"partitions": 12}, format="json")
+    join(key, "m1")
+    join(key, "m2")
+
+    async def scenario() -> None:
+        m1 = socket("/ws/groups/g1/members/m1/?member_epoch=1", key)
+        state = await connected(m1)
+        assert (state["generation"], state["version"], len(state["revoking"]["orders"])) == (2, 2, 6)
+        m1_again = socket("/ws/groups/g1/members/m1/?member_epoch=1", key)  # a second socket of m1
+        await connected(m1_again)
+        m2 = socket("/ws/groups/g1/members/m2/?member_epoch=2", key)
+        await connected(m2)
+        group = socket("/ws/groups/g1/", key)
+        await connected(group)
+
+        # given an ack that hands over m1's revoked partitions (the group's version moves on)
+        await m1.send_json_to({"type": "ack", "generation": 2})
+        # then m1's socket gets its answer, and not the broadcast of the same view after it
+        answer = await m1.receive_json_from(timeout=5)
+        assert (answer["type"], answer["generation"], answer["version"]) == ("member.assignment", 2, 3)
+        assert answer["revoking"] == {} and answer["assigned_partitions"] == {"orders": list(range(6))}
+        assert await m1.receive_nothing(timeout=0.5)
+        # and every other socket learns of the hand-over
+        assert (await m1_again.receive_json_from(timeout=5))["version"] == 3
+        assert (await m2.receive_json_from(timeout=5))["assigned_partitions"] == {"orders": list(range(6, 12))}
+        assert (await group.receive_json_from(timeout=5))["version"] == 3
+
+        # an ack that changes nothing is answered once too, with the session's new deadline
+        before = datetime.now(UTC)
+        await m1.send_json_to({"type": "ack", "generation": 2})
+        answer = await m1.receive_json_from(timeout=5)
+        after = datetime.now(UTC)
+        assert answer["version"] == 3
+        deadline = datetime.fromisoformat(answer["session_expires_at"])  # ISO 8601 UTC, "Z"
+        assert answer["session_expires_at"].endswith("Z")
+        timeout = timedelta(seconds=30)  # the join's default session_timeout
+        assert before + timeout - timedelta(milliseconds=1) <= deadline <= after + timeout
+        assert await m1.receive_nothing(timeout=0.5)
+        assert await m2.receive_nothing(timeout=0.1)
+        for communicator in (m1, m1_again, m2, group):
+            await communicator.disconnect()
 
     run(scenario)
 
