@@ -566,12 +566,11 @@ def test_the_asyncio_member_has_the_same_names_and_awaits_async_callbacks(server
     assert book.overlaps() == []
 
 
-@pytest.mark.history
 @pytest.mark.timeout(240)
 def test_short_history_with_client_members_has_no_violation(tmp_path: Path) -> None:
-    faults = ["kill", "freeze", "duplicate", "leave"]
+    faults = ["kill", "freeze", "duplicate", "leave", "redis"]
     args = history.parser().parse_args(
-        ["--client", "--seed", "7", "--slack", "8", "--seconds", "22", "--faults", *faults]
+        ["--client", "--seed", "7", "--slack", "8", "--seconds", "25", "--faults", *faults]
     )
     figures = history.run_history(args, tmp_path)
     assert figures["violations"] == {"overlap": 0, "unowned": 0, "generation": 0}, figures["violation_lines"]
