@@ -1,0 +1,138 @@
+"""Local selection, with no I/O: the instances of one service name a local balancer may choose from, built from
+a watch's view, and the choice itself made by ``conveyor.strategies`` (the module the server's select endpoint
+uses too), so local and remote selection follow one rule.
+
+A lease that has run out makes its instance ineligible at once, before the registry's event says so. Records
+carry the lease deadline of the moment they were read, but heartbeats move deadlines without any event, so the
+balancer also refreshes the deadlines (one list request every few seconds, not one per selection) and a lease
+counts as lapsed when the newest deadline known for it has passed.
+
+While the registry cannot be reached the deadlines cannot be refreshed, and judging them against the clock
+would soon make every instance look lapsed and stop all traffic because the registry is down. So lapses are
+judged at ``min(now, last_contact + stale_after)``: fresh knowledge is applied at once, and during an outage
+the pool stays as it was ``stale_after`` seconds after the last contact ("fail static", as Envoy does) until
+the registry answers again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+
+from . import errors, strategies
+from .records import Service
+
+
+def matches(labels: Mapping[str, str], selector: Mapping[str, str] | None) -> bool:
+    return not selector or all(labels.get(k) == v for k, v in selector.items())
+
+
+def parse_selector(selector: Mapping[str, str] | str | None) -> dict[str, str] | None:
+    """``k=v,k2=v2`` or a dict, as a dict (None: no selector)."""
+    if selector is None:
+        return None
+    if isinstance(selector, str):
+        pairs = [part.split("=", 1) for part in selector.split(",") if part]
+        if any(len(pair) != 2 for pair in pairs):
+            raise errors.InvalidRequest(f"selector: expected k=v,k2=v2, got {selector!r}")
+        return {k: v for k, v in pairs}
+    return dict(selector)
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in strategies.STRATEGIES:
+        raise errors.InvalidRequest(
+            f"strategy: unknown strategy {strategy!r}; expected one of {', '.join(strategies.STRATEGIES)}"
+        )
+    return strategy
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+class LocalPool:
+    """Not thread-safe: the sync balancer calls it under its lock, the asyncio one from its loop."""
+
+    def __init__(
+        self,
+        name: str,
+        strategy: str,
+        selector: Mapping[str, str] | None = None,
+        stale_after: float = 15.0,
+    ) -> None:
+        self.name = name
+        self.strategy = check_strategy(strategy)
+        self.selector = dict(selector) if selector else None
+        self.stale_after = stale_after
+        self.balancer = strategies.LoadBalancer()
+        self.named = 0  # instances of the name, whatever the selector (none at all: ServiceNotFound)
+        self.records: dict[str, Service] = {}
+        self.deadlines: dict[str, float] = {}  # id -> newest lease deadline known (epoch seconds)
+        self.last_contact: float | None = None
+        self.shortest_lease: float | None = None
+        self._pool: list[strategies.Instance] | None = None
+        self._valid_until = math.inf  # the pool must be rebuilt when a lease in it runs out
+
+    def set_view(self, view: Mapping[str, Service]) -> None:
+        named = [r for r in view.values() if r.name == self.name]
+        self.named = len(named)
+        self.records = {r.id: r for r in named if matches(r.labels, self.selector)}
+        self._pool = None
+
+    def set_deadlines(self, services: list[Service], at: float) -> None:
+        """Deadlines from a fresh read of the registry (``at``: when it was made)."""
+        for service in services:
+            deadline = _epoch(service.lease_expires_at)
+            if deadline is not None and deadline > self.deadlines.get(service.id, -math.inf):
+                self.deadlines[service.id] = deadline
+        for gone in set(self.deadlines) - {s.id for s in services}:
+            del self.deadlines[gone]
+        leases = [s.lease_duration for s in services if s.lease_duration]
+        self.shortest_lease = float(min(leases)) if leases else None
+        self.contact(at)
+
+    def contact(self, at: float) -> None:
+        self.last_contact = at if self.last_contact is None else max(self.last_contact, at)
+        self._pool = None
+
+    def refresh_period(self) -> float:
+        """How often deadlines should be read: well within the margin a heartbeating service keeps (about
+        two thirds of its lease), between 0.5 and 5 seconds."""
+        if self.shortest_lease is None:
+            return 2.0
+        return min(5.0, max(0.5, self.shortest_lease / 4))
+
+    def judged_at(self, now: float) -> float:
+        return now if self.last_contact is None else min(now, self.last_contact + self.stale_after)
+
+    def _rebuild(self, at: float) -> list[strategies.Instance]:
+        pool = []
+        valid_until = math.inf
+        for record in self.records.values():
+            deadline = max(_epoch(record.lease_expires_at) or -math.inf, self.deadlines.get(record.id, -math.inf))
+            health = record.health
+            if deadline != -math.inf:
+                if deadline <= at:
+                    health = "unhealthy"  # lapsed: the registry reads it so too, said or not
+                else:
+                    valid_until = min(valid_until, deadline)
+            pool.append(strategies.Instance(record.id, record.endpoint, record.weight, health))
+        self._pool, self._valid_until = pool, valid_until
+        return pool
+
+    def select(self, now: float, key: str | None = None) -> Service:
+        at = self.judged_at(now)
+        pool = self._pool
+        if pool is None or at >= self._valid_until:
+            pool = self._rebuild(at)
+        if not self.named:
+            raise errors.ServiceNotFound(f"no service is registered under the name {self.name!r}", status=404)
+        if self.strategy == "hash" and key is None:
+            raise errors.InvalidRequest("key: the hash strategy needs a key", status=400)
+        try:
+            chosen = self.balancer.select(pool, self.strategy, key=key)
+        except strategies.NoHealthyInstance as exc:
+            raise errors.NoInstanceAvailable(f"{self.name}: {exc}", body={"name": self.name}) from None
+        return self.records[chosen.id]

@@ -1,0 +1,311 @@
+"""The registration handle for asyncio: the same decisions as the sync one (``_registration_state``), driven by
+one task per handle instead of a thread. See ``conveyor.registration`` for the behaviour; here:
+
+    async with reg.register("orders-1", name="orders", type="source", endpoint="10.0.0.5:8080") as handle:
+        ...
+    handle = await reg.register(...)          # the same, closed with ``await handle.close()``
+
+Callbacks (``on_lease_lost(handle)``, ``on_lease_recovered(handle)``) may be plain functions, called on the
+event loop, or coroutine functions, run as tasks one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .. import _flows, errors
+from .._backoff import Backoff
+from .._registration_state import (
+    CLOSED,
+    CLOSING,
+    LEASE_LOST,
+    LEASE_RECOVERED,
+    RUNNING,
+    STOPPED,
+    Exit,
+    RegistrationState,
+    Send,
+    Spec,
+    Wait,
+)
+from .._signals import Chain, SigtermHook
+from ..records import Service
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger("conveyor.registration")
+
+Callback = Callable[["Registration"], Any]
+
+
+class Registration:
+    """A registered service kept alive by heartbeats from a task; see ``conveyor.registration.Registration``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        service_id: str,
+        *,
+        name: str,
+        type: str,
+        endpoint: str,
+        labels: Mapping[str, str] | None = None,
+        lease: int = 30,
+        health: str = "healthy",
+        weight: int | None = None,
+        group_id: str | None = None,
+        deregister_after: int | None = None,
+        on_lease_lost: Callback | None = None,
+        on_lease_recovered: Callback | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.service_id = service_id
+        self._transport = registry.transport
+        spec = Spec(service_id, name, type, endpoint, dict(labels or {}), lease, weight, group_id, deregister_after)
+        self._state = RegistrationState(spec, health, timeout=registry.config.timeout)
+        self._timeout = registry.config.timeout
+        self._on_lease_lost = on_lease_lost
+        self._on_lease_recovered = on_lease_recovered
+        self._handle_signals = handle_signals
+        self._signals: SigtermHook | None = None
+        self._changed: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._callbacks: asyncio.Queue[Callback] | None = None
+        self._callback_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed: asyncio.Event | None = None
+        self._sigterm_task: asyncio.Task[None] | None = None
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> Registration:
+        """Register now (raising the typed error if that fails), then heartbeat in a task. Idempotent."""
+        if self._started:
+            return self
+        if self._state.phase != RUNNING:
+            raise RuntimeError("this registration handle was closed; ask Registry.register for a new one")
+        self._started = True
+        self._changed = asyncio.Condition()
+        self._closed = asyncio.Event()
+        step = self._state.next_step(time.monotonic())
+        assert isinstance(step, Send)
+        sent_at = time.monotonic()
+        try:
+            answer = await _flows.asend(self._transport, step.request)
+        except errors.ConveyorError:
+            self._state.phase = CLOSED
+            self._closed.set()
+            raise
+        self._state.succeeded(step, answer, sent_at, time.monotonic())
+        if self._handle_signals:
+            self._signals = SigtermHook(self._on_sigterm)
+        self._task = asyncio.create_task(self._run(), name=f"conveyor-heartbeat-{self.service_id}")
+        return self
+
+    async def close(self) -> None:
+        """Stop heartbeating, wait for a request in flight, then deregister; never registers again after."""
+        if self._state.phase == CLOSED:
+            return
+        if self._state.phase == CLOSING:
+            assert self._closed is not None
+            await self._closed.wait()
+            return
+        self._state.close()
+        try:
+            if self._task is not None:
+                await self._wake()
+                # The task finishes the request it may be making (a registration must not land after the
+                # DELETE), then sees the handle closing and ends.
+                await asyncio.shield(self._task)
+            if self._started and self._state.ever_sent_register:
+                await self._deregister()
+        finally:
+            self._state.phase = CLOSED
+            if self._closed is not None:
+                self._closed.set()
+            if self._callback_task is not None:
+                self._callback_task.cancel()
+            if self._signals is not None:
+                self._signals.remove()
+            if self._changed is not None:
+                await self._wake()
+
+    async def _deregister(self) -> None:
+        backoff = Backoff(base=0.25, cap=2.0)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                await _flows.asend(self._transport, self._state.deregister_request())
+                return
+            except errors.NotFound:
+                return
+            except errors.Unavailable as exc:
+                self._state.last_error = exc
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
+                    log.warning("could not deregister %s: %s", self.service_id, exc)
+                    return
+                await asyncio.sleep(delay)
+            except errors.ConveyorError as exc:
+                self._state.last_error = exc
+                log.warning("could not deregister %s: %s", self.service_id, exc)
+                return
+
+    def _on_sigterm(self, chain: Chain) -> None:
+        # A signal handler runs between two steps of the event loop's thread: close as a task, chain after.
+        async def close_then_chain() -> None:
+            try:
+                await self.close()
+            finally:
+                chain()
+
+        assert self._task is not None
+        loop = self._task.get_loop()
+
+        def schedule() -> None:
+            self._sigterm_task = loop.create_task(close_then_chain())
+
+        loop.call_soon_threadsafe(schedule)
+
+    def __await__(self) -> Generator[Any, None, Registration]:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> Registration:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def set_health(self, health: str, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Report ``health`` now; True once the registry has it (see the sync ``set_health``)."""
+        if self._state.phase in (CLOSING, CLOSED) or self._changed is None:
+            raise RuntimeError("this registration handle is not running")
+        seq = self._state.set_health(health, time.monotonic())
+        await self._wake()
+        if not wait:
+            return False
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._state.health_settled(seq) is not None),
+                    self._timeout if timeout is None else timeout,
+                )
+        return bool(self._state.health_settled(seq))
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state.phase
+
+    @property
+    def health(self) -> str:
+        return self._state.health
+
+    @property
+    def lease_lost(self) -> bool:
+        return self._state.lease_lost
+
+    @property
+    def error(self) -> errors.ConveyorError | None:
+        return self._state.error
+
+    @property
+    def last_error(self) -> errors.ConveyorError | None:
+        return self._state.last_error
+
+    @property
+    def service(self) -> Service | None:
+        return self._state.service
+
+    @property
+    def expires_at(self) -> str | None:
+        return self._state.expires_at
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def registrations(self) -> int:
+        return self._state.registrations
+
+    @property
+    def heartbeats(self) -> int:
+        return self._state.heartbeats
+
+    def __repr__(self) -> str:
+        return f"<Registration {self.service_id} {self._state.phase} health={self._state.health}>"
+
+    # --- the task ----------------------------------------------------------------------------
+
+    async def _wake(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _notify(self, notices: list[str]) -> None:
+        for notice in notices:
+            callback = {LEASE_LOST: self._on_lease_lost, LEASE_RECOVERED: self._on_lease_recovered}.get(notice)
+            if notice == LEASE_LOST:
+                log.warning("the lease of %s may have lapsed (last error: %s)", self.service_id, self._state.last_error)
+            if callback is None:
+                continue
+            if self._callbacks is None:
+                self._callbacks = asyncio.Queue()
+                self._callback_task = asyncio.create_task(self._run_callbacks())
+            self._callbacks.put_nowait(callback)
+
+    async def _run_callbacks(self) -> None:
+        assert self._callbacks is not None
+        while True:
+            callback = await self._callbacks.get()
+            try:
+                result = callback(self)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("callback %r of the registration of %s failed", callback, self.service_id)
+
+    async def _run(self) -> None:
+        state = self._state
+        assert self._changed is not None
+        try:
+            while True:
+                now = time.monotonic()
+                self._notify(state.tick(now))
+                step = state.next_step(now)
+                if isinstance(step, Exit):
+                    return
+                if isinstance(step, Wait):
+                    async with self._changed:
+                        timeout = None if step.until is None else max(0.0, step.until - time.monotonic())
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), timeout)
+                    continue
+                sent_at = time.monotonic()
+                try:
+                    answer = await _flows.asend(self._transport, step.request)
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong, the answer is: retry later
+                    if not isinstance(exc, errors.ConveyorError):
+                        exc = errors.ConveyorError(f"{type(exc).__name__}: {exc}")
+                    notices = state.failed(step, exc, time.monotonic())
+                    if state.phase == STOPPED:
+                        log.error("registration of %s stopped: %s", self.service_id, exc)
+                else:
+                    notices = state.succeeded(step, answer, sent_at, time.monotonic())
+                await self._wake()
+                self._notify(notices)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the heartbeat task of %s failed", self.service_id)

@@ -1,0 +1,323 @@
+"""The registration handle (sync): registers a service, keeps its lease with heartbeats from a background
+thread, reports health changes at once, tells the application when the lease may have lapsed, and
+deregisters on close (or SIGTERM, opt-in). The decisions are ``_registration_state``'s; this module runs them
+on one worker thread per handle, which makes every request, so none overlaps another of the same handle.
+
+    with reg.register("orders-1", name="orders", type="source", endpoint="10.0.0.5:8080") as handle:
+        ...                                   # serve; handle.set_health("degraded") when it is so
+
+Lease loss: ``on_lease_lost(handle)`` is called when no heartbeat or registration has succeeded for longer
+than the lease (counted from when the last successful one was sent): the registry may now read the service
+as ``unhealthy``, and remove it once ``deregister_after`` passes too. The handle keeps trying; when a request
+succeeds again (a heartbeat, or a registration after a 404) ``on_lease_recovered(handle)`` is called, and a
+later lapse calls ``on_lease_lost`` again: the calls alternate. Callbacks run one at a time, in order, on a
+thread shared by every handle of the process, never on the heartbeat thread: a slow callback delays other
+callbacks, not heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _flows, errors
+from ._backoff import Backoff
+from ._registration_state import (
+    CLOSED,
+    CLOSING,
+    LEASE_LOST,
+    LEASE_RECOVERED,
+    RUNNING,
+    STOPPED,
+    Exit,
+    RegistrationState,
+    Send,
+    Spec,
+    Wait,
+)
+from ._signals import Chain, SigtermHook
+from .records import Service
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger("conveyor.registration")
+
+Callback = Callable[["Registration"], Any]
+
+
+class _CallbackThread:
+    """One daemon thread per process that runs handles' callbacks in the order they were queued."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callback, Registration]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, callback: Callback, handle: Registration) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="conveyor-callbacks", daemon=True)
+                self._thread.start()
+        self._queue.put((callback, handle))
+
+    def _run(self) -> None:
+        while True:
+            callback, handle = self._queue.get()
+            try:
+                callback(handle)
+            except Exception:
+                log.exception("callback %r of the registration of %s failed", callback, handle.service_id)
+
+
+_callbacks = _CallbackThread()
+
+
+class Registration:
+    """A registered service kept alive by heartbeats. Built by ``Registry.register``, which starts it.
+
+    Attributes worth reading: ``health`` (what is reported), ``lease_lost``, ``error`` (why it stopped:
+    401/403/400; None while fine), ``last_error`` (the newest error, transient ones included), ``service``
+    (the record the last registration returned), ``expires_at`` (the registry's lease deadline as last
+    told), ``state`` (``running``, ``stopped``, ``closing``, ``closed``).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        service_id: str,
+        *,
+        name: str,
+        type: str,
+        endpoint: str,
+        labels: Mapping[str, str] | None = None,
+        lease: int = 30,
+        health: str = "healthy",
+        weight: int | None = None,
+        group_id: str | None = None,
+        deregister_after: int | None = None,
+        on_lease_lost: Callback | None = None,
+        on_lease_recovered: Callback | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.service_id = service_id
+        self._transport = registry.transport
+        spec = Spec(service_id, name, type, endpoint, dict(labels or {}), lease, weight, group_id, deregister_after)
+        self._state = RegistrationState(spec, health, timeout=registry.config.timeout)
+        self._timeout = registry.config.timeout
+        self._on_lease_lost = on_lease_lost
+        self._on_lease_recovered = on_lease_recovered
+        self._handle_signals = handle_signals
+        self._signals: SigtermHook | None = None
+        # Re-entrant: the SIGTERM handler runs close() in the main thread, possibly inside one of our own
+        # short critical sections; waits go through the condition, which releases every level.
+        self._cond = threading.Condition(threading.RLock())
+        self._worker: threading.Thread | None = None
+        self._worker_done = False
+        self._started = False
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> Registration:
+        """Register now (raising the typed error if the registry refuses or cannot be reached), then
+        heartbeat in the background. Idempotent."""
+        with self._cond:
+            if self._started:
+                return self
+            if self._state.phase != RUNNING:
+                raise RuntimeError("this registration handle was closed; ask Registry.register for a new one")
+            self._started = True
+            step = self._state.next_step(time.monotonic())
+        assert isinstance(step, Send)
+        sent_at = time.monotonic()
+        try:
+            answer = _flows.send(self._transport, step.request)
+        except errors.ConveyorError:
+            with self._cond:
+                self._state.phase = CLOSED
+            raise
+        with self._cond:
+            self._state.succeeded(step, answer, sent_at, time.monotonic())
+        if self._handle_signals:
+            self._signals = SigtermHook(self._on_sigterm)
+        self._worker = threading.Thread(target=self._run, name=f"conveyor-heartbeat-{self.service_id}", daemon=True)
+        self._worker.start()
+        return self
+
+    def close(self) -> None:
+        """Stop heartbeating, wait for a request in flight to finish, then deregister (a 404 is fine: it is
+        gone). Idempotent; safe from any thread and from a signal handler. Nothing is sent for this handle
+        after it returns, and it never registers again."""
+        with self._cond:
+            if self._state.phase == CLOSED:
+                return
+            if self._state.phase == CLOSING:
+                self._cond.wait_for(lambda: self._state.phase == CLOSED)
+                return
+            self._state.close()
+            self._cond.notify_all()
+            if self._worker is not None:
+                # Not join(): the worker needs the lock to finish, and wait_for releases it (every level).
+                self._cond.wait_for(lambda: self._worker_done)
+            must_deregister = self._started and self._state.ever_sent_register
+        try:
+            if must_deregister:
+                self._deregister()
+        finally:
+            with self._cond:
+                self._state.phase = CLOSED
+                self._cond.notify_all()
+            if self._signals is not None:
+                self._signals.remove()
+
+    def _deregister(self) -> None:
+        backoff = Backoff(base=0.25, cap=2.0)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                _flows.send(self._transport, self._state.deregister_request())
+                return
+            except errors.NotFound:
+                return
+            except errors.Unavailable as exc:
+                self._state.last_error = exc
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
+                    log.warning("could not deregister %s: %s", self.service_id, exc)
+                    return
+                time.sleep(delay)
+            except errors.ConveyorError as exc:
+                self._state.last_error = exc
+                log.warning("could not deregister %s: %s", self.service_id, exc)
+                return
+
+    def _on_sigterm(self, chain: Chain) -> None:
+        try:
+            self.close()
+        finally:
+            chain()
+
+    def __enter__(self) -> Registration:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- health ------------------------------------------------------------------------------
+
+    def set_health(self, health: str, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Report ``health`` (healthy, degraded, unhealthy, unknown) now, not at the next heartbeat. Every later
+        heartbeat carries it too. With ``wait``, returns True once the registry has it and False if the request
+        failed or ``timeout`` (default: the registry timeout) passed; it is retried with the heartbeats."""
+        with self._cond:
+            if self._state.phase in (CLOSING, CLOSED):
+                raise RuntimeError("this registration handle is closed")
+            seq = self._state.set_health(health, time.monotonic())
+            self._cond.notify_all()
+            if not wait:
+                return False
+            self._cond.wait_for(
+                lambda: self._state.health_settled(seq) is not None,
+                timeout=self._timeout if timeout is None else timeout,
+            )
+            return bool(self._state.health_settled(seq))
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state.phase
+
+    @property
+    def health(self) -> str:
+        return self._state.health
+
+    @property
+    def lease_lost(self) -> bool:
+        return self._state.lease_lost
+
+    @property
+    def error(self) -> errors.ConveyorError | None:
+        return self._state.error
+
+    @property
+    def last_error(self) -> errors.ConveyorError | None:
+        return self._state.last_error
+
+    @property
+    def service(self) -> Service | None:
+        return self._state.service
+
+    @property
+    def expires_at(self) -> str | None:
+        return self._state.expires_at
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def registrations(self) -> int:
+        """How many times it was registered (1, plus one per re-registration after a 404)."""
+        return self._state.registrations
+
+    @property
+    def heartbeats(self) -> int:
+        """Successful heartbeats so far."""
+        return self._state.heartbeats
+
+    def __repr__(self) -> str:
+        return f"<Registration {self.service_id} {self._state.phase} health={self._state.health}>"
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _notify(self, notices: list[str]) -> None:
+        for notice in notices:
+            if notice == LEASE_LOST:
+                log.warning("the lease of %s may have lapsed (last error: %s)", self.service_id, self._state.last_error)
+                if self._on_lease_lost is not None:
+                    _callbacks.submit(self._on_lease_lost, self)
+            elif notice == LEASE_RECOVERED:
+                log.info("the lease of %s is renewed again", self.service_id)
+                if self._on_lease_recovered is not None:
+                    _callbacks.submit(self._on_lease_recovered, self)
+
+    def _run(self) -> None:
+        state = self._state
+        try:
+            while True:
+                with self._cond:
+                    now = time.monotonic()
+                    self._notify(state.tick(now))
+                    step = state.next_step(now)
+                    if isinstance(step, Exit):
+                        return
+                    if isinstance(step, Wait):
+                        self._cond.wait(None if step.until is None else max(0.0, step.until - now))
+                        continue
+                sent_at = time.monotonic()
+                try:
+                    answer = _flows.send(self._transport, step.request)
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong, the answer is: retry later
+                    if not isinstance(exc, errors.ConveyorError):
+                        exc = errors.ConveyorError(f"{type(exc).__name__}: {exc}")
+                    with self._cond:
+                        notices = state.failed(step, exc, time.monotonic())
+                        if state.phase == STOPPED:
+                            log.error("registration of %s stopped: %s", self.service_id, exc)
+                        self._cond.notify_all()
+                else:
+                    with self._cond:
+                        notices = state.succeeded(step, answer, sent_at, time.monotonic())
+                        self._cond.notify_all()
+                self._notify(notices)
+        except Exception:  # a bug must not leave close() waiting forever
+            log.exception("the heartbeat thread of %s failed", self.service_id)
+        finally:
+            with self._cond:
+                self._worker_done = True
+                self._cond.notify_all()
