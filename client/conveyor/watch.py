@@ -99,11 +99,12 @@ class ServiceWatch:
     def _connect(self) -> None:
         while not self._closed.is_set():
             try:
+                # Entered by hand, not in a with block: the connection outlives this call (close() ends it).
                 ws = connect(
                     self._url,
                     subprotocols=self._config.ws_subprotocols(),  # type: ignore[arg-type]
                     open_timeout=self._config.timeout,
-                )
+                ).__enter__()
             except InvalidStatus as refused:
                 error = handshake_error(refused.response.status_code)
                 if error is not None:
