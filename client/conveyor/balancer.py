@@ -71,14 +71,15 @@ class Balancer:
         if not self.local:
             return _flows.run(_flows.select(self.name, self.strategy, self.selector, key), self._registry.transport)
         if self._version < 0 and not self._watch.wait_synced(self._registry.config.timeout):
-            raise self._error or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
+            raise (
+                self._watch.error
+                or self._error
+                or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
+            )
         if self._error is not None:
             raise self._error
         with self._lock:
-            version, view = self._watch.view_if_changed(self._version)
-            if view is not None:
-                self._pool.set_view(view)
-                self._version = version
+            self._follow_view()
             return self._pool.select(time.time(), key)
 
     def instances(self) -> list[Service]:
@@ -86,7 +87,15 @@ class Balancer:
         if not self.local:
             raise RuntimeError("instances() is for local=True balancers")
         with self._lock:
+            self._follow_view()
             return list(self._pool.records.values())
+
+    def _follow_view(self) -> None:
+        """Take the watch's view into the pool if it changed since the last look (under the lock)."""
+        version, view = self._watch.view_if_changed(self._version)
+        if view is not None:
+            self._pool.set_view(view)
+            self._version = version
 
     # --- local mode's threads ----------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from . import errors
 from ._backoff import Backoff
 from ._watch_state import SYNC_PROBE, WatchState, close_error, handshake_error, watch_path
 from .records import Service, WatchEvent
@@ -53,8 +54,10 @@ class ServiceWatch:
         self._ws: ClientConnection | None = None
         self._closed = threading.Event()
         self._synced = threading.Event()
+        self._settled = threading.Event()  # synced, or closed (a refused watch closes itself)
         self._backoff = Backoff(base=0.25, cap=10.0)
         self._sync_deadline = 0.0
+        self.error: errors.ConveyorError | None = None  # why the registry refused the watch, once it did
         self.connects = 0  # connections made; more than one means it reconnected
 
     # --- the iterator ------------------------------------------------------------------------
@@ -92,6 +95,7 @@ class ServiceWatch:
                 synced = not self._state.syncing
             if synced and not self._synced.is_set():
                 self._synced.set()
+                self._settled.set()
             if synced:
                 self._backoff.reset()
             self._events.extend(events)
@@ -108,6 +112,7 @@ class ServiceWatch:
             except InvalidStatus as refused:
                 error = handshake_error(refused.response.status_code)
                 if error is not None:
+                    self.error = error
                     self.close()
                     raise error from None
                 self._pause(refused)
@@ -147,6 +152,7 @@ class ServiceWatch:
         code = closed.rcvd.code if closed.rcvd else None
         error = close_error(code, self._state.last_error_detail or (closed.rcvd.reason if closed.rcvd else ""))
         if error is not None:
+            self.error = error
             self.close()
             raise error from None
         self._pause(f"closed with {code}")
@@ -156,6 +162,7 @@ class ServiceWatch:
     def close(self) -> None:
         """End the watch: a blocked ``next()`` returns StopIteration. Idempotent, from any thread."""
         self._closed.set()
+        self._settled.set()
         ws = self._ws
         if ws is not None:
             ws.close()
@@ -169,8 +176,10 @@ class ServiceWatch:
         return self._state.syncing
 
     def wait_synced(self, timeout: float | None = None) -> bool:
-        """Wait until the first snapshot has been read (while something iterates the watch)."""
-        return self._synced.wait(timeout)
+        """Wait until the first snapshot has been read (while something iterates the watch) or the watch was
+        closed; True if it was read."""
+        self._settled.wait(timeout)
+        return self._synced.is_set()
 
     def view(self) -> dict[str, Service]:
         """The services as the events delivered so far describe them (a copy)."""

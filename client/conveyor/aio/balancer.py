@@ -67,18 +67,27 @@ class Balancer:
         if self._version < 0:
             self._start()
             if not await self._watch.wait_synced(self._registry.config.timeout):
-                raise self._error or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
+                raise (
+                    self._watch.error
+                    or self._error
+                    or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
+                )
         if self._error is not None:
             raise self._error
-        if self._watch.version != self._version:
-            self._pool.set_view(self._watch.view())
-            self._version = self._watch.version
+        self._follow_view()
         return self._pool.select(time.time(), key)
 
     def instances(self) -> list[Service]:
+        """The instances a local balancer currently knows of (its name and selector), eligible or not."""
         if not self.local:
             raise RuntimeError("instances() is for local=True balancers")
+        self._follow_view()
         return list(self._pool.records.values())
+
+    def _follow_view(self) -> None:
+        if self._watch.version != self._version:
+            self._pool.set_view(self._watch.view())
+            self._version = self._watch.version
 
     async def _follow(self) -> None:
         try:

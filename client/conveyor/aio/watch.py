@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from .. import errors
 from .._backoff import Backoff
 from .._watch_state import SYNC_PROBE, WatchState, close_error, handshake_error, watch_path
 from ..records import Service, WatchEvent
@@ -41,6 +42,7 @@ class ServiceWatch:
         self._synced = asyncio.Event()
         self._backoff = Backoff(base=0.25, cap=10.0)
         self._sync_deadline = 0.0
+        self.error: errors.ConveyorError | None = None  # why the registry refused the watch, once it did
         self.connects = 0
 
     def __aiter__(self) -> ServiceWatch:
@@ -91,6 +93,7 @@ class ServiceWatch:
             except InvalidStatus as refused:
                 error = handshake_error(refused.response.status_code)
                 if error is not None:
+                    self.error = error
                     await self.aclose()
                     raise error from None
                 await self._pause(refused)
@@ -131,6 +134,7 @@ class ServiceWatch:
         code = closed.rcvd.code if closed.rcvd else None
         error = close_error(code, self._state.last_error_detail or (closed.rcvd.reason if closed.rcvd else ""))
         if error is not None:
+            self.error = error
             await self.aclose()
             raise error from None
         await self._pause(f"closed with {code}")
@@ -151,8 +155,13 @@ class ServiceWatch:
         return self._state.syncing
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._synced.wait(), timeout)
+        """Wait until the first snapshot has been read or the watch was closed; True if it was read."""
+        waits = [asyncio.ensure_future(self._synced.wait()), asyncio.ensure_future(self._closed.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         return self._synced.is_set()
 
     def view(self) -> dict[str, Service]:
