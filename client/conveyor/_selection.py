@@ -66,13 +66,18 @@ class LocalPool:
         self.strategy = check_strategy(strategy)
         self.selector = dict(selector) if selector else None
         self.stale_after = stale_after
-        self.balancer = strategies.LoadBalancer()
+        # The rotation state of round robin and smooth weighted round robin. strategies.LoadBalancer keeps one
+        # per distinct pool, which would grow with every add, drain and lapse a long-lived balancer follows:
+        # here one rotation simply carries on over the changed pool.
+        self._cursor = 0
+        self._current: dict[str, int] = {}
         self.named = 0  # instances of the name, whatever the selector (none at all: ServiceNotFound)
         self.records: dict[str, Service] = {}
         self.deadlines: dict[str, float] = {}  # id -> newest lease deadline known (epoch seconds)
         self.last_contact: float | None = None
         self.shortest_lease: float | None = None
-        self._pool: list[strategies.Instance] | None = None
+        self._pool: list[strategies.Instance] | None = None  # eligible instances, sorted by id
+        self._none_eligible: strategies.NoHealthyInstance | None = None
         self._valid_until = math.inf  # the pool must be rebuilt when a lease in it runs out
 
     def set_view(self, view: Mapping[str, Service]) -> None:
@@ -119,8 +124,14 @@ class LocalPool:
                 else:
                     valid_until = min(valid_until, deadline)
             pool.append(strategies.Instance(record.id, record.endpoint, record.weight, health))
-        self._pool, self._valid_until = pool, valid_until
-        return pool
+        # Filtered and ordered once per change rather than once per selection: each strategy still applies
+        # eligible() itself, which on this pool keeps all of it, in the order it has.
+        try:
+            self._pool, self._none_eligible = strategies.eligible(pool), None
+        except strategies.NoHealthyInstance as exc:
+            self._pool, self._none_eligible = [], exc
+        self._valid_until = valid_until
+        return self._pool
 
     def select(self, now: float, key: str | None = None) -> Service:
         at = self.judged_at(now)
@@ -131,8 +142,16 @@ class LocalPool:
             raise errors.ServiceNotFound(f"no service is registered under the name {self.name!r}", status=404)
         if self.strategy == "hash" and key is None:
             raise errors.InvalidRequest("key: the hash strategy needs a key", status=400)
-        try:
-            chosen = self.balancer.select(pool, self.strategy, key=key)
-        except strategies.NoHealthyInstance as exc:
-            raise errors.NoInstanceAvailable(f"{self.name}: {exc}", body={"name": self.name}) from None
+        if self._none_eligible is not None:
+            raise errors.NoInstanceAvailable(f"{self.name}: {self._none_eligible}", body={"name": self.name})
+        if self.strategy == "round_robin":
+            chosen = strategies.round_robin(pool, self._cursor)
+            self._cursor += 1
+        elif self.strategy == "weighted":
+            chosen = strategies.smooth_weighted(pool, self._current)
+        elif self.strategy == "random":
+            chosen = strategies.random_weighted(pool)
+        else:
+            assert key is not None
+            chosen = strategies.rendezvous(pool, key)
         return self.records[chosen.id]
