@@ -1,9 +1,12 @@
 """Requests written once for both APIs: a *flow* is a generator that yields ``Request``s and receives their
-decoded answers (or has the typed error thrown into it), and returns a result. ``run`` drives one with the sync
-transport, ``arun`` with the async one. The queries of ``Registry`` and the HTTP balancer are flows."""
+decoded answers (or has the typed error thrown into it), may yield a ``Pause`` between them, and returns a
+result. ``run`` drives one with the sync transport, ``arun`` with the async one. The queries of ``Registry``,
+the HTTP balancer and a registration handle's deregistration are flows."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,7 +33,14 @@ class Request:
     timeout: float | None = None
 
 
-Flow = Generator[Request, Any, T]
+@dataclass(frozen=True)
+class Pause:
+    """Step: wait this long (``time.sleep`` or ``asyncio.sleep``), then go on."""
+
+    seconds: float
+
+
+Flow = Generator[Request | Pause, Any, T]
 
 
 def send(transport: Transport, request: Request) -> Any:
@@ -57,28 +67,36 @@ async def asend(transport: AsyncTransport, request: Request) -> Any:
 
 def run(flow: Flow[T], transport: Transport) -> T:
     try:
-        request = next(flow)
+        step = next(flow)
         while True:
+            if isinstance(step, Pause):
+                time.sleep(step.seconds)
+                step = flow.send(None)
+                continue
             try:
-                answer = send(transport, request)
+                answer = send(transport, step)
             except errors.ConveyorError as exc:
-                request = flow.throw(exc)
+                step = flow.throw(exc)
             else:
-                request = flow.send(answer)
+                step = flow.send(answer)
     except StopIteration as stop:
         return stop.value
 
 
 async def arun(flow: Flow[T], transport: AsyncTransport) -> T:
     try:
-        request = next(flow)
+        step = next(flow)
         while True:
+            if isinstance(step, Pause):
+                await asyncio.sleep(step.seconds)
+                step = flow.send(None)
+                continue
             try:
-                answer = await asend(transport, request)
+                answer = await asend(transport, step)
             except errors.ConveyorError as exc:
-                request = flow.throw(exc)
+                step = flow.throw(exc)
             else:
-                request = flow.send(answer)
+                step = flow.send(answer)
     except StopIteration as stop:
         return stop.value
 

@@ -14,6 +14,7 @@ The phases:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from typing import Any
 
 from . import errors
 from ._backoff import Backoff, jittered
-from ._flows import Request
+from ._flows import Flow, Pause, Request
 from .records import HEALTHS, SERVICE_TYPES, Service
+
+log = logging.getLogger("conveyor.registration")
 
 RUNNING, STOPPED, CLOSING, CLOSED = "running", "stopped", "closing", "closed"
 LEASE_LOST, LEASE_RECOVERED = "lease_lost", "lease_recovered"
@@ -239,5 +242,81 @@ class RegistrationState:
         if self.phase != CLOSED:
             self.phase = CLOSING
 
-    def deregister_request(self) -> Request:
-        return Request("DELETE", f"services/{self.spec.service_id}/", resource="service", timeout=self.timeout)
+    def deregister(self) -> Flow[None]:
+        """DELETE the service (a 404 means it is gone already); an unreachable registry is retried with backoff
+        for about ``timeout`` seconds in all. Failures are kept in ``last_error`` and logged, never raised: the
+        handle is closing either way."""
+        backoff = Backoff(base=0.25, cap=2.0, rng=self.rng)
+        waited = 0.0
+        request = Request("DELETE", f"services/{self.spec.service_id}/", resource="service", timeout=self.timeout)
+        while True:
+            try:
+                yield request
+                return
+            except errors.NotFound:
+                return
+            except errors.ConveyorError as exc:
+                self.last_error = exc
+                delay = backoff.next()
+                if not isinstance(exc, errors.Unavailable) or waited + delay > self.timeout:
+                    log.warning("could not deregister %s: %s", self.spec.service_id, exc)
+                    return
+                waited += delay
+                yield Pause(delay)
+
+
+class HandleState:
+    """What both registration handles expose, read from their ``RegistrationState`` (``_state``)."""
+
+    _state: RegistrationState
+    service_id: str
+
+    @property
+    def state(self) -> str:
+        """``running``, ``stopped`` (see ``error``), ``closing`` or ``closed``."""
+        return self._state.phase
+
+    @property
+    def health(self) -> str:
+        return self._state.health
+
+    @property
+    def lease_lost(self) -> bool:
+        return self._state.lease_lost
+
+    @property
+    def error(self) -> errors.ConveyorError | None:
+        """Why the handle stopped (401, 403, 400); None while it runs."""
+        return self._state.error
+
+    @property
+    def last_error(self) -> errors.ConveyorError | None:
+        """The newest error, transient ones included."""
+        return self._state.last_error
+
+    @property
+    def service(self) -> Service | None:
+        """The record the last registration returned."""
+        return self._state.service
+
+    @property
+    def expires_at(self) -> str | None:
+        """The lease deadline the registry last gave."""
+        return self._state.expires_at
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def registrations(self) -> int:
+        """How many times it was registered (1, plus one per re-registration after a 404)."""
+        return self._state.registrations
+
+    @property
+    def heartbeats(self) -> int:
+        """Successful heartbeats so far."""
+        return self._state.heartbeats
+
+    def __repr__(self) -> str:
+        return f"<Registration {self.service_id} {self._state.phase} health={self._state.health}>"

@@ -116,10 +116,11 @@ class Balancer:
             started = time.time()
             try:
                 found = _flows.run(_flows.list_services(name=self.name), self._registry.transport)
-            except errors.ConveyorError as exc:
-                if isinstance(exc, (errors.Unauthorized, errors.Forbidden)):
-                    self._error = exc
-                    return
+            except (errors.Unauthorized, errors.Forbidden) as exc:
+                self._error = exc
+                return
+            except Exception as exc:  # noqa: BLE001 - unreachable, 5xx, a closed transport: try again later
+                log.debug("balancer %s: lease refresh failed: %s", self.name, exc)
                 self._closed.wait(backoff.next())
                 continue
             backoff.reset()

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _flows, errors
-from ._backoff import Backoff
 from ._registration_state import (
     CLOSED,
     CLOSING,
@@ -34,13 +33,13 @@ from ._registration_state import (
     RUNNING,
     STOPPED,
     Exit,
+    HandleState,
     RegistrationState,
     Send,
     Spec,
     Wait,
 )
 from ._signals import Chain, SigtermHook
-from .records import Service
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -77,7 +76,7 @@ class _CallbackThread:
 _callbacks = _CallbackThread()
 
 
-class Registration:
+class Registration(HandleState):
     """A registered service kept alive by heartbeats. Built by ``Registry.register``, which starts it.
 
     Attributes worth reading: ``health`` (what is reported), ``lease_lost``, ``error`` (why it stopped:
@@ -126,10 +125,10 @@ class Registration:
         """Register now (raising the typed error if the registry refuses or cannot be reached), then
         heartbeat in the background. Idempotent."""
         with self._cond:
-            if self._started:
-                return self
             if self._state.phase != RUNNING:
                 raise RuntimeError("this registration handle was closed; ask Registry.register for a new one")
+            if self._started:
+                return self
             self._started = True
             step = self._state.next_step(time.monotonic())
         assert isinstance(step, Send)
@@ -166,34 +165,13 @@ class Registration:
             must_deregister = self._started and self._state.ever_sent_register
         try:
             if must_deregister:
-                self._deregister()
+                _flows.run(self._state.deregister(), self._transport)
         finally:
             with self._cond:
                 self._state.phase = CLOSED
                 self._cond.notify_all()
             if self._signals is not None:
                 self._signals.remove()
-
-    def _deregister(self) -> None:
-        backoff = Backoff(base=0.25, cap=2.0)
-        deadline = time.monotonic() + self._timeout
-        while True:
-            try:
-                _flows.send(self._transport, self._state.deregister_request())
-                return
-            except errors.NotFound:
-                return
-            except errors.Unavailable as exc:
-                self._state.last_error = exc
-                delay = backoff.next()
-                if time.monotonic() + delay > deadline:
-                    log.warning("could not deregister %s: %s", self.service_id, exc)
-                    return
-                time.sleep(delay)
-            except errors.ConveyorError as exc:
-                self._state.last_error = exc
-                log.warning("could not deregister %s: %s", self.service_id, exc)
-                return
 
     def _on_sigterm(self, chain: Chain) -> None:
         try:
@@ -225,53 +203,6 @@ class Registration:
                 timeout=self._timeout if timeout is None else timeout,
             )
             return bool(self._state.health_settled(seq))
-
-    # --- state -------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        return self._state.phase
-
-    @property
-    def health(self) -> str:
-        return self._state.health
-
-    @property
-    def lease_lost(self) -> bool:
-        return self._state.lease_lost
-
-    @property
-    def error(self) -> errors.ConveyorError | None:
-        return self._state.error
-
-    @property
-    def last_error(self) -> errors.ConveyorError | None:
-        return self._state.last_error
-
-    @property
-    def service(self) -> Service | None:
-        return self._state.service
-
-    @property
-    def expires_at(self) -> str | None:
-        return self._state.expires_at
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return self._state.interval
-
-    @property
-    def registrations(self) -> int:
-        """How many times it was registered (1, plus one per re-registration after a 404)."""
-        return self._state.registrations
-
-    @property
-    def heartbeats(self) -> int:
-        """Successful heartbeats so far."""
-        return self._state.heartbeats
-
-    def __repr__(self) -> str:
-        return f"<Registration {self.service_id} {self._state.phase} health={self._state.health}>"
 
     # --- the worker --------------------------------------------------------------------------
 

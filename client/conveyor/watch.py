@@ -78,7 +78,7 @@ class ServiceWatch:
             try:
                 raw = ws.recv(timeout=max(0.05, self._sync_deadline - time.monotonic()) if self.syncing else None)
             except TimeoutError:
-                log.warning("watch %s: no end of snapshot within %.0f s; reconnecting", self._url, self._config.timeout)
+                log.warning("watch %s: the snapshot stalled for %.0f s; reconnecting", self._url, self._config.timeout)
                 self._drop(ws)
                 continue
             except ConnectionClosed as closed:
@@ -93,6 +93,8 @@ class ServiceWatch:
             with self._lock:
                 events = self._state.feed(message)
                 synced = not self._state.syncing
+            if not synced:  # a large snapshot may take a while: the deadline is for the next message
+                self._sync_deadline = time.monotonic() + self._config.timeout
             if synced and not self._synced.is_set():
                 self._synced.set()
                 self._settled.set()

@@ -20,7 +20,6 @@ from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import _flows, errors
-from .._backoff import Backoff
 from .._registration_state import (
     CLOSED,
     CLOSING,
@@ -29,13 +28,13 @@ from .._registration_state import (
     RUNNING,
     STOPPED,
     Exit,
+    HandleState,
     RegistrationState,
     Send,
     Spec,
     Wait,
 )
 from .._signals import Chain, SigtermHook
-from ..records import Service
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -45,7 +44,7 @@ log = logging.getLogger("conveyor.registration")
 Callback = Callable[["Registration"], Any]
 
 
-class Registration:
+class Registration(HandleState):
     """A registered service kept alive by heartbeats from a task; see ``conveyor.registration.Registration``."""
 
     def __init__(
@@ -87,10 +86,10 @@ class Registration:
 
     async def start(self) -> Registration:
         """Register now (raising the typed error if that fails), then heartbeat in a task. Idempotent."""
-        if self._started:
-            return self
         if self._state.phase != RUNNING:
             raise RuntimeError("this registration handle was closed; ask Registry.register for a new one")
+        if self._started:
+            return self
         self._started = True
         self._changed = asyncio.Condition()
         self._closed = asyncio.Event()
@@ -125,7 +124,7 @@ class Registration:
                 # DELETE), then sees the handle closing and ends.
                 await asyncio.shield(self._task)
             if self._started and self._state.ever_sent_register:
-                await self._deregister()
+                await _flows.arun(self._state.deregister(), self._transport)
         finally:
             self._state.phase = CLOSED
             if self._closed is not None:
@@ -136,27 +135,6 @@ class Registration:
                 self._signals.remove()
             if self._changed is not None:
                 await self._wake()
-
-    async def _deregister(self) -> None:
-        backoff = Backoff(base=0.25, cap=2.0)
-        deadline = time.monotonic() + self._timeout
-        while True:
-            try:
-                await _flows.asend(self._transport, self._state.deregister_request())
-                return
-            except errors.NotFound:
-                return
-            except errors.Unavailable as exc:
-                self._state.last_error = exc
-                delay = backoff.next()
-                if time.monotonic() + delay > deadline:
-                    log.warning("could not deregister %s: %s", self.service_id, exc)
-                    return
-                await asyncio.sleep(delay)
-            except errors.ConveyorError as exc:
-                self._state.last_error = exc
-                log.warning("could not deregister %s: %s", self.service_id, exc)
-                return
 
     def _on_sigterm(self, chain: Chain) -> None:
         # A signal handler runs between two steps of the event loop's thread: close as a task, chain after.
@@ -200,51 +178,6 @@ class Registration:
                     self._timeout if timeout is None else timeout,
                 )
         return bool(self._state.health_settled(seq))
-
-    # --- state -------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        return self._state.phase
-
-    @property
-    def health(self) -> str:
-        return self._state.health
-
-    @property
-    def lease_lost(self) -> bool:
-        return self._state.lease_lost
-
-    @property
-    def error(self) -> errors.ConveyorError | None:
-        return self._state.error
-
-    @property
-    def last_error(self) -> errors.ConveyorError | None:
-        return self._state.last_error
-
-    @property
-    def service(self) -> Service | None:
-        return self._state.service
-
-    @property
-    def expires_at(self) -> str | None:
-        return self._state.expires_at
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return self._state.interval
-
-    @property
-    def registrations(self) -> int:
-        return self._state.registrations
-
-    @property
-    def heartbeats(self) -> int:
-        return self._state.heartbeats
-
-    def __repr__(self) -> str:
-        return f"<Registration {self.service_id} {self._state.phase} health={self._state.health}>"
 
     # --- the task ----------------------------------------------------------------------------
 

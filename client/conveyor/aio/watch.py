@@ -64,7 +64,7 @@ class ServiceWatch:
                 else:
                     raw = await ws.recv()
             except TimeoutError:
-                log.warning("watch %s: no end of snapshot in time; reconnecting", self._url)
+                log.warning("watch %s: the snapshot stalled; reconnecting", self._url)
                 await self._drop(ws)
                 continue
             except ConnectionClosed as closed:
@@ -77,7 +77,9 @@ class ServiceWatch:
             if not isinstance(message, dict):
                 continue
             events = self._state.feed(message)
-            if not self._state.syncing:
+            if self._state.syncing:  # a large snapshot may take a while: the deadline is for the next message
+                self._sync_deadline = time.monotonic() + self._config.timeout
+            else:
                 self._synced.set()
                 self._backoff.reset()
             self._events.extend(events)
