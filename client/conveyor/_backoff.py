@@ -24,7 +24,7 @@ class Backoff:
 
     def next(self) -> float:
         self.attempts += 1
-        delay = min(self.cap, self.base * 2 ** min(self.attempts - 1, 30))
+        delay = min(self.cap, self.base * (1 << min(self.attempts - 1, 30)))
         return delay / 2 + self.rng.random() * delay / 2
 
     def reset(self) -> None:

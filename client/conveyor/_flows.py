@@ -9,7 +9,7 @@ import asyncio
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 
@@ -80,7 +80,7 @@ def run(flow: Flow[T], transport: Transport) -> T:
             else:
                 step = flow.send(answer)
     except StopIteration as stop:
-        return stop.value
+        return cast(T, stop.value)
 
 
 async def arun(flow: Flow[T], transport: AsyncTransport) -> T:
@@ -98,7 +98,7 @@ async def arun(flow: Flow[T], transport: AsyncTransport) -> T:
             else:
                 step = flow.send(answer)
     except StopIteration as stop:
-        return stop.value
+        return cast(T, stop.value)
 
 
 # --- queries ---------------------------------------------------------------------------------
