@@ -163,11 +163,29 @@ while True:
 """
 
 
-@pytest.mark.parametrize("previous", ["default", "app-handler"])
-def test_sigterm_deregisters_then_chains_the_previous_handler(server, key, previous):
+AIO_SIGTERM_SCRIPT = """
+import asyncio
+from conveyor import aio
+
+async def main():
+    reg = aio.Registry()
+    await reg.register("term-1", name="term", type="sink", endpoint="10.0.0.7:80", lease=30, handle_signals=True)
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "previous"),
+    [(SIGTERM_SCRIPT, "default"), (SIGTERM_SCRIPT, "app-handler"), (AIO_SIGTERM_SCRIPT, "default")],
+    ids=["sync-default-action", "sync-app-handler", "aio-default-action"],
+)
+def test_sigterm_deregisters_then_chains_the_previous_handler(server, key, script, previous):
     env = dict(os.environ, CONVEYOR_URL=server.url, CONVEYOR_TOKEN=key)
     child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SIGTERM_SCRIPT), previous],
+        [sys.executable, "-c", textwrap.dedent(script), previous],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
