@@ -132,17 +132,19 @@ class Registration(HandleState):
             self._started = True
             step = self._state.next_step(time.monotonic())
         assert isinstance(step, Send)
+        if self._handle_signals:  # first: outside the main thread this refuses, before anything is registered
+            self._signals = SigtermHook(self._on_sigterm)
         sent_at = time.monotonic()
         try:
             answer = _flows.send(self._transport, step.request)
         except errors.ConveyorError:
             with self._cond:
                 self._state.phase = CLOSED
+            if self._signals is not None:
+                self._signals.remove()
             raise
         with self._cond:
             self._state.succeeded(step, answer, sent_at, time.monotonic())
-        if self._handle_signals:
-            self._signals = SigtermHook(self._on_sigterm)
         self._worker = threading.Thread(target=self._run, name=f"conveyor-heartbeat-{self.service_id}", daemon=True)
         self._worker.start()
         return self

@@ -81,6 +81,7 @@ class Registration(HandleState):
         self._started = False
         self._closed: asyncio.Event | None = None
         self._sigterm_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start() when it installs the signal handler
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -95,16 +96,19 @@ class Registration(HandleState):
         self._closed = asyncio.Event()
         step = self._state.next_step(time.monotonic())
         assert isinstance(step, Send)
+        if self._handle_signals:  # first: outside the main thread this refuses, before anything is registered
+            self._loop = asyncio.get_running_loop()
+            self._signals = SigtermHook(self._on_sigterm)
         sent_at = time.monotonic()
         try:
             answer = await _flows.asend(self._transport, step.request)
         except errors.ConveyorError:
             self._state.phase = CLOSED
             self._closed.set()
+            if self._signals is not None:
+                self._signals.remove()
             raise
         self._state.succeeded(step, answer, sent_at, time.monotonic())
-        if self._handle_signals:
-            self._signals = SigtermHook(self._on_sigterm)
         self._task = asyncio.create_task(self._run(), name=f"conveyor-heartbeat-{self.service_id}")
         return self
 
@@ -144,13 +148,10 @@ class Registration(HandleState):
             finally:
                 chain()
 
-        assert self._task is not None
-        loop = self._task.get_loop()
-
         def schedule() -> None:
-            self._sigterm_task = loop.create_task(close_then_chain())
+            self._sigterm_task = self._loop.create_task(close_then_chain())
 
-        loop.call_soon_threadsafe(schedule)
+        self._loop.call_soon_threadsafe(schedule)
 
     def __await__(self) -> Generator[Any, None, Registration]:
         return self.start().__await__()
