@@ -205,6 +205,24 @@ def test_sigterm_deregisters_then_chains_the_previous_handler(server, key, scrip
         assert (child.returncode, out.strip()) == (0, "app handler ran")
 
 
+def test_signal_handling_outside_the_main_thread_is_refused_before_anything_is_registered(server, key):
+    reg = Registry(server.url, key)
+    refused: list[Exception] = []
+
+    def start() -> None:
+        try:
+            reg.register("t-1", name="t", type="sink", endpoint="10.0.0.7:80", handle_signals=True)
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    assert "main thread" in str(refused[0])
+    with pytest.raises(ServiceNotFound):
+        reg.get_service("t-1")
+
+
 def test_a_refused_token_stops_the_handle_with_its_error(server, key):
     reg = Registry(server.url, key)
     handle = reg.register("orders-1", name="orders", type="source", endpoint="10.0.0.5:8080", lease=3)
