@@ -9,11 +9,12 @@ import asyncio
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import httpx
 
 from . import errors
+from ._config import Config
 from .records import Service
 
 if TYPE_CHECKING:
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
     from .aio._http import AsyncTransport
 
 T = TypeVar("T")
+
+
+class RegistryLike(Protocol):
+    """What the long-lived objects need of ``conveyor.Registry`` or ``conveyor.aio.Registry``."""
+
+    config: Config
+    transport: Any
 
 
 @dataclass(frozen=True)

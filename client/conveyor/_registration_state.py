@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import errors
 from ._backoff import Backoff, jittered
-from ._flows import Flow, Pause, Request
+from ._flows import Flow, Pause, RegistryLike, Request
+from ._signals import SigtermHook
 from .records import HEALTHS, SERVICE_TYPES, Service
 
 log = logging.getLogger("conveyor.registration")
@@ -265,11 +266,54 @@ class RegistrationState:
                 yield Pause(delay)
 
 
-class HandleState:
-    """What both registration handles expose, read from their ``RegistrationState`` (``_state``)."""
+class HandleBase:
+    """What both registration handles share: their arguments, their ``RegistrationState`` and what they
+    expose from it. Each driver adds its own machinery in ``_setup()``."""
 
-    _state: RegistrationState
-    service_id: str
+    def __init__(
+        self,
+        registry: RegistryLike,
+        service_id: str,
+        *,
+        name: str,
+        type: str,
+        endpoint: str,
+        labels: Mapping[str, str] | None = None,
+        lease: int = 30,
+        health: str = "healthy",
+        weight: int | None = None,
+        group_id: str | None = None,
+        deregister_after: int | None = None,
+        on_lease_lost: Callable[[Any], Any] | None = None,
+        on_lease_recovered: Callable[[Any], Any] | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.service_id = service_id
+        self._transport = registry.transport
+        self._timeout = registry.config.timeout
+        spec = Spec(service_id, name, type, endpoint, dict(labels or {}), lease, weight, group_id, deregister_after)
+        self._state = RegistrationState(spec, health, timeout=self._timeout)
+        self._callbacks_by_notice = {LEASE_LOST: on_lease_lost, LEASE_RECOVERED: on_lease_recovered}
+        self._handle_signals = handle_signals
+        self._signals: SigtermHook | None = None
+        self._started = False
+        self._setup()
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def _callbacks_for(self, notices: list[str]) -> list[Callable[[Any], Any]]:
+        """The callbacks ``notices`` call for, in order (logged here, run by the driver)."""
+        due = []
+        for notice in notices:
+            if notice == LEASE_LOST:
+                log.warning("the lease of %s may have lapsed (last error: %s)", self.service_id, self._state.last_error)
+            else:
+                log.info("the lease of %s is renewed again", self.service_id)
+            callback = self._callbacks_by_notice.get(notice)
+            if callback is not None:
+                due.append(callback)
+        return due
 
     @property
     def state(self) -> str:

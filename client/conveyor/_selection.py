@@ -17,10 +17,15 @@ the registry answers again.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from datetime import datetime
+from typing import Any
 
 from . import errors, strategies
+from ._flows import RegistryLike
+from ._watch_state import WatchBase
 from .records import Service
 
 
@@ -155,3 +160,67 @@ class LocalPool:
             assert key is not None
             chosen = strategies.rendezvous(pool, key)
         return self.records[chosen.id]
+
+
+class BalancerBase:
+    """What both balancer drivers share: their arguments, and in local mode the pool, taking the watch's view
+    into it when it changed, and choosing. ``_guard`` serialises the pool (a lock for the sync balancer, whose
+    watch and lease refresh run on threads of their own); ``_setup()`` adds the driver's machinery, the
+    watch (``_watch``) included."""
+
+    _guard: AbstractContextManager[Any]
+    _watch: WatchBase
+
+    def __init__(
+        self,
+        registry: RegistryLike,
+        name: str,
+        strategy: str = "round_robin",
+        selector: Mapping[str, str] | str | None = None,
+        local: bool = False,
+        *,
+        stale_after: float = 15.0,
+    ) -> None:
+        self.name = name
+        self.strategy = check_strategy(strategy)
+        self.selector = parse_selector(selector)
+        self.local = local
+        self._registry = registry
+        self._error: errors.ConveyorError | None = None  # why the local mode cannot choose any more
+        if local:
+            self._pool = LocalPool(name, strategy, self.selector, stale_after)
+            self._version = -1  # of the watch's view the pool was built from
+        self._setup()
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def instances(self) -> list[Service]:
+        """The instances a local balancer currently knows of (its name and selector), eligible or not."""
+        if not self.local:
+            raise RuntimeError("instances() is for local=True balancers")
+        with self._guard:
+            self._follow_view()
+            return list(self._pool.records.values())
+
+    def _choose(self, key: str | None) -> Service:
+        if self._error is not None:
+            raise self._error
+        with self._guard:
+            self._follow_view()
+            return self._pool.select(time.time(), key)
+
+    def _follow_view(self) -> None:
+        version, view = self._watch.view_if_changed(self._version)
+        if view is not None:
+            self._pool.set_view(view)
+            self._version = version
+
+    def _not_synced(self) -> errors.ConveyorError:
+        return self._watch.error or self._error or errors.Unavailable(f"no snapshot of {self.name!r} yet")
+
+    def _deadlines(self, found: list[Service], read_at: float) -> float:
+        """Take the lease deadlines of a refresh; returns when to refresh next."""
+        with self._guard:
+            self._pool.set_deadlines(found, read_at)
+            return self._pool.refresh_period()

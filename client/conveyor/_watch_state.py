@@ -21,14 +21,22 @@ revision counter restarted with its Redis, still converges), and its revisions a
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import json
+import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
 from . import errors
+from ._backoff import Backoff
+from ._flows import RegistryLike
 from .records import Service, WatchEvent
+
+log = logging.getLogger("conveyor.watch")
 
 REGISTERED, UPDATED, HEALTH, DEREGISTERED = (
     "service.registered",
@@ -174,3 +182,81 @@ def handshake_error(status: int, detail: str = "") -> errors.ConveyorError | Non
 
 def watch_path(name: str | None) -> str:
     return "/ws/services/" + ("" if name is None else "?" + urlencode({"name": name}))
+
+
+class WatchBase:
+    """What both watch drivers share: the state, the events not yet delivered, the reconnect pacing and the
+    handling of a received message. ``_guard`` serialises the state against readers of the view (a lock for
+    the sync watch, whose view is read from other threads)."""
+
+    _guard: AbstractContextManager[Any]
+
+    def __init__(self, registry: RegistryLike, name: str | None = None) -> None:
+        self.name = name
+        self._config = registry.config
+        self._url = registry.config.ws_url + watch_path(name)
+        self._state = WatchState()
+        self._events: deque[WatchEvent] = deque()
+        self._backoff = Backoff(base=0.25, cap=10.0)
+        self._sync_deadline = 0.0
+        self.error: errors.ConveyorError | None = None  # why the registry refused the watch, once it did
+        self.connects = 0  # connections made; more than one means it reconnected
+        self._setup()
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def syncing(self) -> bool:
+        return self._state.syncing
+
+    def view(self) -> dict[str, Service]:
+        """The services as the events delivered so far describe them (a copy)."""
+        with self._guard:
+            return dict(self._state.view)
+
+    def view_if_changed(self, version: int) -> tuple[int, dict[str, Service] | None]:
+        """(current version, a copy of the view if its version is not ``version``, else None)."""
+        with self._guard:
+            if self._state.version == version:
+                return version, None
+            return self._state.version, dict(self._state.view)
+
+    def _connected(self) -> None:
+        """A connection is open and the sync probe sent: what arrives until the barrier is its snapshot."""
+        with self._guard:
+            self._state.connected()
+        self.connects += 1
+        self._sync_deadline = time.monotonic() + self._config.timeout
+
+    def _take(self, raw: str | bytes) -> bool:
+        """Apply one received message; True once the snapshot is complete."""
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            return not self._state.syncing
+        if not isinstance(message, dict):
+            return not self._state.syncing
+        with self._guard:
+            events = self._state.feed(message)
+            synced = not self._state.syncing
+        if synced:
+            self._backoff.reset()
+        else:  # a large snapshot may take a while: the deadline is for the next message
+            self._sync_deadline = time.monotonic() + self._config.timeout
+        self._events.extend(events)
+        return synced
+
+    def _refusal(self, code: int | None, reason: str) -> errors.ConveyorError | None:
+        """The error of a close that reconnecting cannot mend (kept in ``error``), else None."""
+        self.error = close_error(code, self._state.last_error_detail or reason)
+        return self.error
+
+    def _refused_handshake(self, status: int) -> errors.ConveyorError | None:
+        self.error = handshake_error(status)
+        return self.error
+
+    def _next_delay(self, why: object) -> float:
+        delay = self._backoff.next()
+        log.info("watch %s: reconnecting in %.2f s (%s)", self._url, delay, why)
+        return delay

@@ -17,51 +17,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from . import _flows, errors
 from ._backoff import Backoff
-from ._selection import LocalPool, check_strategy, parse_selector
+from ._selection import BalancerBase
 from .records import Service
 from .watch import ServiceWatch
-
-if TYPE_CHECKING:
-    from .registry import Registry
 
 log = logging.getLogger("conveyor.balancer")
 
 
-class Balancer:
-    def __init__(
-        self,
-        registry: Registry,
-        name: str,
-        strategy: str = "round_robin",
-        selector: Mapping[str, str] | str | None = None,
-        local: bool = False,
-        *,
-        stale_after: float = 15.0,
-    ) -> None:
-        self.name = name
-        self.strategy = check_strategy(strategy)
-        self.selector = parse_selector(selector)
-        self.local = local
-        self._registry = registry
+class Balancer(BalancerBase):
+    _watch: ServiceWatch
+
+    def _setup(self) -> None:
         self._closed = threading.Event()
-        self._error: errors.ConveyorError | None = None
-        if not local:
+        if not self.local:
             return
-        self._lock = threading.Lock()
-        self._pool = LocalPool(name, strategy, self.selector, stale_after)
-        self._version = -1
-        self._watch = ServiceWatch(registry, name)
-        self._threads = [
-            threading.Thread(target=self._follow, name=f"conveyor-balancer-watch-{name}", daemon=True),
-            threading.Thread(target=self._refresh, name=f"conveyor-balancer-leases-{name}", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._guard = threading.Lock()
+        self._watch = ServiceWatch(self._registry, self.name)
+        for target, role in ((self._follow, "watch"), (self._refresh, "leases")):
+            threading.Thread(target=target, name=f"conveyor-balancer-{role}-{self.name}", daemon=True).start()
 
     def select(self, key: str | None = None) -> Service:
         """One instance (a ``Service``); ``key`` is required by the ``hash`` strategy (same key, same instance
@@ -71,31 +47,8 @@ class Balancer:
         if not self.local:
             return _flows.run(_flows.select(self.name, self.strategy, self.selector, key), self._registry.transport)
         if self._version < 0 and not self._watch.wait_synced(self._registry.config.timeout):
-            raise (
-                self._watch.error
-                or self._error
-                or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
-            )
-        if self._error is not None:
-            raise self._error
-        with self._lock:
-            self._follow_view()
-            return self._pool.select(time.time(), key)
-
-    def instances(self) -> list[Service]:
-        """The instances a local balancer currently knows of (its name and selector), eligible or not."""
-        if not self.local:
-            raise RuntimeError("instances() is for local=True balancers")
-        with self._lock:
-            self._follow_view()
-            return list(self._pool.records.values())
-
-    def _follow_view(self) -> None:
-        """Take the watch's view into the pool if it changed since the last look (under the lock)."""
-        version, view = self._watch.view_if_changed(self._version)
-        if view is not None:
-            self._pool.set_view(view)
-            self._version = version
+            raise self._not_synced()
+        return self._choose(key)
 
     # --- local mode's threads ----------------------------------------------------------------
 
@@ -124,10 +77,7 @@ class Balancer:
                 self._closed.wait(backoff.next())
                 continue
             backoff.reset()
-            with self._lock:
-                self._pool.set_deadlines(found, started)
-                period = self._pool.refresh_period()
-            self._closed.wait(period)
+            self._closed.wait(self._deadlines(found, started))
 
     # --- life cycle --------------------------------------------------------------------------
 

@@ -21,28 +21,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from . import _flows, errors
 from ._registration_state import (
     CLOSED,
     CLOSING,
-    LEASE_LOST,
-    LEASE_RECOVERED,
     RUNNING,
     STOPPED,
     Exit,
-    HandleState,
-    RegistrationState,
+    HandleBase,
     Send,
-    Spec,
     Wait,
 )
 from ._signals import Chain, SigtermHook
-
-if TYPE_CHECKING:
-    from .registry import Registry
 
 log = logging.getLogger("conveyor.registration")
 
@@ -76,7 +69,7 @@ class _CallbackThread:
 _callbacks = _CallbackThread()
 
 
-class Registration(HandleState):
+class Registration(HandleBase):
     """A registered service kept alive by heartbeats. Built by ``Registry.register``, which starts it.
 
     Attributes worth reading: ``health`` (what is reported), ``lease_lost``, ``error`` (why it stopped:
@@ -85,39 +78,12 @@ class Registration(HandleState):
     told), ``state`` (``running``, ``stopped``, ``closing``, ``closed``).
     """
 
-    def __init__(
-        self,
-        registry: Registry,
-        service_id: str,
-        *,
-        name: str,
-        type: str,
-        endpoint: str,
-        labels: Mapping[str, str] | None = None,
-        lease: int = 30,
-        health: str = "healthy",
-        weight: int | None = None,
-        group_id: str | None = None,
-        deregister_after: int | None = None,
-        on_lease_lost: Callback | None = None,
-        on_lease_recovered: Callback | None = None,
-        handle_signals: bool = False,
-    ) -> None:
-        self.service_id = service_id
-        self._transport = registry.transport
-        spec = Spec(service_id, name, type, endpoint, dict(labels or {}), lease, weight, group_id, deregister_after)
-        self._state = RegistrationState(spec, health, timeout=registry.config.timeout)
-        self._timeout = registry.config.timeout
-        self._on_lease_lost = on_lease_lost
-        self._on_lease_recovered = on_lease_recovered
-        self._handle_signals = handle_signals
-        self._signals: SigtermHook | None = None
+    def _setup(self) -> None:
         # Re-entrant: the SIGTERM handler runs close() in the main thread, possibly inside one of our own
         # short critical sections; waits go through the condition, which releases every level.
         self._cond = threading.Condition(threading.RLock())
         self._worker: threading.Thread | None = None
         self._worker_done = False
-        self._started = False
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -209,15 +175,8 @@ class Registration(HandleState):
     # --- the worker --------------------------------------------------------------------------
 
     def _notify(self, notices: list[str]) -> None:
-        for notice in notices:
-            if notice == LEASE_LOST:
-                log.warning("the lease of %s may have lapsed (last error: %s)", self.service_id, self._state.last_error)
-                if self._on_lease_lost is not None:
-                    _callbacks.submit(self._on_lease_lost, self)
-            elif notice == LEASE_RECOVERED:
-                log.info("the lease of %s is renewed again", self.service_id)
-                if self._on_lease_recovered is not None:
-                    _callbacks.submit(self._on_lease_recovered, self)
+        for callback in self._callbacks_for(notices):
+            _callbacks.submit(callback, self)
 
     def _run(self) -> None:
         state = self._state

@@ -23,42 +23,23 @@ waits for the first snapshot.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from . import errors
-from ._backoff import Backoff
-from ._watch_state import SYNC_PROBE, WatchState, close_error, handshake_error, watch_path
-from .records import Service, WatchEvent
-
-if TYPE_CHECKING:
-    from .registry import Registry
-
-log = logging.getLogger("conveyor.watch")
+from ._watch_state import SYNC_PROBE, WatchBase, log
+from .records import WatchEvent
 
 
-class ServiceWatch:
-    def __init__(self, registry: Registry, name: str | None = None) -> None:
-        self.name = name
-        self._config = registry.config
-        self._url = registry.config.ws_url + watch_path(name)
-        self._state = WatchState()
-        self._lock = threading.Lock()
-        self._events: deque[WatchEvent] = deque()
+class ServiceWatch(WatchBase):
+    def _setup(self) -> None:
+        self._guard = threading.Lock()
         self._ws: ClientConnection | None = None
         self._closed = threading.Event()
         self._synced = threading.Event()
         self._settled = threading.Event()  # synced, or closed (a refused watch closes itself)
-        self._backoff = Backoff(base=0.25, cap=10.0)
-        self._sync_deadline = 0.0
-        self.error: errors.ConveyorError | None = None  # why the registry refused the watch, once it did
-        self.connects = 0  # connections made; more than one means it reconnected
 
     # --- the iterator ------------------------------------------------------------------------
 
@@ -79,28 +60,24 @@ class ServiceWatch:
                 raw = ws.recv(timeout=max(0.05, self._sync_deadline - time.monotonic()) if self.syncing else None)
             except TimeoutError:
                 log.warning("watch %s: the snapshot stalled for %.0f s; reconnecting", self._url, self._config.timeout)
-                self._drop(ws)
+                self._ws = None
+                ws.close()
+                self._pause("stalled")
                 continue
             except ConnectionClosed as closed:
-                self._lost(ws, closed)
+                self._ws = None
+                if self._closed.is_set():
+                    continue
+                code = closed.rcvd.code if closed.rcvd else None
+                error = self._refusal(code, closed.rcvd.reason if closed.rcvd else "")
+                if error is not None:
+                    self.close()
+                    raise error from None
+                self._pause(f"closed with {code}")
                 continue
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            with self._lock:
-                events = self._state.feed(message)
-                synced = not self._state.syncing
-            if not synced:  # a large snapshot may take a while: the deadline is for the next message
-                self._sync_deadline = time.monotonic() + self._config.timeout
-            if synced and not self._synced.is_set():
+            if self._take(raw) and not self._synced.is_set():
                 self._synced.set()
                 self._settled.set()
-            if synced:
-                self._backoff.reset()
-            self._events.extend(events)
 
     def _connect(self) -> None:
         while not self._closed.is_set():
@@ -112,9 +89,8 @@ class ServiceWatch:
                     open_timeout=self._config.timeout,
                 ).__enter__()
             except InvalidStatus as refused:
-                error = handshake_error(refused.response.status_code)
+                error = self._refused_handshake(refused.response.status_code)
                 if error is not None:
-                    self.error = error
                     self.close()
                     raise error from None
                 self._pause(refused)
@@ -126,38 +102,16 @@ class ServiceWatch:
                 ws.send(json.dumps(SYNC_PROBE))
             except ConnectionClosed:
                 ws.close()
-                self._pause(None)
+                self._pause("closed at once")
                 continue
-            with self._lock:
-                self._state.connected()
-            self.connects += 1
-            self._sync_deadline = time.monotonic() + self._config.timeout
+            self._connected()
             self._ws = ws
             if self._closed.is_set():  # close() ran meanwhile and could not see this socket
                 ws.close()
             return
 
     def _pause(self, why: object) -> None:
-        delay = self._backoff.next()
-        log.info("watch %s: reconnecting in %.2f s (%s)", self._url, delay, why)
-        self._closed.wait(delay)
-
-    def _drop(self, ws: ClientConnection) -> None:
-        self._ws = None
-        ws.close()
-        self._pause("dropped")
-
-    def _lost(self, ws: ClientConnection, closed: ConnectionClosed) -> None:
-        self._ws = None
-        if self._closed.is_set():
-            return
-        code = closed.rcvd.code if closed.rcvd else None
-        error = close_error(code, self._state.last_error_detail or (closed.rcvd.reason if closed.rcvd else ""))
-        if error is not None:
-            self.error = error
-            self.close()
-            raise error from None
-        self._pause(f"closed with {code}")
+        self._closed.wait(self._next_delay(why))
 
     # --- control and state -------------------------------------------------------------------
 
@@ -173,27 +127,11 @@ class ServiceWatch:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    @property
-    def syncing(self) -> bool:
-        return self._state.syncing
-
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until the first snapshot has been read (while something iterates the watch) or the watch was
         closed; True if it was read."""
         self._settled.wait(timeout)
         return self._synced.is_set()
-
-    def view(self) -> dict[str, Service]:
-        """The services as the events delivered so far describe them (a copy)."""
-        with self._lock:
-            return dict(self._state.view)
-
-    def view_if_changed(self, version: int) -> tuple[int, dict[str, Service] | None]:
-        """(current version, a copy of the view if its version is not ``version``, else None)."""
-        with self._lock:
-            if self._state.version == version:
-                return version, None
-            return self._state.version, dict(self._state.view)
 
     def __enter__(self) -> ServiceWatch:
         return self

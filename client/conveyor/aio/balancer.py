@@ -12,44 +12,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from .. import _flows, errors
 from .._backoff import Backoff
-from .._selection import LocalPool, check_strategy, parse_selector
+from .._selection import BalancerBase
 from ..records import Service
 from .watch import ServiceWatch
-
-if TYPE_CHECKING:
-    from .registry import Registry
 
 log = logging.getLogger("conveyor.balancer")
 
 
-class Balancer:
-    def __init__(
-        self,
-        registry: Registry,
-        name: str,
-        strategy: str = "round_robin",
-        selector: Mapping[str, str] | str | None = None,
-        local: bool = False,
-        *,
-        stale_after: float = 15.0,
-    ) -> None:
-        self.name = name
-        self.strategy = check_strategy(strategy)
-        self.selector = parse_selector(selector)
-        self.local = local
-        self._registry = registry
-        self._error: errors.ConveyorError | None = None
+class Balancer(BalancerBase):
+    _watch: ServiceWatch
+
+    def _setup(self) -> None:
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
-        if local:
-            self._pool = LocalPool(name, strategy, self.selector, stale_after)
-            self._version = -1
-            self._watch = ServiceWatch(registry, name)
+        if self.local:
+            self._guard = contextlib.nullcontext()  # one event loop: nothing runs between two statements
+            self._watch = ServiceWatch(self._registry, self.name)
             self._stop = asyncio.Event()
 
     def _start(self) -> None:
@@ -67,27 +48,8 @@ class Balancer:
         if self._version < 0:
             self._start()
             if not await self._watch.wait_synced(self._registry.config.timeout):
-                raise (
-                    self._watch.error
-                    or self._error
-                    or errors.Unavailable(f"no snapshot of {self.name!r} from the registry yet")
-                )
-        if self._error is not None:
-            raise self._error
-        self._follow_view()
-        return self._pool.select(time.time(), key)
-
-    def instances(self) -> list[Service]:
-        """The instances a local balancer currently knows of (its name and selector), eligible or not."""
-        if not self.local:
-            raise RuntimeError("instances() is for local=True balancers")
-        self._follow_view()
-        return list(self._pool.records.values())
-
-    def _follow_view(self) -> None:
-        if self._watch.version != self._version:
-            self._pool.set_view(self._watch.view())
-            self._version = self._watch.version
+                raise self._not_synced()
+        return self._choose(key)
 
     async def _follow(self) -> None:
         try:
@@ -111,8 +73,7 @@ class Balancer:
                 delay = backoff.next()
             else:
                 backoff.reset()
-                self._pool.set_deadlines(found, started)
-                delay = self._pool.refresh_period()
+                delay = self._deadlines(found, started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
 

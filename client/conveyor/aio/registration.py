@@ -16,69 +16,35 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator
+from typing import Any
 
 from .. import _flows, errors
 from .._registration_state import (
     CLOSED,
     CLOSING,
-    LEASE_LOST,
-    LEASE_RECOVERED,
     RUNNING,
     STOPPED,
     Exit,
-    HandleState,
-    RegistrationState,
+    HandleBase,
     Send,
-    Spec,
     Wait,
 )
 from .._signals import Chain, SigtermHook
-
-if TYPE_CHECKING:
-    from .registry import Registry
 
 log = logging.getLogger("conveyor.registration")
 
 Callback = Callable[["Registration"], Any]
 
 
-class Registration(HandleState):
+class Registration(HandleBase):
     """A registered service kept alive by heartbeats from a task; see ``conveyor.registration.Registration``."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        service_id: str,
-        *,
-        name: str,
-        type: str,
-        endpoint: str,
-        labels: Mapping[str, str] | None = None,
-        lease: int = 30,
-        health: str = "healthy",
-        weight: int | None = None,
-        group_id: str | None = None,
-        deregister_after: int | None = None,
-        on_lease_lost: Callback | None = None,
-        on_lease_recovered: Callback | None = None,
-        handle_signals: bool = False,
-    ) -> None:
-        self.service_id = service_id
-        self._transport = registry.transport
-        spec = Spec(service_id, name, type, endpoint, dict(labels or {}), lease, weight, group_id, deregister_after)
-        self._state = RegistrationState(spec, health, timeout=registry.config.timeout)
-        self._timeout = registry.config.timeout
-        self._on_lease_lost = on_lease_lost
-        self._on_lease_recovered = on_lease_recovered
-        self._handle_signals = handle_signals
-        self._signals: SigtermHook | None = None
+    def _setup(self) -> None:
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
         self._callbacks: asyncio.Queue[Callback] | None = None
         self._callback_task: asyncio.Task[None] | None = None
-        self._started = False
         self._closed: asyncio.Event | None = None
         self._sigterm_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start() when it installs the signal handler
@@ -188,12 +154,7 @@ class Registration(HandleState):
             self._changed.notify_all()
 
     def _notify(self, notices: list[str]) -> None:
-        for notice in notices:
-            callback = {LEASE_LOST: self._on_lease_lost, LEASE_RECOVERED: self._on_lease_recovered}.get(notice)
-            if notice == LEASE_LOST:
-                log.warning("the lease of %s may have lapsed (last error: %s)", self.service_id, self._state.last_error)
-            if callback is None:
-                continue
+        for callback in self._callbacks_for(notices):
             if self._callbacks is None:
                 self._callbacks = asyncio.Queue()
                 self._callback_task = asyncio.create_task(self._run_callbacks())

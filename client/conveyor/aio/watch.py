@@ -11,39 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
-from collections import deque
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .. import errors
-from .._backoff import Backoff
-from .._watch_state import SYNC_PROBE, WatchState, close_error, handshake_error, watch_path
-from ..records import Service, WatchEvent
-
-if TYPE_CHECKING:
-    from .registry import Registry
-
-log = logging.getLogger("conveyor.watch")
+from .._watch_state import SYNC_PROBE, WatchBase, log
+from ..records import WatchEvent
 
 
-class ServiceWatch:
-    def __init__(self, registry: Registry, name: str | None = None) -> None:
-        self.name = name
-        self._config = registry.config
-        self._url = registry.config.ws_url + watch_path(name)
-        self._state = WatchState()
-        self._events: deque[WatchEvent] = deque()
+class ServiceWatch(WatchBase):
+    def _setup(self) -> None:
+        self._guard = contextlib.nullcontext()  # one event loop: nothing runs between two statements
         self._ws: ClientConnection | None = None
         self._closed = asyncio.Event()
         self._synced = asyncio.Event()
-        self._backoff = Backoff(base=0.25, cap=10.0)
-        self._sync_deadline = 0.0
-        self.error: errors.ConveyorError | None = None  # why the registry refused the watch, once it did
-        self.connects = 0
 
     def __aiter__(self) -> ServiceWatch:
         return self
@@ -59,30 +41,29 @@ class ServiceWatch:
                 await self._connect()
                 continue
             try:
-                if self._state.syncing:
+                if self.syncing:
                     raw = await asyncio.wait_for(ws.recv(), max(0.05, self._sync_deadline - time.monotonic()))
                 else:
                     raw = await ws.recv()
             except TimeoutError:
                 log.warning("watch %s: the snapshot stalled; reconnecting", self._url)
-                await self._drop(ws)
+                self._ws = None
+                await ws.close()
+                await self._pause("stalled")
                 continue
             except ConnectionClosed as closed:
-                await self._lost(closed)
+                self._ws = None
+                if self._closed.is_set():
+                    continue
+                code = closed.rcvd.code if closed.rcvd else None
+                error = self._refusal(code, closed.rcvd.reason if closed.rcvd else "")
+                if error is not None:
+                    await self.aclose()
+                    raise error from None
+                await self._pause(f"closed with {code}")
                 continue
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            events = self._state.feed(message)
-            if self._state.syncing:  # a large snapshot may take a while: the deadline is for the next message
-                self._sync_deadline = time.monotonic() + self._config.timeout
-            else:
+            if self._take(raw):
                 self._synced.set()
-                self._backoff.reset()
-            self._events.extend(events)
 
     async def _connect(self) -> None:
         while not self._closed.is_set():
@@ -93,9 +74,8 @@ class ServiceWatch:
                     open_timeout=self._config.timeout,
                 )
             except InvalidStatus as refused:
-                error = handshake_error(refused.response.status_code)
+                error = self._refused_handshake(refused.response.status_code)
                 if error is not None:
-                    self.error = error
                     await self.aclose()
                     raise error from None
                 await self._pause(refused)
@@ -107,11 +87,9 @@ class ServiceWatch:
                 await ws.send(json.dumps(SYNC_PROBE))
             except ConnectionClosed:
                 await ws.close()
-                await self._pause(None)
+                await self._pause("closed at once")
                 continue
-            self._state.connected()
-            self.connects += 1
-            self._sync_deadline = time.monotonic() + self._config.timeout
+            self._connected()
             if self._closed.is_set():  # aclose() ran meanwhile and could not see this socket
                 await ws.close()
                 return
@@ -119,27 +97,8 @@ class ServiceWatch:
             return
 
     async def _pause(self, why: object) -> None:
-        delay = self._backoff.next()
-        log.info("watch %s: reconnecting in %.2f s (%s)", self._url, delay, why)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), delay)
-
-    async def _drop(self, ws: ClientConnection) -> None:
-        self._ws = None
-        await ws.close()
-        await self._pause("dropped")
-
-    async def _lost(self, closed: ConnectionClosed) -> None:
-        self._ws = None
-        if self._closed.is_set():
-            return
-        code = closed.rcvd.code if closed.rcvd else None
-        error = close_error(code, self._state.last_error_detail or (closed.rcvd.reason if closed.rcvd else ""))
-        if error is not None:
-            self.error = error
-            await self.aclose()
-            raise error from None
-        await self._pause(f"closed with {code}")
+            await asyncio.wait_for(self._closed.wait(), self._next_delay(why))
 
     async def aclose(self) -> None:
         """End the watch: a pending ``__anext__`` ends the iteration. Idempotent."""
@@ -152,10 +111,6 @@ class ServiceWatch:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    @property
-    def syncing(self) -> bool:
-        return self._state.syncing
-
     async def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until the first snapshot has been read or the watch was closed; True if it was read."""
         waits = [asyncio.ensure_future(self._synced.wait()), asyncio.ensure_future(self._closed.wait())]
@@ -165,13 +120,6 @@ class ServiceWatch:
             for wait in waits:
                 wait.cancel()
         return self._synced.is_set()
-
-    def view(self) -> dict[str, Service]:
-        return dict(self._state.view)
-
-    @property
-    def version(self) -> int:
-        return self._state.version
 
     async def __aenter__(self) -> ServiceWatch:
         return self
