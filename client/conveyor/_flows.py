@@ -51,26 +51,17 @@ class Pause:
 Flow = Generator[Request | Pause, Any, T]
 
 
+def _options(request: Request) -> dict[str, Any]:
+    params = dict(request.params) if request.params else None
+    return {"json": request.json, "params": params, "resource": request.resource, "timeout": request.timeout}
+
+
 def send(transport: Transport, request: Request) -> Any:
-    return transport.request(
-        request.method,
-        request.path,
-        json=request.json,
-        params=dict(request.params) if request.params else None,
-        resource=request.resource,
-        timeout=request.timeout,
-    )
+    return transport.request(request.method, request.path, **_options(request))
 
 
 async def asend(transport: AsyncTransport, request: Request) -> Any:
-    return await transport.request(
-        request.method,
-        request.path,
-        json=request.json,
-        params=dict(request.params) if request.params else None,
-        resource=request.resource,
-        timeout=request.timeout,
-    )
+    return await transport.request(request.method, request.path, **_options(request))
 
 
 def run(flow: Flow[T], transport: Transport) -> T:

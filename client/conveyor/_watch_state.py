@@ -31,6 +31,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
+from websockets.exceptions import ConnectionClosed
+
 from . import errors
 from ._backoff import Backoff
 from ._flows import RegistryLike
@@ -247,8 +249,9 @@ class WatchBase:
         self._events.extend(events)
         return synced
 
-    def _refusal(self, code: int | None, reason: str) -> errors.ConveyorError | None:
+    def _refusal(self, closed: ConnectionClosed) -> errors.ConveyorError | None:
         """The error of a close that reconnecting cannot mend (kept in ``error``), else None."""
+        code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, "")
         self.error = close_error(code, self._state.last_error_detail or reason)
         return self.error
 

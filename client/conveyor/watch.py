@@ -68,12 +68,11 @@ class ServiceWatch(WatchBase):
                 self._ws = None
                 if self._closed.is_set():
                     continue
-                code = closed.rcvd.code if closed.rcvd else None
-                error = self._refusal(code, closed.rcvd.reason if closed.rcvd else "")
+                error = self._refusal(closed)
                 if error is not None:
                     self.close()
                     raise error from None
-                self._pause(f"closed with {code}")
+                self._pause(f"closed: {closed}")
                 continue
             if self._take(raw) and not self._synced.is_set():
                 self._synced.set()

@@ -55,12 +55,11 @@ class ServiceWatch(WatchBase):
                 self._ws = None
                 if self._closed.is_set():
                     continue
-                code = closed.rcvd.code if closed.rcvd else None
-                error = self._refusal(code, closed.rcvd.reason if closed.rcvd else "")
+                error = self._refusal(closed)
                 if error is not None:
                     await self.aclose()
                     raise error from None
-                await self._pause(f"closed with {code}")
+                await self._pause(f"closed: {closed}")
                 continue
             if self._take(raw):
                 self._synced.set()
