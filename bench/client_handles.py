@@ -120,8 +120,11 @@ def main() -> None:
         for mode in args.mode:
             command = [sys.executable, __file__, "--child", mode, "--url", url, "--token", token]
             command += ["--handles", str(args.handles), "--lease", str(args.lease), "--seconds", str(args.seconds)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            report(mode, args.handles, json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"  {mode}: the child failed:\n{done.stderr[-3000:]}")
+                continue
+            report(mode, args.handles, json.loads(done.stdout.strip().splitlines()[-1]))
 
     if args.url:
         measure(args.url, args.token)
