@@ -6,6 +6,7 @@ from conveyor.strategies import (  # noqa: F401
     DEGRADED,
     HEALTHY,
     STRATEGIES,
+    Eligible,
     Instance,
     LoadBalancer,
     NoHealthyInstance,

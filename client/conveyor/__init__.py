@@ -2,7 +2,7 @@
 
     from conveyor import Registry
     reg = Registry()                      # CONVEYOR_URL / CONVEYOR_TOKEN, or url=..., token=...
-    with reg.register("orders-1", name="orders", type="source", endpoint="http://10.0.0.5:8080"):
+    with reg.register("orders-1", name="orders", type="source", endpoint="10.0.0.5:8080"):
         ...                               # heartbeats in the background until the block ends
 
 ``conveyor.aio`` has the same names for asyncio.
@@ -21,10 +21,13 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
+from .listener import ConsumerRebalanceListener, TopicPartition
+from .records import Service, WatchEvent
 from .registry import Registry
 
 __all__ = [
     "Conflict",
+    "ConsumerRebalanceListener",
     "ConveyorError",
     "Fenced",
     "Forbidden",
@@ -33,7 +36,10 @@ __all__ = [
     "NotFound",
     "RateLimited",
     "Registry",
+    "Service",
     "ServiceNotFound",
+    "TopicPartition",
     "Unauthorized",
     "Unavailable",
+    "WatchEvent",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
@@ -81,7 +81,7 @@ class LocalPool:
         self.deadlines: dict[str, float] = {}  # id -> newest lease deadline known (epoch seconds)
         self.last_contact: float | None = None
         self.shortest_lease: float | None = None
-        self._pool: list[strategies.Instance] | None = None  # eligible instances, sorted by id
+        self._pool: Sequence[strategies.Instance] | None = None  # eligible instances, sorted by id
         self._none_eligible: strategies.NoHealthyInstance | None = None
         self._valid_until = math.inf  # the pool must be rebuilt when a lease in it runs out
 
@@ -117,7 +117,7 @@ class LocalPool:
     def judged_at(self, now: float) -> float:
         return now if self.last_contact is None else min(now, self.last_contact + self.stale_after)
 
-    def _rebuild(self, at: float) -> list[strategies.Instance]:
+    def _rebuild(self, at: float) -> Sequence[strategies.Instance]:
         pool = []
         valid_until = math.inf
         for record in self.records.values():
@@ -129,8 +129,8 @@ class LocalPool:
                 else:
                     valid_until = min(valid_until, deadline)
             pool.append(strategies.Instance(record.id, record.endpoint, record.weight, health))
-        # Filtered and ordered once per change rather than once per selection: each strategy still applies
-        # eligible() itself, which on this pool keeps all of it, in the order it has.
+        # Filtered and ordered once per change rather than once per selection: eligible() returns an
+        # Eligible pool, which the strategies take as it is.
         try:
             self._pool, self._none_eligible = strategies.eligible(pool), None
         except strategies.NoHealthyInstance as exc:

@@ -36,13 +36,21 @@ class Instance:
     health: str = HEALTHY
 
 
-def eligible(instances: Iterable[Instance]) -> list[Instance]:
+class Eligible(tuple[Instance, ...]):
+    """A pool ``eligible`` already chose: passed back to a strategy, it is used as it is. A caller that
+    selects many times from one pool (a client's local balancer) filters and sorts once per change, not
+    once per pick."""
+
+
+def eligible(instances: Iterable[Instance]) -> Eligible:
     """Healthy instances with weight > 0, or else degraded ones, sorted by id; NoHealthyInstance if none."""
+    if isinstance(instances, Eligible):
+        return instances
     pool = [i for i in instances if i.weight > 0]
     for health in (HEALTHY, DEGRADED):
         chosen = sorted((i for i in pool if i.health == health), key=lambda i: i.id)
         if chosen:
-            return chosen
+            return Eligible(chosen)
     raise NoHealthyInstance("no healthy or degraded instance with a weight above 0")
 
 

@@ -14,10 +14,13 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
+from ..listener import ConsumerRebalanceListener, TopicPartition
+from ..records import Service, WatchEvent
 from .registry import Registry
 
 __all__ = [
     "Conflict",
+    "ConsumerRebalanceListener",
     "ConveyorError",
     "Fenced",
     "Forbidden",
@@ -26,7 +29,10 @@ __all__ = [
     "NotFound",
     "RateLimited",
     "Registry",
+    "Service",
     "ServiceNotFound",
+    "TopicPartition",
     "Unauthorized",
     "Unavailable",
+    "WatchEvent",
 ]
