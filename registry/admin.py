@@ -7,15 +7,20 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.views.main import ChangeList
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from groups.models import GroupMember
+
 from . import leases
+from .admin_display import badge, countdown, duration, scroll, truncated, when
+from .admin_filters import health_rank, ids_by_deadline, natural_id, search_selector
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
-from .validators import parse_selector
 
 BADGE_COLOURS = {
     Health.HEALTHY: "#1e7e34",
@@ -23,19 +28,7 @@ BADGE_COLOURS = {
     Health.UNHEALTHY: "#c0392b",
     Health.UNKNOWN: "#6c757d",
 }
-
-
-def _seconds(delta_seconds: float) -> str:
-    seconds = int(abs(delta_seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m {seconds % 60}s"
-    return f"{seconds}s"
-
-
-def _when(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+DRAINED_COLOUR = "#4a4a8a"
 
 
 class EffectiveHealthFilter(admin.SimpleListFilter):
@@ -51,29 +44,76 @@ class EffectiveHealthFilter(admin.SimpleListFilter):
         return queryset
 
 
+class DrainedFilter(admin.SimpleListFilter):
+    title = "drained"
+    parameter_name = "drained"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "drained"), ("no", "not drained")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(drained=self.value() == "yes")
+        return queryset
+
+
+# The lease column's sort key: a stand-in the change list replaces with the live deadlines in Redis.
+LEASE_ORDER = "lease_expires_at"
+
+
 class LiveLeaseChangeList(ChangeList):
+    lease_sort: str | None = None  # "asc" (lapsed first) or "desc" when the lease column leads the order
+
+    def get_ordering(self, request: HttpRequest, queryset: QuerySet) -> list[Any]:
+        ordering = super().get_ordering(request, queryset)
+        first = ordering[0] if ordering else None
+        if isinstance(first, str) and first.lstrip("-") == LEASE_ORDER:
+            self.lease_sort = "desc" if first.startswith("-") else "asc"
+        return ordering
+
     def get_results(self, request: HttpRequest) -> None:
         super().get_results(request)
+        if self.lease_sort:
+            # Deadlines live in Redis: order the filtered ids by them, then read this page's rows.
+            ids = ids_by_deadline(self.queryset, descending=self.lease_sort == "desc")
+            if self.multi_page and not (self.show_all and self.can_show_all):
+                ids = ids[(self.page_num - 1) * self.list_per_page : self.page_num * self.list_per_page]
+            rows = self.root_queryset.order_by().in_bulk(ids)
+            self.result_list = [rows[pk] for pk in ids if pk in rows]
         # One Redis round trip for the page, so health and time left are current.
         self.result_list = leases.attach_live_leases(self.result_list)
+
+
+def _group_memberships(services: list[Service]) -> list[tuple[str, str, bool]]:
+    """(group id, member id, removed with the service) for every group member sharing a service's id:
+    a service's removal takes the members its own token joined with it (groups.receivers)."""
+    owners = {s.service_id: s.owner_id for s in services}
+    rows = GroupMember.objects.filter(member_id__in=list(owners)).order_by("group_id", "member_id")
+    return [
+        (group_id, member_id, owner_id is not None and owner_id == owners[member_id])
+        for group_id, member_id, owner_id in rows.values_list("group_id", "member_id", "owner_id")
+    ]
 
 
 @admin.register(Service)
 class ServiceAdmin(admin.ModelAdmin):
     list_display = [
-        "service_id",
-        "service_name",
+        "id_cell",
+        "name_cell",
         "service_type",
         "health_badge",
         "lease_left",
-        "endpoint",
-        "group_id",
+        "endpoint_cell",
+        "labels_cell",
+        "group_cell",
         "weight_display",
-        "registered_at",
+        "registered",
     ]
+    list_display_links = ["id_cell"]
     list_filter = [
         "service_type",
         EffectiveHealthFilter,
+        DrainedFilter,
         ("service_name", admin.AllValuesFieldListFilter),
         ("group_id", admin.AllValuesFieldListFilter),
     ]
@@ -81,6 +121,8 @@ class ServiceAdmin(admin.ModelAdmin):
     search_help_text = "Search id, name, endpoint or label; k=v (or k=v,k2=v2) matches labels exactly."
     actions = ["deregister", "drain", "undrain", "clear_operator_weight"]
     list_per_page = 100
+    # Ids in natural order (svc-2 before svc-10), sorted and paged by the database.
+    ordering = ["service_name", "natural_id"]
     fieldsets = [
         (None, {"fields": ["service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display"]}),
         (
@@ -92,9 +134,9 @@ class ServiceAdmin(admin.ModelAdmin):
                     "lease_left",
                     "live_lease_expires_at",
                     "last_heartbeat_at",
-                    "lease_duration",
-                    "deregister_after",
-                    "registered_at",
+                    "lease_duration_display",
+                    "deregister_after_display",
+                    "registered",
                 ]
             },
         ),
@@ -112,6 +154,14 @@ class ServiceAdmin(admin.ModelAdmin):
     # Everything on the service page but the operator weight is set by the service itself through the API.
     readonly_fields = [name for _title, options in fieldsets for name in options["fields"] if name != "operator_weight"]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # Annotated before ordering (ModelAdmin.get_queryset orders first), so both sort keys can be ordered by.
+        queryset = self.model._default_manager.get_queryset().annotate(
+            natural_id=natural_id("service_id"),
+            health_rank=health_rank(leases.lapsed_ids(timezone.now())),
+        )
+        return queryset.order_by(*self.get_ordering(request))
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LiveLeaseChangeList
 
@@ -122,11 +172,12 @@ class ServiceAdmin(admin.ModelAdmin):
         return service
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        if "=" in search_term:
-            try:
-                return queryset.matching(parse_selector(search_term)), False
-            except Exception:  # noqa: BLE001 - not a selector: fall back to plain search
-                pass
+        selector, problem = search_selector(search_term)
+        if problem:
+            messages.error(request, f"No search done: {problem}")
+            return queryset.none(), False
+        if selector is not None:
+            return queryset.matching(selector), False
         return super().get_search_results(request, queryset, search_term)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -137,44 +188,81 @@ class ServiceAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)  # "deregister" also clears the lease store
         return actions
 
-    @admin.display(description="health")
+    @admin.display(description="id", ordering="natural_id")
+    def id_cell(self, service: Service) -> str:
+        return truncated(service.service_id, "11em")
+
+    @admin.display(description="name", ordering="service_name")
+    def name_cell(self, service: Service) -> str:
+        return truncated(service.service_name, "10em")
+
+    @admin.display(description="endpoint", ordering="endpoint")
+    def endpoint_cell(self, service: Service) -> str:
+        return truncated(service.endpoint, "12em")
+
+    @admin.display(description="labels")
+    def labels_cell(self, service: Service) -> str:
+        return truncated(", ".join(f"{k}={v}" for k, v in sorted(service.labels.items())), "12em")
+
+    @admin.display(description="group", ordering="group_id")
+    def group_cell(self, service: Service) -> str:
+        return truncated(service.group_id or "", "8em")
+
+    @admin.display(description="health", ordering="health_rank")
     def health_badge(self, service: Service) -> str:
         health = service.effective_health(timezone.now())
-        note = " (lease lapsed)" if health == Health.UNHEALTHY and service.health != Health.UNHEALTHY else ""
+        lapsed = health == Health.UNHEALTHY and service.health != Health.UNHEALTHY
         return format_html(
-            '<span style="white-space:nowrap"><span style="background:{};color:#fff;padding:2px 8px;'
-            'border-radius:10px;font-weight:600">{}</span>{}</span>',
-            BADGE_COLOURS[health],
-            health,
-            note,
+            '<span class="conveyor-nowrap">{}{}</span>',
+            badge(
+                health,
+                BADGE_COLOURS[health],
+                "lapsed" if lapsed else "",
+                f"lease lapsed (it last reported {service.health})" if lapsed else f"reported {service.health}",
+            ),
+            badge("drained", DRAINED_COLOUR, "drained", "drained by an operator: never selected")
+            if service.drained
+            else "",
         )
 
-    @admin.display(description="lease")
+    @admin.display(description="lease", ordering=LEASE_ORDER)
     def lease_left(self, service: Service) -> str:
         now: datetime = timezone.now()
         left = (service.expires_at - now).total_seconds()
         if left > 0:
-            text = f"{_seconds(left)} left"
-        else:
-            removal = left + service.deregister_after
-            tail = f"removal in {_seconds(removal)}" if removal > 0 else "removal due"
-            text = f"lapsed {_seconds(left)} ago, {tail}"
-        return format_html('<span style="white-space:nowrap">{}</span>', text)
+            return countdown(service.expires_at, now)
+        removal = left + service.deregister_after
+        tail = f"removal in {duration(removal)}" if removal > 0 else "removal due"
+        return countdown(service.expires_at, now, format_html('<span class="conveyor-muted">, {}</span>', tail))
 
     @admin.display(description="lease expires at")
     def live_lease_expires_at(self, service: Service) -> str:
-        return _when(service.expires_at)
+        return when(service.expires_at)
 
     @admin.display(description="last heartbeat")
     def last_heartbeat_at(self, service: Service) -> str:
-        return _when(service.last_heartbeat)
+        return when(service.last_heartbeat)
+
+    @admin.display(description="registered", ordering="registered_at")
+    def registered(self, service: Service) -> str:
+        return when(service.registered_at)
+
+    @admin.display(description="lease duration")
+    def lease_duration_display(self, service: Service) -> str:
+        return f"{duration(service.lease_duration)} (heartbeat every {duration(service.lease_duration / 3)})"
+
+    @admin.display(description="deregister after")
+    def deregister_after_display(self, service: Service) -> str:
+        return f"{duration(service.deregister_after)} lapsed"
 
     @admin.display(description="labels")
     def labels_display(self, service: Service) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(service.labels.items())) or "-"
 
     @admin.action(description="Deregister selected services", permissions=["delete"])
-    def deregister(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def deregister(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse | None:
+        if request.POST.get("post") != "yes":
+            return self._confirm_deregister(request, queryset)
         removed = 0
         for service_id in queryset.values_list("pk", flat=True):
             try:
@@ -183,14 +271,43 @@ class ServiceAdmin(admin.ModelAdmin):
             except leases.ServiceNotFound:
                 pass
         self.message_user(request, f"Deregistered {removed} service(s).", messages.SUCCESS)
+        return None
+
+    def _confirm_deregister(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse:
+        """What a deregistration will do, like Django's delete confirmation; nothing changes until confirmed."""
+        services = list(queryset.order_by("service_name", "natural_id")[: self.CONFIRM_SHOWN + 1])
+        count = queryset.count()
+        memberships = _group_memberships(services[: self.CONFIRM_SHOWN])
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Deregister {count} service(s)?",
+            "opts": self.model._meta,
+            "services": services[: self.CONFIRM_SHOWN],
+            "more": max(0, count - self.CONFIRM_SHOWN),
+            "count": count,
+            "removed_members": [(g, m) for g, m, removed in memberships if removed],
+            "kept_members": [(g, m) for g, m, removed in memberships if not removed],
+            "groups": sorted({s.group_id for s in services[: self.CONFIRM_SHOWN] if s.group_id}),
+            "selected": list(queryset.values_list("pk", flat=True)),
+            "select_across": request.POST.get("select_across", "0"),
+            "action": "deregister",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/registry/service/deregister_confirmation.html", context)
+
+    CONFIRM_SHOWN = 200  # services listed by name on a confirmation page; the rest are counted
 
     @admin.display(description="weight", ordering="weight")
     def weight_display(self, service: Service) -> str:
         if service.drained:
-            return format_html(
-                '0 <span style="{}">drained</span>', "background:#555;color:#fff;padding:1px 6px;border-radius:8px"
-            )
-        return format_html("{}{}", service.weight, " (operator)" if service.operator_weight is not None else "")
+            return format_html('0 <span class="conveyor-muted">(drained)</span>')
+        return format_html(
+            "{}{}",
+            service.weight,
+            format_html(' <span class="conveyor-muted" title="set by an operator">(op)</span>')
+            if service.operator_weight is not None
+            else "",
+        )
 
     @admin.action(description="Drain selected services (never selected, kept across restarts)", permissions=["change"])
     def drain(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -263,16 +380,17 @@ class LeaderTermAdmin(admin.ModelAdmin):
     def time_left(self, row: LeaderTerm) -> str:
         if row.expires_at is None:
             return "-"
-        left = (row.expires_at - timezone.now()).total_seconds()
-        return f"{_seconds(left)} left" if left > 0 else f"lapsed {_seconds(left)} ago (no current leader)"
+        now = timezone.now()
+        tail = "" if row.expires_at > now else format_html('<span class="conveyor-muted"> (no current leader)</span>')
+        return countdown(row.expires_at, now, tail)
 
     @admin.display(description="terms (latest 50)")
     def terms_table(self, row: LeaderTerm) -> str:
         terms = LeaderTermHistory.objects.filter(name=row.name).order_by("-term")[:50]
         body = format_html_join(
-            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", ((t.term, t.holder, _when(t.started_at)) for t in terms)
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", ((t.term, t.holder, when(t.started_at)) for t in terms)
         )
-        return format_html("<table><tr><th>term</th><th>holder</th><th>started</th></tr>{}</table>", body)
+        return scroll(format_html("<table><tr><th>term</th><th>holder</th><th>started</th></tr>{}</table>", body))
 
     @admin.display(description="job runs (latest 50 committed writes)")
     def runs_table(self, row: LeaderTerm) -> str:
@@ -280,10 +398,12 @@ class LeaderTermAdmin(admin.ModelAdmin):
         body = format_html_join(
             "",
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            ((r.job, r.term, r.holder, r.items, _when(r.at)) for r in runs),
+            ((r.job, r.term, r.holder, r.items, when(r.at)) for r in runs),
         )
-        return format_html(
-            "<table><tr><th>job</th><th>term</th><th>holder</th><th>items</th><th>at</th></tr>{}</table>", body
+        return scroll(
+            format_html(
+                "<table><tr><th>job</th><th>term</th><th>holder</th><th>items</th><th>at</th></tr>{}</table>", body
+            )
         )
 
 
