@@ -14,6 +14,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from groups.models import GroupMember
 
@@ -300,11 +301,11 @@ class ServiceAdmin(admin.ModelAdmin):
     @admin.display(description="weight", ordering="weight")
     def weight_display(self, service: Service) -> str:
         if service.drained:
-            return format_html('0 <span class="conveyor-muted">(drained)</span>')
+            return mark_safe('0 <span class="conveyor-muted">(drained)</span>')
         return format_html(
             "{}{}",
             service.weight,
-            format_html(' <span class="conveyor-muted" title="set by an operator">(op)</span>')
+            mark_safe(' <span class="conveyor-muted" title="set by an operator">(op)</span>')
             if service.operator_weight is not None
             else "",
         )
@@ -333,6 +334,27 @@ class ServiceAdmin(admin.ModelAdmin):
         leases.set_operator_weight([obj.pk], obj.operator_weight)
 
 
+def token_effects(tokens: list[ApiToken], shown: int = 50) -> dict[str, Any]:
+    """What deleting ``tokens`` leaves behind: the services, groups, topics and group members they own
+    (kept, ownerless: only staff tokens and grants may change them after) and the grants they lose."""
+    from groups.models import ServiceGroup, Topic
+
+    ids = [t.pk for t in tokens]
+    services = Service.objects.filter(owner_id__in=ids).order_by("service_name", "service_id")
+    members = GroupMember.objects.filter(owner_id__in=ids).order_by("group_id", "member_id")
+    return {
+        "owned_services": list(services.values_list("service_id", flat=True)[:shown]),
+        "owned_services_count": services.count(),
+        "owned_groups": list(ServiceGroup.objects.filter(owner_id__in=ids).values_list("group_id", flat=True)),
+        "owned_topics": list(Topic.objects.filter(owner_id__in=ids).values_list("name", flat=True)),
+        "joined_members": [f"{g}/{m}" for g, m in members.values_list("group_id", "member_id")[:shown]],
+        "joined_members_count": members.count(),
+        "granted_groups": list(
+            ServiceGroup.objects.filter(grants__in=ids).distinct().values_list("group_id", flat=True)
+        ),
+    }
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
     list_display = ["name", "key_prefix", "is_staff", "is_active", "service_count", "created_at"]
@@ -341,8 +363,41 @@ class ApiTokenAdmin(admin.ModelAdmin):
     readonly_fields = ["key_prefix", "created_at"]
     fields = ["name", "is_staff", "is_active", "key_prefix", "created_at"]
 
+    actions = ["delete_tokens"]
+
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).annotate(n_services=Count("services"))
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # replaced by delete_tokens, which lists what each token owns
+        return actions
+
+    def render_delete_form(self, request: HttpRequest, context: dict[str, Any]) -> Any:
+        context.update(token_effects([context["object"]]), tokens=[context["object"]])
+        return super().render_delete_form(request, context)
+
+    @admin.action(description="Delete selected API tokens", permissions=["delete"])
+    def delete_tokens(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse | None:
+        tokens = list(queryset.order_by("name"))
+        if request.POST.get("post") != "yes":
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": f"Delete {len(tokens)} API token(s)?",
+                "tokens": tokens,
+                **token_effects(tokens),
+                "selected": [t.pk for t in tokens],
+                "select_across": request.POST.get("select_across", "0"),
+                "action": "delete_tokens",
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/registry/apitoken/delete_tokens_confirmation.html", context)
+        for token in tokens:
+            self.log_deletion(request, token, str(token))
+            token.delete()
+        self.message_user(request, f"Deleted {len(tokens)} API token(s): {', '.join(t.name for t in tokens)}.")
+        return None
 
     @admin.display(description="services", ordering="n_services")
     def service_count(self, token: ApiToken) -> int:
@@ -373,6 +428,9 @@ class LeaderTermAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # written by the leader election only: read only
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # deleting the row would restart the fencing tokens
 
@@ -381,7 +439,7 @@ class LeaderTermAdmin(admin.ModelAdmin):
         if row.expires_at is None:
             return "-"
         now = timezone.now()
-        tail = "" if row.expires_at > now else format_html('<span class="conveyor-muted"> (no current leader)</span>')
+        tail = "" if row.expires_at > now else mark_safe('<span class="conveyor-muted"> (no current leader)</span>')
         return countdown(row.expires_at, now, tail)
 
     @admin.display(description="terms (latest 50)")
