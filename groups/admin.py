@@ -345,13 +345,13 @@ class ServiceGroupAdmin(admin.ModelAdmin):
         group_url = reverse("admin:groups_servicegroup_change", args=[quote(group.pk)])
         member = group.members.filter(member_id=member_id).first()
         if member is None:
-            self.message_user(request, f"{group.pk} has no member {member_id!r} (any more).", messages.WARNING)
+            self.message_user(request, f"Group {group.pk} has no member {member_id!r} (any more).", messages.WARNING)
             return redirect(group_url)
         if request.method == "POST" and request.POST.get("post") == "yes":
             try:
                 membership.leave(group.pk, member_id, None, timezone.now())
             except membership.MemberNotFound:
-                self.message_user(request, f"{member_id} had already left {group.pk}.", messages.WARNING)
+                self.message_user(request, f"Member {member_id} had already left {group.pk}.", messages.WARNING)
                 return redirect(group_url)
             generation = ServiceGroup.objects.filter(pk=group.pk).values_list("generation", flat=True).first()
             self.message_user(

@@ -254,7 +254,7 @@ class ServiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="deregister after")
     def deregister_after_display(self, service: Service) -> str:
-        return f"{duration(service.deregister_after)} lapsed"
+        return f"{duration(service.deregister_after)} after the lease lapses"
 
     @admin.display(description="labels")
     def labels_display(self, service: Service) -> str:
@@ -393,8 +393,8 @@ class ApiTokenAdmin(admin.ModelAdmin):
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(request, "admin/registry/apitoken/delete_tokens_confirmation.html", context)
+        self.log_deletions(request, tokens)
         for token in tokens:
-            self.log_deletion(request, token, str(token))
             token.delete()
         self.message_user(request, f"Deleted {len(tokens)} API token(s): {', '.join(t.name for t in tokens)}.")
         return None
