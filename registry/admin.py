@@ -45,19 +45,6 @@ class EffectiveHealthFilter(admin.SimpleListFilter):
         return queryset
 
 
-class DrainedFilter(admin.SimpleListFilter):
-    title = "drained"
-    parameter_name = "drained"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("yes", "drained"), ("no", "not drained")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if self.value() in ("yes", "no"):
-            return queryset.filter(drained=self.value() == "yes")
-        return queryset
-
-
 # The lease column's sort key: a stand-in the change list replaces with the live deadlines in Redis.
 LEASE_ORDER = "lease_expires_at"
 
@@ -101,7 +88,7 @@ class ServiceAdmin(admin.ModelAdmin):
     list_display = [
         "id_cell",
         "name_cell",
-        "service_type",
+        "type_cell",
         "health_badge",
         "lease_left",
         "endpoint_cell",
@@ -114,9 +101,9 @@ class ServiceAdmin(admin.ModelAdmin):
     list_filter = [
         "service_type",
         EffectiveHealthFilter,
-        DrainedFilter,
         ("service_name", admin.AllValuesFieldListFilter),
         ("group_id", admin.AllValuesFieldListFilter),
+        "drained",
     ]
     search_fields = ["service_id", "service_name", "endpoint", "label_rows__key", "label_rows__value"]
     search_help_text = "Search id, name, endpoint or label; k=v (or k=v,k2=v2) matches labels exactly."
@@ -166,6 +153,11 @@ class ServiceAdmin(admin.ModelAdmin):
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LiveLeaseChangeList
 
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        # The table gets the width of the app list on the left (the breadcrumbs still lead everywhere),
+        # so every column fits a 1440px screen.
+        return super().changelist_view(request, {"is_nav_sidebar_enabled": False, **(extra_context or {})})
+
     def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Service | None:
         service = super().get_object(request, object_id, from_field)
         if service is not None:
@@ -191,23 +183,27 @@ class ServiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="id", ordering="natural_id")
     def id_cell(self, service: Service) -> str:
-        return truncated(service.service_id, "11em")
+        return truncated(service.service_id, "12em", keep_ends=20)
 
     @admin.display(description="name", ordering="service_name")
     def name_cell(self, service: Service) -> str:
-        return truncated(service.service_name, "10em")
+        return truncated(service.service_name, "8em", keep_ends=12)
+
+    @admin.display(description="type", ordering="service_type")
+    def type_cell(self, service: Service) -> str:
+        return service.service_type
 
     @admin.display(description="endpoint", ordering="endpoint")
     def endpoint_cell(self, service: Service) -> str:
-        return truncated(service.endpoint, "12em")
+        return truncated(service.endpoint, "11em", keep_ends=18)
 
     @admin.display(description="labels")
     def labels_cell(self, service: Service) -> str:
-        return truncated(", ".join(f"{k}={v}" for k, v in sorted(service.labels.items())), "12em")
+        return truncated(", ".join(f"{k}={v}" for k, v in sorted(service.labels.items())), "6.5em")
 
     @admin.display(description="group", ordering="group_id")
     def group_cell(self, service: Service) -> str:
-        return truncated(service.group_id or "", "8em")
+        return truncated(service.group_id or "", "7em", keep_ends=11)
 
     @admin.display(description="health", ordering="health_rank")
     def health_badge(self, service: Service) -> str:
@@ -234,7 +230,9 @@ class ServiceAdmin(admin.ModelAdmin):
             return countdown(service.expires_at, now)
         removal = left + service.deregister_after
         tail = f"removal in {duration(removal)}" if removal > 0 else "removal due"
-        return countdown(service.expires_at, now, format_html('<span class="conveyor-muted">, {}</span>', tail))
+        return countdown(
+            service.expires_at, now, format_html('<span class="conveyor-muted conveyor-tail">{}</span>', tail)
+        )
 
     @admin.display(description="lease expires at")
     def live_lease_expires_at(self, service: Service) -> str:
@@ -301,7 +299,7 @@ class ServiceAdmin(admin.ModelAdmin):
     @admin.display(description="weight", ordering="weight")
     def weight_display(self, service: Service) -> str:
         if service.drained:
-            return mark_safe('0 <span class="conveyor-muted">(drained)</span>')
+            return mark_safe('<span title="drained: see the badge beside health">0</span>')
         return format_html(
             "{}{}",
             service.weight,

@@ -91,11 +91,22 @@ def badge(text: str, colour: str, extra_class: str = "", title: str = "") -> Saf
     )
 
 
-def truncated(text: str, width: str = "14em") -> SafeString:
-    """A cell cut to ``width`` with an ellipsis; the full value in ``title`` (shown on hover)."""
+def middle(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters in the middle, keeping both ends: ids and hosts that share a
+    long prefix differ at the end (``ingest-orde…-replica-12``)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
+
+
+def truncated(text: str, width: str = "14em", keep_ends: int = 0) -> SafeString:
+    """A cell cut to ``width`` with an ellipsis (or, with ``keep_ends``, to that many characters in the
+    middle); the full value in ``title`` (shown on hover)."""
     if not text:
         return SafeString("-")
-    return format_html('<span class="conveyor-cut" style="max-width:{}" title="{}">{}</span>', width, text, text)
+    shown = middle(text, keep_ends) if keep_ends else text
+    return format_html('<span class="conveyor-cut" style="max-width:{}" title="{}">{}</span>', width, text, shown)
 
 
 def scroll(table: SafeString) -> SafeString:

@@ -38,7 +38,7 @@ def test_changelist_shows_effective_health_badges_and_time_left(operator, three_
     # src-2's 10 s lease lapsed; it reported degraded
     assert 'title="lease lapsed (it last reported degraded)">unhealthy</span>' in html
     assert 'data-deadline="2026-07-01T09:00:30Z" title="deadline 2026-07-01 09:00:30 UTC">18 s left</span>' in html
-    assert '>lapsed 2 s ago</span><span class="conveyor-muted">, removal in 58 s</span>' in html
+    assert '>lapsed 2 s ago</span><span class="conveyor-muted conveyor-tail">removal in 58 s</span>' in html
 
 
 def test_changelist_filters_by_effective_health_type_name_and_group(operator, three_services):
