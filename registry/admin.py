@@ -323,6 +323,11 @@ class ServiceAdmin(admin.ModelAdmin):
         changed = leases.set_operator_weight(list(queryset.values_list("pk", flat=True)), None)
         self.message_user(request, f"{changed} service(s) back to the weight they registered with.", messages.SUCCESS)
 
+    def render_delete_form(self, request: HttpRequest, context: dict[str, Any]) -> Any:
+        memberships = _group_memberships([context["object"]])
+        context["removed_members"] = [(g, m) for g, m, removed in memberships if removed]
+        return super().render_delete_form(request, context)
+
     def delete_model(self, request: HttpRequest, obj: Service) -> None:
         with contextlib.suppress(leases.ServiceNotFound):
             leases.deregister(obj.pk, None)

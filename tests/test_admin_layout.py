@@ -352,3 +352,21 @@ def test_favicon_is_linked_and_served(operator):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("image/svg")
     assert b"<svg" in response.content
+
+
+def test_service_delete_page_lists_the_group_members_removed_with_it(
+    operator, owner, api, django_capture_on_commit_callbacks
+):
+    register(owner[0], "svc-1")
+    api.put("/api/v1/topics/orders/", {"partitions": 4}, format="json")
+    api.post("/api/v1/groups/g1/members/", {"member_id": "svc-1", "service_name": "c", "topics": ["orders"]})
+
+    html = operator.get(f"{SERVICES}svc-1/delete/").content.decode()
+
+    assert "Deleting deregisters <strong>svc-1</strong> now" in html
+    assert 'member <strong>svc-1</strong> of group <a href="/admin/groups/servicegroup/g1/change/">g1</a>' in html
+    assert Service.objects.filter(pk="svc-1").exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.post(f"{SERVICES}svc-1/delete/", {"post": "yes"})
+    assert not Service.objects.exists()
+    assert not GroupMember.objects.exists()  # the same token joined it: removed with the service
