@@ -19,6 +19,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from registry import lease_store
 from registry.admin_display import countdown, duration, scroll, when
@@ -40,6 +41,16 @@ def _partitions(by_topic: dict[str, list[int]]) -> str:
 
 def _count(by_topic: dict[str, list[int]]) -> int:
     return sum(len(numbers) for numbers in by_topic.values())
+
+
+def _counted(by_topic: dict[str, list[int]]) -> str:
+    """How many partitions, then which: ``<b class="conveyor-count">6</b> orders: 6-11``."""
+    count = _count(by_topic)
+    if not count:
+        return mark_safe('<b class="conveyor-count">0</b>')
+    return format_html(
+        '<b class="conveyor-count">{}</b> <span class="conveyor-nowrap">{}</span>', count, _partitions(by_topic)
+    )
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -211,8 +222,8 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
         rows = format_html_join(
             "",
-            '<tr data-member="{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td>{}</td>'
-            '<td class="n">{}</td><td>{}</td><td class="n">{}</td><td>{}</td><td>{}</td></tr>',
+            '<tr data-member="{}"><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td></tr>",
             (
                 (
                     m.member_id,
@@ -220,12 +231,9 @@ class ServiceGroupAdmin(admin.ModelAdmin):
                     m.service_name,
                     session_cell(m),
                     m.acked_generation,
-                    _count(views[m.member_id].assigned_partitions),
-                    _partitions(views[m.member_id].assigned_partitions),
-                    _count(views[m.member_id].revoking),
-                    _partitions(views[m.member_id].revoking),
-                    _count(views[m.member_id].pending),
-                    _partitions(views[m.member_id].pending),
+                    _counted(views[m.member_id].assigned_partitions),
+                    _counted(views[m.member_id].revoking),
+                    _counted(views[m.member_id].pending),
                     remove_cell(m),
                 )
                 for m in members
@@ -234,8 +242,9 @@ class ServiceGroupAdmin(admin.ModelAdmin):
         return scroll(
             format_html(
                 '<table class="conveyor-members"><thead><tr><th>member</th><th>service</th><th>session</th>'
-                "<th>confirmed generation</th><th>owns</th><th>owned partitions</th><th>revoking</th>"
-                "<th>revoking (still owns)</th><th>pending</th><th>pending (will own)</th><th></th></tr></thead>"
+                '<th title="the latest generation the member confirmed">confirmed</th><th>owns</th>'
+                '<th title="still owned; handed over once the member confirms">revoking</th>'
+                '<th title="will own once the previous owner lets go">pending</th><th></th></tr></thead>'
                 "<tbody>{}</tbody></table>",
                 rows,
             )
@@ -257,7 +266,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
                     ", ".join(e.members_before) or "-",
                     ", ".join(e.members_after) or "-",
                     e.partitions_moved,
-                    duration(e.duration_ms / 1000),
+                    f"{e.duration_ms:.1f} ms" if e.duration_ms < 1000 else duration(e.duration_ms / 1000),
                 )
                 for e in events
             ),

@@ -183,6 +183,8 @@ def test_at_390px_tables_scroll_inside_their_wrapper(chromium, console_url, api)
     assert box["scroll"] > box["client"] and box["right"] <= 390, box
     members.evaluate("e => { e.scrollLeft = e.scrollWidth }")
     assert members.evaluate("e => e.scrollLeft") > 0
+    if os.environ.get("CONSOLE_SCREENSHOTS"):
+        page.screenshot(path=os.path.join(os.environ["CONSOLE_SCREENSHOTS"], "group-page-390.png"))
 
 
 def test_drain_and_undrain_from_the_list(chromium, console_url, api):
@@ -218,8 +220,13 @@ def test_force_rebalance_from_the_group_page_shows_the_new_generation(chromium, 
     page = logged_in(chromium, console_url, 1440, 900)
     page.goto("/admin/groups/servicegroup/g1/change/")
 
+    shots = os.environ.get("CONSOLE_SCREENSHOTS")
+    if shots:
+        page.screenshot(path=os.path.join(shots, "group-page.png"), full_page=True)
     page.click("a.conveyor-rebalance")
     expect(page.locator("#content h1")).to_have_text("Force a rebalance of g1?")
+    if shots:
+        page.screenshot(path=os.path.join(shots, "rebalance-confirmation.png"))
     page.click(f"input[type=submit][value='Yes, rebalance (generation {before + 1})']")
 
     page.wait_for_url(re.compile(r"/admin/groups/servicegroup/g1/change/$"))
