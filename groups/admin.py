@@ -43,6 +43,13 @@ def _count(by_topic: dict[str, list[int]]) -> int:
     return sum(len(numbers) for numbers in by_topic.values())
 
 
+def _views(group: ServiceGroup) -> dict[str, Any]:
+    """The members' views, read once per page (the skew and the members table both show them)."""
+    if not hasattr(group, "_member_views"):
+        group._member_views = member_views(group)  # type: ignore[attr-defined]
+    return group._member_views  # type: ignore[attr-defined]
+
+
 def _counted(by_topic: dict[str, list[int]]) -> str:
     """How many partitions, then which: ``<b class="conveyor-count">6</b> orders: 6-11``."""
     count = _count(by_topic)
@@ -184,7 +191,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
     @admin.display(description="skew")
     def skew(self, group: ServiceGroup) -> str:
-        owned = [sum(len(ps) for ps in view.assigned_partitions.values()) for view in member_views(group).values()]
+        owned = [_count(view.assigned_partitions) for view in _views(group).values()]
         if not owned:
             return "-"
         spread = max(owned) - min(owned)
@@ -198,7 +205,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
     @admin.display(description="members and their partitions")
     def members_table(self, group: ServiceGroup) -> str:
-        views = member_views(group)
+        views = _views(group)
         members = list(group.members.all())
         if not members:
             return "no members"
