@@ -9,15 +9,24 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.utils import quote, unquote
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from registry import lease_store
+from registry.admin_display import countdown, duration, scroll, when
+from registry.models import Service
 from registry.redis_client import get_redis
 
-from . import membership, quotas, rebalance, topics
+from . import membership, previews, quotas, rebalance, topics
 from .assignments import member_views
 from .models import GroupMember, GroupState, RebalanceEvent, ServiceGroup, Topic
 
@@ -28,6 +37,27 @@ def _partitions(by_topic: dict[str, list[int]]) -> str:
     if not by_topic:
         return "-"
     return "; ".join(f"{topic}: {_ranges(numbers)}" for topic, numbers in sorted(by_topic.items()))
+
+
+def _count(by_topic: dict[str, list[int]]) -> int:
+    return sum(len(numbers) for numbers in by_topic.values())
+
+
+def _views(group: ServiceGroup) -> dict[str, Any]:
+    """The members' views, read once per page (the skew and the members table both show them)."""
+    if not hasattr(group, "_member_views"):
+        group._member_views = member_views(group)  # type: ignore[attr-defined]
+    return group._member_views  # type: ignore[attr-defined]
+
+
+def _counted(by_topic: dict[str, list[int]]) -> str:
+    """How many partitions, then which: ``<b class="conveyor-count">6</b> orders: 6-11``."""
+    count = _count(by_topic)
+    if not count:
+        return mark_safe('<b class="conveyor-count">0</b>')
+    return format_html(
+        '<b class="conveyor-count">{}</b> <span class="conveyor-nowrap">{}</span>', count, _partitions(by_topic)
+    )
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -44,14 +74,6 @@ def _ranges(numbers: list[int]) -> str:
     if start is not None:
         parts.append(f"{start}-{prev}" if prev != start else f"{start}")
     return ", ".join(parts)
-
-
-def _session_left(group_id: str, member_id: str, deadlines: dict[tuple[str, str], int]) -> str:
-    deadline = deadlines.get((group_id, member_id))
-    if deadline is None:
-        return "no session"
-    left = (deadline - lease_store.to_ms(timezone.now())) / 1000
-    return f"{left:.0f}s left" if left > 0 else f"expired {-left:.0f}s ago"
 
 
 class TopicForm(forms.ModelForm):
@@ -126,9 +148,9 @@ class ServiceGroupAdmin(admin.ModelAdmin):
     list_filter = ["state", "owner"]
     search_fields = ["group_id", "members__member_id"]
     actions = ["force_rebalance"]
-    readonly_fields = ["group_id", "generation", "state_badge", "topic_list", "members_table", "history_table"]
+    readonly_fields = ["group_id", "generation", "state_badge", "topic_list", "skew", "members_table", "history_table"]
     # Who may join: the owner (the token whose join created the group), the granted tokens, and staff.
-    fields = [*readonly_fields[:4], "owner", "grants", *readonly_fields[4:]]
+    fields = [*readonly_fields[:5], "owner", "grants", *readonly_fields[5:]]
     filter_horizontal = ["grants"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
@@ -167,34 +189,72 @@ class ServiceGroupAdmin(admin.ModelAdmin):
     def topic_list(self, group: ServiceGroup) -> str:
         return ", ".join(group.topics) or "-"
 
+    @admin.display(description="skew")
+    def skew(self, group: ServiceGroup) -> str:
+        owned = [_count(view.assigned_partitions) for view in _views(group).values()]
+        if not owned:
+            return "-"
+        spread = max(owned) - min(owned)
+        return format_html(
+            '<span class="{}" title="most minus fewest partitions owned by one member">{} (owned: {} to {})</span>',
+            "conveyor-skew-warn" if spread > 1 else "",
+            spread,
+            min(owned),
+            max(owned),
+        )
+
     @admin.display(description="members and their partitions")
     def members_table(self, group: ServiceGroup) -> str:
-        views = member_views(group)
+        views = _views(group)
         members = list(group.members.all())
-        deadlines = lease_store.session_deadlines(get_redis(), [(group.group_id, m.member_id) for m in members])
         if not members:
             return "no members"
+        deadlines = lease_store.session_deadlines(get_redis(), [(group.group_id, m.member_id) for m in members])
+        services = set(Service.objects.filter(pk__in=[m.member_id for m in members]).values_list("pk", flat=True))
+        now = timezone.now()
+
+        def member_cell(member: GroupMember) -> str:
+            if member.member_id in services:
+                url = reverse("admin:registry_service_change", args=[quote(member.member_id)])
+                return format_html('<a href="{}" title="its service">{}</a>', url, member.member_id)
+            return member.member_id
+
+        def session_cell(member: GroupMember) -> str:
+            deadline = deadlines.get((group.group_id, member.member_id))
+            return countdown(lease_store.from_ms(deadline), now) if deadline is not None else "no session"
+
+        def remove_cell(member: GroupMember) -> str:
+            url = reverse("admin:groups_servicegroup_remove_member", args=[quote(group.pk), member.member_id])
+            return format_html('<a class="button conveyor-remove" href="{}">remove…</a>', url)
+
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            '<tr data-member="{}"><td>{}</td><td>{}</td><td>{}</td><td class="n">{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td></tr>",
             (
                 (
                     m.member_id,
+                    member_cell(m),
                     m.service_name,
-                    _session_left(group.group_id, m.member_id, deadlines),
+                    session_cell(m),
                     m.acked_generation,
-                    _partitions(views[m.member_id].assigned_partitions),
-                    _partitions(views[m.member_id].revoking),
-                    _partitions(views[m.member_id].pending),
+                    _counted(views[m.member_id].assigned_partitions),
+                    _counted(views[m.member_id].revoking),
+                    _counted(views[m.member_id].pending),
+                    remove_cell(m),
                 )
                 for m in members
             ),
         )
-        return format_html(
-            "<table><thead><tr><th>member</th><th>service</th><th>session</th><th>confirmed generation</th>"
-            "<th>owns</th><th>revoking (still owns)</th><th>pending (will own)</th></tr></thead>"
-            "<tbody>{}</tbody></table>",
-            rows,
+        return scroll(
+            format_html(
+                '<table class="conveyor-members"><thead><tr><th>member</th><th>service</th><th>session</th>'
+                '<th title="the latest generation the member confirmed">confirmed</th><th>owns</th>'
+                '<th title="still owned; handed over once the member confirms">revoking</th>'
+                '<th title="will own once the previous owner lets go">pending</th><th></th></tr></thead>'
+                "<tbody>{}</tbody></table>",
+                rows,
+            )
         )
 
     @admin.display(description="rebalance history (latest 50)")
@@ -204,33 +264,139 @@ class ServiceGroupAdmin(admin.ModelAdmin):
             return "none yet"
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
                     e.generation,
                     e.get_reason_display(),
-                    e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    when(e.created_at),
                     ", ".join(e.members_before) or "-",
                     ", ".join(e.members_after) or "-",
                     e.partitions_moved,
-                    f"{e.duration_ms:.1f}",
+                    f"{e.duration_ms:.1f} ms" if e.duration_ms < 1000 else duration(e.duration_ms / 1000),
                 )
                 for e in events
             ),
         )
-        return format_html(
-            "<table><thead><tr><th>generation</th><th>reason</th><th>at (UTC)</th><th>members before</th>"
-            "<th>members after</th><th>partitions moved</th><th>took</th></tr></thead><tbody>{}</tbody></table>",
-            rows,
+        return scroll(
+            format_html(
+                "<table><thead><tr><th>generation</th><th>reason</th><th>at</th><th>members before</th>"
+                "<th>members after</th><th>partitions moved</th><th>took</th></tr></thead><tbody>{}</tbody></table>",
+                rows,
+            )
+        )
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/rebalance/", wrap(self.rebalance_view), name="groups_servicegroup_rebalance"),
+            path(
+                "<path:object_id>/members/<str:member_id>/remove/",
+                wrap(self.remove_member_view),
+                name="groups_servicegroup_remove_member",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _group_or_redirect(self, request: HttpRequest, object_id: str) -> ServiceGroup | HttpResponse:
+        group = self.get_object(request, unquote(object_id))
+        if group is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        return group
+
+    def _confirmation(
+        self, request: HttpRequest, group: ServiceGroup, template: str, **context: Any
+    ) -> TemplateResponse:
+        return TemplateResponse(
+            request,
+            template,
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "group": group,
+                "group_url": reverse("admin:groups_servicegroup_change", args=[quote(group.pk)]),
+                **context,
+            },
+        )
+
+    def rebalance_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Force a rebalance from the group page: first what will move, then the new generation."""
+        group = self._group_or_redirect(request, object_id)
+        if not isinstance(group, ServiceGroup):
+            return group
+        if not self.has_change_permission(request, group):
+            raise PermissionDenied
+        group_url = reverse("admin:groups_servicegroup_change", args=[quote(group.pk)])
+        if request.method == "POST" and request.POST.get("post") == "yes":
+            try:
+                event = rebalance.force_rebalance(group.pk, timezone.now())
+            except rebalance.GroupNotFound:
+                self.message_user(request, f"Group {group.pk!r} no longer exists.", messages.ERROR)
+                return redirect("admin:groups_servicegroup_changelist")
+            self.message_user(
+                request,
+                f"Group {group.pk} rebalanced: now at generation {event.generation} "
+                f"({event.partitions_moved} partition(s) moved).",
+                messages.SUCCESS,
+            )
+            return redirect(group_url)
+        preview = previews.plan(group)
+        return self._confirmation(
+            request,
+            group,
+            "admin/groups/servicegroup/rebalance_confirmation.html",
+            title=f"Force a rebalance of {group.pk}?",
+            plan=preview,
+            pairs=preview.moves_by_pair(),
+        )
+
+    def remove_member_view(self, request: HttpRequest, object_id: str, member_id: str) -> HttpResponse:
+        """Remove one member from the group page: first what is revoked and where it goes, then the new
+        generation."""
+        group = self._group_or_redirect(request, object_id)
+        if not isinstance(group, ServiceGroup):
+            return group
+        if not request.user.has_perm("groups.delete_groupmember"):
+            raise PermissionDenied
+        group_url = reverse("admin:groups_servicegroup_change", args=[quote(group.pk)])
+        member = group.members.filter(member_id=member_id).first()
+        if member is None:
+            self.message_user(request, f"Group {group.pk} has no member {member_id!r} (any more).", messages.WARNING)
+            return redirect(group_url)
+        if request.method == "POST" and request.POST.get("post") == "yes":
+            try:
+                membership.leave(group.pk, member_id, None, timezone.now())
+            except membership.MemberNotFound:
+                self.message_user(request, f"Member {member_id} had already left {group.pk}.", messages.WARNING)
+                return redirect(group_url)
+            generation = ServiceGroup.objects.filter(pk=group.pk).values_list("generation", flat=True).first()
+            self.message_user(
+                request,
+                f"Removed {member_id} from {group.pk}: the group is now at generation {generation}.",
+                messages.SUCCESS,
+            )
+            return redirect(group_url)
+        preview = previews.plan(group, without=member_id)
+        return self._confirmation(
+            request,
+            group,
+            "admin/groups/servicegroup/remove_member_confirmation.html",
+            title=f"Remove {member_id} from {group.pk}?",
+            member=member,
+            plan=preview,
+            pairs=preview.moves_by_pair(),
+            revoked=_partitions(preview.revoked),
+            revoked_count=_count(preview.revoked),
         )
 
     @admin.action(description="Force a rebalance (new generation)", permissions=["change"])
     def force_rebalance(self, request: HttpRequest, queryset: QuerySet) -> None:
         now = timezone.now()
         done = [
-            rebalance.force_rebalance(group_id, now).generation for group_id in queryset.values_list("pk", flat=True)
+            f"{group_id} to generation {rebalance.force_rebalance(group_id, now).generation}"
+            for group_id in queryset.values_list("pk", flat=True)
         ]
-        self.message_user(request, f"Rebalanced {len(done)} group(s).", messages.SUCCESS)
+        self.message_user(request, f"Rebalanced {len(done)} group(s): {', '.join(done)}.", messages.SUCCESS)
 
 
 @admin.register(GroupMember)
@@ -274,17 +440,56 @@ class GroupMemberAdmin(admin.ModelAdmin):
     def topic_list(self, member: GroupMember) -> str:
         return ", ".join(member.topics)
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # a member's record is the member's own: read only (remove it with "remove member")
+
     @admin.action(description="Remove selected members from their groups (rebalances)", permissions=["delete"])
-    def remove_member(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def remove_member(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse | None:
+        pairs = list(queryset.order_by("group_id", "member_id").values_list("group_id", "member_id"))
+        if request.POST.get("post") != "yes":
+            views = {}
+            for group in ServiceGroup.objects.filter(pk__in={g for g, _m in pairs}):
+                views[group.pk] = (group.generation, member_views(group))
+            affected = []
+            next_generation = {group_id: generation for group_id, (generation, _v) in views.items()}
+            for group_id, member_id in pairs:
+                if group_id in views and member_id in views[group_id][1]:
+                    next_generation[group_id] += 1  # one rebalance per member removed
+                    owned = _partitions(views[group_id][1][member_id].assigned_partitions)
+                    affected.append((group_id, member_id, next_generation[group_id], owned))
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": f"Remove {len(pairs)} member(s)?",
+                "affected": affected,
+                "groups": sorted(views),
+                "selected": list(queryset.values_list("pk", flat=True)),
+                "select_across": request.POST.get("select_across", "0"),
+                "action": "remove_member",
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/groups/groupmember/remove_confirmation.html", context)
         now = timezone.now()
-        removed = 0
-        for group_id, member_id in queryset.values_list("group_id", "member_id"):
+        removed = []
+        for group_id, member_id in pairs:
             try:
                 membership.leave(group_id, member_id, None, now)
-                removed += 1
             except membership.MemberNotFound:
-                pass
-        self.message_user(request, f"Removed {removed} member(s).", messages.SUCCESS)
+                continue
+            removed.append(group_id)
+        generations = dict(ServiceGroup.objects.filter(pk__in=removed).values_list("pk", "generation"))
+        now_at = ", ".join(f"{g} at generation {n}" for g, n in sorted(generations.items()))
+        self.message_user(
+            request, f"Removed {len(removed)} member(s)." + (f" Now {now_at}." if now_at else ""), messages.SUCCESS
+        )
+        return None
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> HttpResponse:
+        # One removal, through the group's confirmation step (what is revoked, the new generation).
+        member = self.get_object(request, unquote(object_id))
+        if member is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        return redirect("admin:groups_servicegroup_remove_member", quote(member.group_id), member.member_id)
 
     def delete_model(self, request: HttpRequest, obj: GroupMember) -> None:
         with contextlib.suppress(membership.MemberNotFound):

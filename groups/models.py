@@ -168,3 +168,6 @@ class RebalanceEvent(models.Model):
             # a generation is never repeated; the group row lock makes them sequential
             models.UniqueConstraint(fields=["group", "generation"], name="unique_generation_per_group"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.group_id} generation {self.generation} ({self.get_reason_display()})"

@@ -209,6 +209,9 @@ class LeaderTermHistory(models.Model):
         verbose_name = "leadership term"
         constraints = [models.UniqueConstraint(fields=["name", "term"], name="unique_term_per_name")]
 
+    def __str__(self) -> str:
+        return f"{self.name}: term {self.term} won by {self.holder}"
+
 
 class LeaderJobRun(models.Model):
     """A leader job's committed run, written in the same fenced transaction as the job's changes."""
@@ -223,6 +226,9 @@ class LeaderJobRun(models.Model):
     class Meta:
         ordering = ["-id"]
         verbose_name = "leader job run"
+
+    def __str__(self) -> str:
+        return f"{self.job} (term {self.term}, {self.items} item(s))"
 
 
 class LeaseStoreState(models.Model):

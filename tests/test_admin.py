@@ -35,9 +35,10 @@ def test_changelist_shows_effective_health_badges_and_time_left(operator, three_
     with time_machine.travel(T0 + timedelta(seconds=12), tick=False):
         html = operator.get("/admin/registry/service/").content.decode()
     assert html.count(">healthy</span>") == 2
-    assert ">unhealthy</span> (lease lapsed)" in html  # src-2's 10 s lease lapsed; it reported degraded
-    assert "18s left" in html
-    assert "lapsed 2s ago, removal in 58s" in html
+    # src-2's 10 s lease lapsed; it reported degraded
+    assert 'title="lease lapsed (it last reported degraded)">unhealthy</span>' in html
+    assert 'data-deadline="2026-07-01T09:00:30Z" title="deadline 2026-07-01 09:00:30 UTC">18 s left</span>' in html
+    assert '>lapsed 2 s ago</span><span class="conveyor-muted conveyor-tail">removal in 58 s</span>' in html
 
 
 def test_changelist_filters_by_effective_health_type_name_and_group(operator, three_services):
@@ -72,7 +73,7 @@ def test_service_page_renders_read_only_lease_and_saves_operator_weight(operator
         page = operator.get("/admin/registry/service/src-1/change/")
         assert page.status_code == 200
         html = page.content.decode()
-        assert "25s left" in html
+        assert "25 s left" in html
         assert 'name="operator_weight"' in html
         assert 'name="lease_duration"' not in html  # read-only
         assert 'name="weight"' not in html  # the weight in effect is derived
@@ -85,7 +86,9 @@ def test_service_page_renders_read_only_lease_and_saves_operator_weight(operator
 
 def test_deregister_action_removes_row_and_lease(operator, three_services):
     response = operator.post(
-        "/admin/registry/service/", {"action": "deregister", "_selected_action": ["src-1", "src-2"]}, follow=True
+        "/admin/registry/service/",
+        {"action": "deregister", "_selected_action": ["src-1", "src-2"], "post": "yes"},
+        follow=True,
     )
     assert "Deregistered 2 service(s)." in response.content.decode()
     assert list(Service.objects.values_list("pk", flat=True)) == ["sink-1"]

@@ -35,7 +35,7 @@ def test_force_rebalance_action_bumps_the_generation(operator, group):
     response = operator.post(
         "/admin/groups/servicegroup/", {"action": "force_rebalance", "_selected_action": ["g1"]}, follow=True
     )
-    assert "Rebalanced 1 group(s)." in response.content.decode()
+    assert "Rebalanced 1 group(s): g1 to generation 3." in response.content.decode()
     assert ServiceGroup.objects.get(pk="g1").generation == 3
     assert ServiceGroup.objects.get(pk="g1").history.first().reason == "manual"
 
@@ -43,9 +43,9 @@ def test_force_rebalance_action_bumps_the_generation(operator, group):
 def test_remove_member_action_rebalances(operator, group):
     pk = GroupMember.objects.get(member_id="m2").pk
     response = operator.post(
-        "/admin/groups/groupmember/", {"action": "remove_member", "_selected_action": [pk]}, follow=True
+        "/admin/groups/groupmember/", {"action": "remove_member", "_selected_action": [pk], "post": "yes"}, follow=True
     )
-    assert "Removed 1 member(s)." in response.content.decode()
+    assert "Removed 1 member(s). Now g1 at generation 3." in response.content.decode()
     g = ServiceGroup.objects.get(pk="g1")
     assert (g.generation, g.state, list(g.members.values_list("member_id", flat=True))) == (3, "stable", ["m1"])
 
