@@ -17,7 +17,7 @@ def cleanup_once(guard: Guard = transaction.atomic) -> list[str]:
     now = timezone.now()
     outage.ensure_continuity(now, guard)
     removed = leases.expire_lapsed(now, guard=guard)
-    leases.announce_lapses(now)
+    leases.announce_lapses(now, guard=guard)
     return removed
 
 
