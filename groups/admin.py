@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from registry import lease_store
+from registry.audit import AuditedActions
 from registry.redis_client import get_redis
 
 from . import membership, quotas, rebalance, topics
@@ -72,7 +73,7 @@ class TopicForm(forms.ModelForm):
 
 
 @admin.register(Topic)
-class TopicAdmin(admin.ModelAdmin):
+class TopicAdmin(AuditedActions, admin.ModelAdmin):
     form = TopicForm
     list_display = ["name", "partitions", "owner", "groups_reading", "updated_at"]
     list_filter = ["owner"]
@@ -121,7 +122,7 @@ class TopicAdmin(admin.ModelAdmin):
 
 
 @admin.register(ServiceGroup)
-class ServiceGroupAdmin(admin.ModelAdmin):
+class ServiceGroupAdmin(AuditedActions, admin.ModelAdmin):
     list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "owner", "updated_at"]
     list_filter = ["state", "owner"]
     search_fields = ["group_id", "members__member_id"]
@@ -208,7 +209,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
             (
                 (
                     e.generation,
-                    e.get_reason_display(),
+                    e.detail or e.get_reason_display(),
                     e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                     ", ".join(e.members_before) or "-",
                     ", ".join(e.members_after) or "-",
@@ -234,7 +235,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(GroupMember)
-class GroupMemberAdmin(admin.ModelAdmin):
+class GroupMemberAdmin(AuditedActions, admin.ModelAdmin):
     list_display = [
         "member_id",
         "group",
@@ -280,7 +281,7 @@ class GroupMemberAdmin(admin.ModelAdmin):
         removed = 0
         for group_id, member_id in queryset.values_list("group_id", "member_id"):
             try:
-                membership.leave(group_id, member_id, None, now)
+                membership.remove_by_operator(group_id, member_id, request.user.get_username(), now)
                 removed += 1
             except membership.MemberNotFound:
                 pass
@@ -288,7 +289,7 @@ class GroupMemberAdmin(admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: GroupMember) -> None:
         with contextlib.suppress(membership.MemberNotFound):
-            membership.leave(obj.group_id, obj.member_id, None, timezone.now())
+            membership.remove_by_operator(obj.group_id, obj.member_id, request.user.get_username(), timezone.now())
 
 
 @admin.register(RebalanceEvent)
@@ -302,3 +303,6 @@ class RebalanceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # history is a record: read only
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from . import leases
+from .audit import AuditedActions
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 from .validators import parse_selector
 
@@ -59,7 +60,7 @@ class LiveLeaseChangeList(ChangeList):
 
 
 @admin.register(Service)
-class ServiceAdmin(admin.ModelAdmin):
+class ServiceAdmin(AuditedActions, admin.ModelAdmin):
     list_display = [
         "service_id",
         "service_name",
@@ -217,7 +218,7 @@ class ServiceAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(AuditedActions, admin.ModelAdmin):
     list_display = ["name", "key_prefix", "is_staff", "is_active", "service_count", "created_at"]
     list_filter = ["is_staff", "is_active"]
     search_fields = ["name", "key_prefix"]
@@ -303,3 +304,6 @@ class LeaseStoreStateAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # forgetting the last run_id would hide the next restart
+
+
+from . import history_admin  # noqa: E402, F401  (registers the lifecycle log and the audit trail)

@@ -274,9 +274,7 @@ class ServiceEvent(models.Model):
     kind = models.CharField(max_length=16, choices=ServiceEventKind.choices)
     at = models.DateTimeField()
     actor_kind = models.CharField(max_length=16, choices=ActorKind.choices)
-    actor = models.CharField(
-        max_length=255, help_text="Token name, operator username, or 'leader job <job> term <n>'."
-    )
+    actor = models.CharField(max_length=255, help_text="Token name, operator username, or 'leader job <job> term <n>'.")
     change = models.JSONField(default=dict, blank=True, help_text="What changed: field -> [before, after].")
     revision = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="The service's revision for this state (registry.revisions)."
