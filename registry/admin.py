@@ -15,6 +15,7 @@ from django.utils.html import format_html, format_html_join
 
 from . import leases
 from .audit import AuditedActions
+from .history_admin import RemovedServiceRedirect  # also registers the lifecycle log and the audit trail
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 from .validators import parse_selector
 
@@ -60,7 +61,7 @@ class LiveLeaseChangeList(ChangeList):
 
 
 @admin.register(Service)
-class ServiceAdmin(AuditedActions, admin.ModelAdmin):
+class ServiceAdmin(AuditedActions, RemovedServiceRedirect, admin.ModelAdmin):
     list_display = [
         "service_id",
         "service_name",
@@ -304,6 +305,3 @@ class LeaseStoreStateAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # forgetting the last run_id would hide the next restart
-
-
-from . import history_admin  # noqa: E402, F401  (registers the lifecycle log and the audit trail)

@@ -11,9 +11,10 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
-from django.http import HttpRequest
+from django.contrib.admin.utils import unquote
+from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
@@ -28,6 +29,18 @@ def history_url(service_id: str) -> str:
 
 def history_link(service_id: str, text: str = "history") -> SafeString:
     return format_html('<a href="{}">{}</a>', history_url(service_id), text)
+
+
+class RemovedServiceRedirect:
+    """Service ModelAdmin mixin: the page of a service that is gone (expired, deregistered) leads to its
+    history instead of Django's "doesn't exist. Perhaps it was deleted?" on the admin index."""
+
+    def _get_obj_does_not_exist_redirect(self, request: HttpRequest, opts: Any, object_id: str) -> HttpResponseRedirect:
+        service_id = unquote(object_id)
+        if not ServiceEvent.objects.filter(service_id=service_id).exists():
+            return super()._get_obj_does_not_exist_redirect(request, opts, object_id)  # type: ignore[misc]
+        messages.warning(request, f"Service {service_id!r} is no longer registered. Its history:")
+        return HttpResponseRedirect(history_url(service_id))
 
 
 class ReadOnlyHistory(admin.ModelAdmin):
