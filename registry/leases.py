@@ -361,7 +361,7 @@ def record_health(service_id: str, health: str, deadline_ms: int, key_hash: str 
     """Persist a change of reported health (and checkpoint the deadline); False if the service is gone.
     ``key_hash``: the heartbeat's token, which the history names."""
     with transaction.atomic():
-        service = Service.objects.select_for_update().select_related("owner").filter(pk=service_id).first()
+        service = Service.objects.select_for_update().filter(pk=service_id).first()
         if service is None:
             return False
         reporter = ApiToken.objects.filter(key_hash=key_hash).first() if key_hash else None

@@ -168,6 +168,32 @@ def test_a_lapse_and_the_recovery_are_logged_by_the_lapse_scan(api, owner, clean
     assert len(rows("svc-1", "lapsed")) == 1
 
 
+def test_a_lapse_scan_rejected_by_the_fence_logs_nothing_and_the_next_leader_logs_it(api, owner, leader, cleanup):
+    with time_machine.travel(T0, tick=False):
+        register(api, lease_duration=10, deregister_after=600)
+    stale = wait_for(leader.ensure, 5)
+    LeaderTerm.objects.filter(name="jobs").update(term=stale.number + 1)  # a rival won a newer term
+    with time_machine.travel(T0 + timedelta(seconds=12), tick=False):
+        with pytest.raises(Exception, match="stale"):
+            cleanup_once(guard_for(stale, "cleanup"))
+        assert not rows("svc-1", "lapsed")
+        leader.step_down()  # this holder takes the lock again: a term above the rival's
+        cleanup()
+    lapsed = only("svc-1", "lapsed")
+    assert lapsed.actor == f"leader job cleanup term {stale.number + 2}"
+    # and a recovery the rejected scan had taken off the queue is logged by the next one
+    with time_machine.travel(T0 + timedelta(seconds=13), tick=False):
+        assert leases.heartbeat("svc-1", owner[1], "healthy", timezone.now()).status == 200
+        stale = wait_for(leader.ensure, 5)
+        LeaderTerm.objects.filter(name="jobs").update(term=stale.number + 1)
+        with pytest.raises(Exception, match="stale"):
+            cleanup_once(guard_for(stale, "cleanup"))
+        assert not rows("svc-1", "recovered")
+        leader.step_down()
+        cleanup()
+    assert only("svc-1", "recovered").actor == "owner"
+
+
 def test_an_expiry_is_logged_by_the_leader_job_with_the_last_state(api, cleanup):
     with time_machine.travel(T0, tick=False):
         register(api, lease_duration=5, deregister_after=0)
