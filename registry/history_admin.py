@@ -1,5 +1,5 @@
-"""Admin of the history: the service lifecycle log (``ServiceEvent``) and the audit trail of operators'
-admin actions (Django's ``LogEntry``), both read-only. Imported by ``registry.admin`` to register them.
+"""Admin of the history: the service lifecycle log (``ServiceEvent``), the leader jobs' runs and the audit
+trail of operators' admin actions (Django's ``LogEntry``), all read-only. ``registry.admin`` imports it.
 
 A service's history is the lifecycle changelist filtered by ``service_id``: it needs no service row, so it
 stays reachable after the service expired or was deregistered (``history_url``).
@@ -19,7 +19,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from .models import ServiceEvent
+from .models import LeaderJobRun, ServiceEvent
 
 
 def history_url(service_id: str) -> str:
@@ -104,6 +104,19 @@ class ServiceEventAdmin(ReadOnlyHistory):
     @admin.display(description="change")
     def change_table(self, row: ServiceEvent) -> SafeString:
         return _change_table(row.change)
+
+
+@admin.register(LeaderJobRun)
+class LeaderJobRunAdmin(ReadOnlyHistory):
+    """The leader jobs' committed runs (each written in its job's fenced transaction): what a term did."""
+
+    list_display = ["at", "job", "name", "term", "holder", "items"]
+    list_filter = ["job", "name"]
+    date_hierarchy = "at"
+    search_fields = ["holder", "=term"]
+    show_full_result_count = False
+    fields = ["at", "job", "name", "term", "holder", "items"]
+    readonly_fields = fields
 
 
 @admin.register(LogEntry)

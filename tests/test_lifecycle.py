@@ -321,6 +321,7 @@ def test_history_rows_cannot_be_added_edited_or_deleted_in_the_admin(api, operat
         "serviceevent": ("registry", ServiceEvent.objects.first().pk),
         "rebalanceevent": ("groups", RebalanceEvent.objects.first().pk),
         "logentry": ("admin", LogEntry.objects.first().pk),
+        "leaderjobrun": ("registry", LeaderJobRun.objects.create(name="j", term=1, holder="h", job="c", at=T0).pk),
     }
     counts = (ServiceEvent.objects.count(), RebalanceEvent.objects.count(), LogEntry.objects.count())
     for model, (app, pk) in pages.items():
@@ -337,6 +338,7 @@ def test_history_rows_cannot_be_added_edited_or_deleted_in_the_admin(api, operat
         assert changelist.status_code == 200, model
         assert "delete_selected" not in changelist.content.decode(), model
     assert (ServiceEvent.objects.count(), RebalanceEvent.objects.count(), LogEntry.objects.count()) == counts
+    assert LeaderJobRun.objects.count() == 1
 
 
 # --- pruning by age -------------------------------------------------------------------------
