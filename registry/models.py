@@ -286,6 +286,7 @@ class ServiceEvent(models.Model):
         indexes = [
             models.Index(fields=["service_id", "-at"], name="service_event_service_at"),
             models.Index(fields=["kind", "-at"], name="service_event_kind_at"),
+            models.Index(fields=["service_name", "-at"], name="service_event_name_at"),
             models.Index(fields=["at"], name="service_event_at"),
         ]
 

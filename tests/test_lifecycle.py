@@ -297,6 +297,8 @@ def test_the_lifecycle_list_filters_by_kind_actor_kind_and_date_and_searches_ids
     assert listed("kind__exact=drained") == [("svc-2", "drained")]
     assert listed("actor_kind__exact=operator") == [("svc-2", "drained")]
     assert listed("q=svc-1") == [("svc-1", "registered")]
+    assert listed("q=svc") == []  # exact: an id or a name
+    assert len(listed("q=kafka-source")) == 3
     today = timezone.now()
     assert len(listed(f"at__year={today.year}&at__month={today.month}&at__day={today.day}")) == 3
     assert listed("at__year=2001") == []

@@ -26,7 +26,7 @@ class Migration(migrations.Migration):
             options={
                 'verbose_name': 'service lifecycle event',
                 'ordering': ['-at', '-id'],
-                'indexes': [models.Index(fields=['service_id', '-at'], name='service_event_service_at'), models.Index(fields=['kind', '-at'], name='service_event_kind_at'), models.Index(fields=['at'], name='service_event_at')],
+                'indexes': [models.Index(fields=['service_id', '-at'], name='service_event_service_at'), models.Index(fields=['kind', '-at'], name='service_event_kind_at'), models.Index(fields=['service_name', '-at'], name='service_event_name_at'), models.Index(fields=['at'], name='service_event_at')],
             },
         ),
     ]
