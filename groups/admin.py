@@ -23,6 +23,7 @@ from django.utils.safestring import mark_safe
 
 from registry import lease_store
 from registry.admin_display import countdown, duration, scroll, when
+from registry.audit import AuditedActions, log_admin_action
 from registry.models import Service
 from registry.redis_client import get_redis
 
@@ -94,7 +95,7 @@ class TopicForm(forms.ModelForm):
 
 
 @admin.register(Topic)
-class TopicAdmin(admin.ModelAdmin):
+class TopicAdmin(AuditedActions, admin.ModelAdmin):
     form = TopicForm
     list_display = ["name", "partitions", "owner", "groups_reading", "updated_at"]
     list_filter = ["owner"]
@@ -143,7 +144,7 @@ class TopicAdmin(admin.ModelAdmin):
 
 
 @admin.register(ServiceGroup)
-class ServiceGroupAdmin(admin.ModelAdmin):
+class ServiceGroupAdmin(AuditedActions, admin.ModelAdmin):
     list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "owner", "updated_at"]
     list_filter = ["state", "owner"]
     search_fields = ["group_id", "members__member_id"]
@@ -268,7 +269,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
             (
                 (
                     e.generation,
-                    e.get_reason_display(),
+                    e.detail or e.get_reason_display(),
                     when(e.created_at),
                     ", ".join(e.members_before) or "-",
                     ", ".join(e.members_after) or "-",
@@ -330,6 +331,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
         if request.method == "POST" and request.POST.get("post") == "yes":
             try:
                 event = rebalance.force_rebalance(group.pk, timezone.now())
+                log_admin_action(request, [group], "force rebalance", detail=f"generation {event.generation}")
             except rebalance.GroupNotFound:
                 self.message_user(request, f"Group {group.pk!r} no longer exists.", messages.ERROR)
                 return redirect("admin:groups_servicegroup_changelist")
@@ -365,7 +367,8 @@ class ServiceGroupAdmin(admin.ModelAdmin):
             return redirect(group_url)
         if request.method == "POST" and request.POST.get("post") == "yes":
             try:
-                membership.leave(group.pk, member_id, None, timezone.now())
+                membership.remove_by_operator(group.pk, member_id, request.user.get_username(), timezone.now())
+                log_admin_action(request, [member], "remove member", deletion=True)
             except membership.MemberNotFound:
                 self.message_user(request, f"Member {member_id} had already left {group.pk}.", messages.WARNING)
                 return redirect(group_url)
@@ -400,7 +403,7 @@ class ServiceGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(GroupMember)
-class GroupMemberAdmin(admin.ModelAdmin):
+class GroupMemberAdmin(AuditedActions, admin.ModelAdmin):
     list_display = [
         "member_id",
         "group",
@@ -473,7 +476,7 @@ class GroupMemberAdmin(admin.ModelAdmin):
         removed = []
         for group_id, member_id in pairs:
             try:
-                membership.leave(group_id, member_id, None, now)
+                membership.remove_by_operator(group_id, member_id, request.user.get_username(), now)
             except membership.MemberNotFound:
                 continue
             removed.append(group_id)
@@ -493,7 +496,7 @@ class GroupMemberAdmin(admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: GroupMember) -> None:
         with contextlib.suppress(membership.MemberNotFound):
-            membership.leave(obj.group_id, obj.member_id, None, timezone.now())
+            membership.remove_by_operator(obj.group_id, obj.member_id, request.user.get_username(), timezone.now())
 
 
 @admin.register(RebalanceEvent)
@@ -507,3 +510,6 @@ class RebalanceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # history is a record: read only
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

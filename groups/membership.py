@@ -141,9 +141,11 @@ def leave(
     now: datetime,
     reason: str = RebalanceReason.LEAVE,
     member_epoch: int | None = None,
+    detail: str = "",
 ) -> None:
     """Remove a member and rebalance. ``actor`` None is an operator or the system (authorised);
-    ``member_epoch`` None removes whichever incarnation is current (operators), else it must be it."""
+    ``member_epoch`` None removes whichever incarnation is current (operators), else it must be it.
+    ``detail`` goes to the rebalance history (who removed it)."""
     with transaction.atomic():
         group = lock_group(group_id)
         member = group.members.filter(member_id=member_id).first() if group else None
@@ -155,10 +157,16 @@ def leave(
         before = members_of(group)
         lease_store.remove_session(get_redis(), group_id, member_id)
         member.delete()  # its partitions lose their owner and target (SET NULL)
-        event = rebalance(group, reason, now, members_before=before)
+        event = rebalance(group, reason, now, members_before=before, detail=detail)
         events.member_removed(
             group_id, member_id, event.generation, group.version, reason, member_epoch=member.member_epoch
         )
+
+
+def remove_by_operator(group_id: str, member_id: str, username: str, now: datetime) -> None:
+    """An operator removes a member: a rebalance recorded as such ("removed by operator <username>"),
+    not as the member's own leave."""
+    leave(group_id, member_id, None, now, reason=RebalanceReason.REMOVED, detail=f"removed by operator {username}")
 
 
 def remove_members(owners: Mapping[str, int | None], reason: str, now: datetime) -> list[tuple[str, str]]:

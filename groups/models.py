@@ -30,6 +30,7 @@ class RebalanceReason(models.TextChoices):
     EXPIRY = "expiry", "expiry"
     TOPIC_CHANGE = "topic_change", "topic change"
     MANUAL = "manual", "manual"
+    REMOVED = "removed", "removed by operator"
 
 
 class Owned(models.Model):
@@ -156,6 +157,9 @@ class RebalanceEvent(models.Model):
     group = models.ForeignKey(ServiceGroup, on_delete=models.CASCADE, related_name="history")
     generation = models.PositiveBigIntegerField()
     reason = models.CharField(max_length=16, choices=RebalanceReason.choices)
+    detail = models.CharField(
+        max_length=255, blank=True, default="", help_text="Who or what caused it, e.g. 'removed by operator alice'."
+    )
     members_before = models.JSONField(default=list)
     members_after = models.JSONField(default=list)
     partitions_moved = models.PositiveIntegerField(default=0)

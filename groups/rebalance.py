@@ -19,6 +19,7 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from registry.errors import NotFound
+from registry.lifecycle import current_operator
 from registry.models import ApiToken
 
 from . import assignor, events
@@ -118,7 +119,7 @@ def update_state(group: ServiceGroup) -> None:
 
 
 def rebalance(
-    group: ServiceGroup, reason: str, now: datetime, members_before: list[str] | None = None
+    group: ServiceGroup, reason: str, now: datetime, members_before: list[str] | None = None, detail: str = ""
 ) -> RebalanceEvent:
     """Bump the generation and apply a new target assignment. The caller holds the group lock."""
     started = time.perf_counter()
@@ -178,6 +179,7 @@ def rebalance(
         group=group,
         generation=generation,
         reason=reason,
+        detail=detail[:255],
         members_before=members_before,
         members_after=sorted(by_id),
         partitions_moved=moved,
@@ -231,4 +233,6 @@ def force_rebalance(group_id: str, now: datetime) -> RebalanceEvent:
         group = lock_group(group_id)
         if group is None:
             raise GroupNotFound(f"no group {group_id!r}")
-        return rebalance(group, RebalanceReason.MANUAL, now)
+        operator = current_operator()  # forced in the admin: the history names who
+        detail = f"forced by operator {operator.name}" if operator else ""
+        return rebalance(group, RebalanceReason.MANUAL, now, detail=detail)

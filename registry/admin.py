@@ -21,6 +21,8 @@ from groups.models import GroupMember
 from . import leases
 from .admin_display import badge, countdown, duration, scroll, truncated, when
 from .admin_filters import health_rank, ids_by_deadline, natural_id, search_selector
+from .audit import AuditedActions
+from .history_admin import RemovedServiceRedirect  # also registers the lifecycle log and the audit trail
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 
 BADGE_COLOURS = {
@@ -84,7 +86,7 @@ def _group_memberships(services: list[Service]) -> list[tuple[str, str, bool]]:
 
 
 @admin.register(Service)
-class ServiceAdmin(admin.ModelAdmin):
+class ServiceAdmin(AuditedActions, RemovedServiceRedirect, admin.ModelAdmin):
     list_display = [
         "id_cell",
         "name_cell",
@@ -359,7 +361,7 @@ def token_effects(tokens: list[ApiToken], shown: int = 50) -> dict[str, Any]:
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(AuditedActions, admin.ModelAdmin):
     list_display = ["name", "key_prefix", "is_staff", "is_active", "service_count", "created_at"]
     list_filter = ["is_staff", "is_active"]
     search_fields = ["name", "key_prefix"]

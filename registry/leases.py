@@ -22,8 +22,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from . import events, lease_store, revisions
+from . import events, lease_store, lifecycle, revisions
 from .errors import Forbidden, NotFound
+from .lifecycle import Actor, Kind
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
 from .redis_client import get_redis
 from .signals import services_removed
@@ -136,9 +137,11 @@ def _register_once(
             _new_revision(r, service, existing=False)
             service.save(force_insert=True)
             _set_labels(service, fields["labels"], replace=False)
+            before: dict[str, Any] = {}
         else:
             if not token.may_change(service):
                 raise NotOwner(f"service {service.service_id!r} is registered by another token")
+            before = lifecycle.snapshot(service)
             labels_changed = service.labels != fields["labels"]
             for name, value in fields.items():
                 setattr(service, name, value)
@@ -151,12 +154,26 @@ def _register_once(
         _put_lease(r, service, deadline_ms)
         service.live_expires_at = service.lease_expires_at
         transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
+        lifecycle.record(
+            service.service_id,
+            service.service_name,
+            Kind.REGISTERED if created else Kind.REREGISTERED,
+            Actor.token(token),
+            {**lifecycle.diff(before, lifecycle.snapshot(service)), "lease_expires_at": [None, _iso(deadline_ms)]},
+            at=now,
+            revision=service.effective_revision(now),
+        )
         events.service_registered(service)
     return service, created
 
 
-def deregister(service_id: str, actor: ApiToken | None) -> None:
-    """Remove a service. ``actor`` None is an operator acting through the admin (already authorised)."""
+def _iso(ms: int) -> str:
+    return lease_store.from_ms(ms).isoformat().replace("+00:00", "Z")
+
+
+def deregister(service_id: str, actor: ApiToken | None, by: Actor | None = None) -> None:
+    """Remove a service. ``actor`` None is an operator acting through the admin (already authorised);
+    the history names ``by``, else the token, else the operator of the admin request."""
     r = get_redis()
     with transaction.atomic():
         service = Service.objects.select_for_update().filter(pk=service_id).first()
@@ -167,6 +184,14 @@ def deregister(service_id: str, actor: ApiToken | None) -> None:
         revision = _removal_revision(r, service_id, service.revision, service.recoveries_seen)
         lease_store.remove(r, [service_id])
         service.delete()
+        lifecycle.record(
+            service_id,
+            service.service_name,
+            Kind.DEREGISTERED,
+            by or (Actor.token(actor) if actor is not None else lifecycle.actor_or_operator(None)),
+            lifecycle.diff(lifecycle.snapshot(service), {}),
+            revision=revision,
+        )
         transaction.on_commit(lambda: lease_store.incr(r, "deregistrations"))
         events.service_deregistered(service_id, service.service_name, "deregistered", revision)
         owners = {service_id: service.owner_id}
@@ -179,13 +204,17 @@ def _announce_removed(owners: dict[str, int | None], reason: str, now: datetime 
     )
 
 
-def _operator_change(service_ids: Sequence[str], change: Callable[[Service], None]) -> int:
+def _operator_change(
+    service_ids: Sequence[str], change: Callable[[Service], None], kind: str, by: Actor | None = None
+) -> int:
     """Apply an operator's ``change`` to each service under its row lock and recompute the weight in effect;
-    watchers get a ``service.updated``. Returns how many services changed."""
+    watchers get a ``service.updated`` and the history a ``kind`` row by ``by`` (else the admin request's
+    operator). Returns how many services changed."""
+    actor = lifecycle.actor_or_operator(by)
     changed = 0
     with transaction.atomic():
         for service in Service.objects.select_for_update().filter(pk__in=list(service_ids)).order_by("pk"):
-            before = (service.drained, service.operator_weight)
+            before, old_weight = (service.drained, service.operator_weight), service.weight
             change(service)
             if (service.drained, service.operator_weight) == before:
                 continue
@@ -193,24 +222,37 @@ def _operator_change(service_ids: Sequence[str], change: Callable[[Service], Non
             _new_revision(get_redis(), service)
             service.save(update_fields=["drained", "operator_weight", "weight", "revision", "recoveries_seen"])
             attach_live_leases([service])
+            now = timezone.now()
+            lifecycle.record(
+                service.service_id,
+                service.service_name,
+                kind,
+                actor,
+                lifecycle.diff(
+                    {"drained": before[0], "operator_weight": before[1], "weight": old_weight},
+                    {"drained": service.drained, "operator_weight": service.operator_weight, "weight": service.weight},
+                ),
+                at=now,
+                revision=service.effective_revision(now),
+            )
             events.service_updated(service)
             changed += 1
     return changed
 
 
-def drain(service_ids: Sequence[str]) -> int:
+def drain(service_ids: Sequence[str], by: Actor | None = None) -> int:
     """Take services out of selection (weight 0) until an operator undrains them, across re-registrations."""
-    return _operator_change(service_ids, lambda s: setattr(s, "drained", True))
+    return _operator_change(service_ids, lambda s: setattr(s, "drained", True), Kind.DRAINED, by)
 
 
-def undrain(service_ids: Sequence[str]) -> int:
+def undrain(service_ids: Sequence[str], by: Actor | None = None) -> int:
     """Put drained services back with the weight they had before (the operator's, else their own)."""
-    return _operator_change(service_ids, lambda s: setattr(s, "drained", False))
+    return _operator_change(service_ids, lambda s: setattr(s, "drained", False), Kind.UNDRAINED, by)
 
 
-def set_operator_weight(service_ids: Sequence[str], weight: int | None) -> int:
+def set_operator_weight(service_ids: Sequence[str], weight: int | None, by: Actor | None = None) -> int:
     """Override the services' own weight (None clears the override); kept across re-registrations."""
-    return _operator_change(service_ids, lambda s: setattr(s, "operator_weight", weight))
+    return _operator_change(service_ids, lambda s: setattr(s, "operator_weight", weight), Kind.WEIGHT_CHANGED, by)
 
 
 def attach_live_leases(services: Iterable[Service]) -> list[Service]:
@@ -252,11 +294,17 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
         deadlines = lease_store.removal_deadlines(r, locked)
         removed = [sid for sid in locked if deadlines.get(sid, now_ms - 1) < now_ms]
         owners = {}
-        for sid, name, owner_id, stored, seen in Service.objects.filter(pk__in=removed).values_list(
-            "pk", "service_name", "owner", "revision", "recoveries_seen"
-        ):
-            events.service_deregistered(sid, name, "expired", _removal_revision(r, sid, stored, seen))
-            owners[sid] = owner_id
+        history = []
+        actor = Actor.leader_job(run, "cleanup")
+        for service in Service.objects.filter(pk__in=removed):
+            sid = service.service_id
+            revision = _removal_revision(r, sid, service.revision, service.recoveries_seen)
+            events.service_deregistered(sid, service.service_name, "expired", revision)
+            owners[sid] = service.owner_id
+            lapsed_at = _iso(deadlines[sid] - service.deregister_after * 1000) if sid in deadlines else None
+            change = {**lifecycle.diff(lifecycle.snapshot(service), {}), "lapsed_at": [lapsed_at, None]}
+            history.append(lifecycle.event(service, Kind.EXPIRED, actor, change, now, revision))
+        lifecycle.record_many(history)
         Service.objects.filter(pk__in=removed).delete()
         if run is not None:
             run.items = len(removed)
@@ -309,18 +357,31 @@ def cache_token(key_hash: str) -> bool:
     return True
 
 
-def record_health(service_id: str, health: str, deadline_ms: int) -> bool:
-    """Persist a change of reported health (and checkpoint the deadline); False if the service is gone."""
+def record_health(service_id: str, health: str, deadline_ms: int, key_hash: str | None = None) -> bool:
+    """Persist a change of reported health (and checkpoint the deadline); False if the service is gone.
+    ``key_hash``: the heartbeat's token, which the history names."""
     with transaction.atomic():
         service = Service.objects.select_for_update().filter(pk=service_id).first()
         if service is None:
             return False
+        reporter = ApiToken.objects.filter(key_hash=key_hash).first() if key_hash else None
+        old_health = service.health
         service.health = health
         service.lease_expires_at = lease_store.from_ms(deadline_ms)
         _new_revision(get_redis(), service)
         service.save(update_fields=["health", "lease_expires_at", "revision", "recoveries_seen"])
         lease_store.set_health(get_redis(), service_id, health)
         service.live_expires_at = service.lease_expires_at
+        now = timezone.now()
+        lifecycle.record(
+            service_id,
+            service.service_name,
+            Kind.HEALTH_CHANGED,
+            Actor.token(reporter or service.owner),
+            {"health": [old_health, health]},
+            at=now,
+            revision=service.effective_revision(now),
+        )
         events.service_health(service)
     return True
 
@@ -355,7 +416,9 @@ def heartbeat_flow(
         code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if code in ("OK", "HEALTH_CHANGED"):
             deadline_ms, lease_ms = int(reply[1]), int(reply[2])
-            if code == "HEALTH_CHANGED" and not (yield Call(record_health, (service_id, health, deadline_ms))):
+            if code == "HEALTH_CHANGED" and not (
+                yield Call(record_health, (service_id, health, deadline_ms, key_hash))
+            ):
                 return _error(404, "Service not registered; register it again.")
             return HeartbeatResult(
                 200,
@@ -468,13 +531,57 @@ def _restore_leases(service_ids: Sequence[str], grace_from_ms: int | None, guard
     return restored
 
 
-def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:
+def _log_lapses(
+    services: dict[str, Service],
+    announced: set[str],
+    recovered: set[str],
+    lapsed: set[str],
+    read_at: datetime,
+    guard: Guard,
+) -> None:
+    """The lifecycle rows of one lapse scan: ``lapsed`` (newly, not in ``announced``) at the lease deadline,
+    and recovered (announced before; now live, or queued as renewed since) when the scan read them."""
+    pending: list[tuple[Service, str]] = []
+    for sid, service in sorted(services.items()):
+        was = sid in announced
+        if was and (sid not in lapsed or sid in recovered):
+            pending.append((service, Kind.RECOVERED))
+        if sid in lapsed and (not was or sid in recovered):
+            pending.append((service, Kind.LAPSED))
+    if not pending:
+        return
+    with guard() as run:
+        job = Actor.leader_job(run, "cleanup")
+        rows = []
+        for service, kind in pending:
+            if kind == Kind.LAPSED:
+                revision = service.effective_revision(service.expires_at)
+                change = {
+                    "effective_health": [service.health, Health.UNHEALTHY],
+                    "lease_expires_at": [None, _iso(lease_store.to_ms(service.expires_at))],
+                }
+                rows.append(lifecycle.event(service, kind, job, change, service.expires_at, revision))
+            else:
+                revision = revisions.revision_of(
+                    service.revision, service.recoveries_seen, service.live_recoveries, lapsed=False
+                )
+                change = {"effective_health": [Health.UNHEALTHY, service.health]}
+                rows.append(lifecycle.event(service, kind, Actor.token(service.owner), change, read_at, revision))
+        lifecycle.record_many(rows)
+        if run is not None:
+            run.items = len(rows)
+
+
+def announce_lapses(now: datetime, limit: int = 500, guard: Guard = transaction.atomic) -> dict[str, int]:
     """Tell /ws/services/ watchers of leases that lapsed (effective health becomes unhealthy) and of lapsed
-    leases renewed again (recovered) since the last run, each with its revision (registry.revisions).
+    leases renewed again (recovered) since the last run, each with its revision (registry.revisions), and
+    write both to the lifecycle log in ``guard``'s transaction.
 
     Lapsing writes nothing, so this job notices it; a recovery is queued by the heartbeat script (or an
     outage's grace, or a restored entry) in the ``recovered`` set. A queued id is taken off the queue
     before its state is read, so a recovery after that read is queued again and announced next run.
+    The log records a recovery only of a lapse this job saw (a restored entry is queued too, without
+    having lapsed); a lapse renewed before the next run (they are 5 s apart) is not in the log.
     """
     r = get_redis()
     k = lease_store.keys()
@@ -487,7 +594,7 @@ def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:
     taken = [sid for sid in due if sid in queued]
     if taken:
         r.srem(k.recovered, *taken)
-    services = {s.pk: s for s in attach_live_leases(Service.objects.filter(pk__in=due))}
+    services = {s.pk: s for s in attach_live_leases(Service.objects.filter(pk__in=due).select_related("owner"))}
     read_at = timezone.now()
     now_lapsed, now_live = [], []
     for sid in due:
@@ -497,6 +604,12 @@ def announce_lapses(now: datetime, limit: int = 500) -> dict[str, int]:
             continue
         events.publish_now("service.health", service.service_name, events.service_payload(service, read_at))
         (now_lapsed if service.expires_at <= read_at else now_live).append(sid)
+    try:
+        _log_lapses(services, announced, set(taken), set(now_lapsed), read_at, guard)
+    except BaseException:
+        if taken:  # the log did not commit (a fenced-out leader): the next run sees these recoveries again
+            r.sadd(k.recovered, *taken)
+        raise
     if now_lapsed:
         r.sadd(k.lapse_announced, *now_lapsed)
     if now_live:

@@ -250,3 +250,51 @@ class LeaseStoreState(models.Model):
 
     def __str__(self) -> str:
         return f"lease store (run {self.run_id[:8] or '-'})"
+
+
+class ServiceEventKind(models.TextChoices):
+    REGISTERED = "registered", "registered"
+    REREGISTERED = "re-registered", "re-registered"
+    HEALTH_CHANGED = "health_changed", "health changed"
+    DRAINED = "drained", "drained"
+    UNDRAINED = "undrained", "undrained"
+    WEIGHT_CHANGED = "weight_changed", "weight changed"
+    LAPSED = "lapsed", "lease lapsed"
+    RECOVERED = "recovered", "lease recovered"
+    EXPIRED = "expired", "expired"
+    DEREGISTERED = "deregistered", "deregistered"
+
+
+class ActorKind(models.TextChoices):
+    TOKEN = "token", "API token"
+    OPERATOR = "operator", "operator"
+    LEADER = "leader", "leader job"
+
+
+class ServiceEvent(models.Model):
+    """One change in a service's life (registry.lifecycle writes them). Keyed by the service id, not a
+    foreign key: the history outlives the service row, until the prune job forgets it by age."""
+
+    service_id = models.CharField(max_length=128)
+    service_name = models.CharField(max_length=128)
+    kind = models.CharField(max_length=16, choices=ServiceEventKind.choices)
+    at = models.DateTimeField()
+    actor_kind = models.CharField(max_length=16, choices=ActorKind.choices)
+    actor = models.CharField(max_length=255, help_text="Token name, operator username, or 'leader job <job> term <n>'.")
+    change = models.JSONField(default=dict, blank=True, help_text="What changed: field -> [before, after].")
+    revision = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The service's revision for this state (registry.revisions)."
+    )
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name = "service lifecycle event"
+        indexes = [
+            models.Index(fields=["service_id", "-at"], name="service_event_service_at"),
+            models.Index(fields=["kind", "-at"], name="service_event_kind_at"),
+            models.Index(fields=["service_name", "-at"], name="service_event_name_at"),
+            models.Index(fields=["at"], name="service_event_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.service_id}: {self.get_kind_display()} by {self.actor}"

@@ -7,7 +7,7 @@ from celery import shared_task
 from django.db import transaction
 from django.utils import timezone
 
-from . import leases, outage
+from . import leases, lifecycle, outage
 from .leadership import Term, guard_for, prune_job_runs, run_as_leader
 from .leases import Guard
 
@@ -17,7 +17,7 @@ def cleanup_once(guard: Guard = transaction.atomic) -> list[str]:
     now = timezone.now()
     outage.ensure_continuity(now, guard)
     removed = leases.expire_lapsed(now, guard=guard)
-    leases.announce_lapses(now)
+    leases.announce_lapses(now, guard=guard)
     return removed
 
 
@@ -37,3 +37,28 @@ def _reconcile(term: Term) -> int:
 def reconcile_leases() -> int | None:
     """Repair any disagreement between the database and the Redis lease store (leader only)."""
     return run_as_leader("reconcile", _reconcile)
+
+
+# Batches one prune run deletes at most; a backlog beyond that is left to the next run (hourly).
+PRUNE_BATCHES_PER_RUN = 20
+
+
+def prune_history_once(guard: Guard = transaction.atomic, batches: int = PRUNE_BATCHES_PER_RUN) -> int:
+    """Forget lifecycle rows older than REGISTRY_HISTORY_DAYS, a batch per fenced transaction; how many."""
+    now = timezone.now()
+    total = 0
+    for _ in range(batches):
+        with guard() as run:
+            deleted = lifecycle.prune(now)
+            if run is not None:
+                run.items = deleted
+        total += deleted
+        if not deleted:
+            break
+    return total
+
+
+@shared_task(name="registry.prune_history", ignore_result=True)
+def prune_history() -> int | None:
+    """Delete service lifecycle rows older than REGISTRY_HISTORY_DAYS (leader only); how many, or None."""
+    return run_as_leader("prune_history", lambda term: prune_history_once(guard_for(term, "prune_history")))

@@ -20,6 +20,7 @@ from rest_framework.views import APIView
 from . import leases, metrics
 from .auth import token_from_header
 from .leadership import LEADERSHIP
+from .lifecycle import Actor
 from .models import LeaderTerm, Service
 from .path_ids import path_identifier_error
 from .redis_client import get_redis
@@ -145,13 +146,13 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def undrain(self, request: Request, pk: str) -> Response:
         return self._operator_change(request, leases.undrain)
 
-    def _operator_change(self, request: Request, change: Callable[[list[str]], int]) -> Response:
+    def _operator_change(self, request: Request, change: Callable[..., int]) -> Response:
         if not request.user.is_staff:
             raise exceptions.PermissionDenied("Draining is an operator's decision: only staff tokens may do it.")
         pk = self.kwargs["pk"]
         if not Service.objects.filter(pk=pk).exists():
             raise exceptions.NotFound(f"no service is registered under the id {pk!r}")
-        change([pk])
+        change([pk], by=Actor.token(request.user))
         service = Service.objects.select_related("owner").filter(pk=pk).first()
         if service is None:  # deregistered meanwhile
             raise exceptions.NotFound(f"no service is registered under the id {pk!r}")

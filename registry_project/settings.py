@@ -83,6 +83,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "registry.lifecycle.OperatorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -179,6 +180,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 REGISTRY_DEFAULT_LEASE = env_int("REGISTRY_DEFAULT_LEASE", 30, minimum=1, maximum=3600)
 REGISTRY_DEREGISTER_AFTER = env_int("REGISTRY_DEREGISTER_AFTER", 60, minimum=0, maximum=86400)
 REGISTRY_CLEANUP_BATCH = env_int("REGISTRY_CLEANUP_BATCH", 500, minimum=1, maximum=100000)
+# Days the service lifecycle log (registry.lifecycle) is kept; the leader's prune job forgets older rows.
+REGISTRY_HISTORY_DAYS = env_int("REGISTRY_HISTORY_DAYS", 14, minimum=1, maximum=3650)
+REGISTRY_HISTORY_PRUNE_BATCH = env_int("REGISTRY_HISTORY_PRUNE_BATCH", 5000, minimum=1, maximum=1_000_000)
 REGISTRY_DEFAULT_PARTITIONS = env_int("REGISTRY_DEFAULT_PARTITIONS", 12, minimum=1, maximum=10000)
 
 # Quotas of the groups app (groups/quotas.py): a request past one is a 400 naming the field and the
