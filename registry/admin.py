@@ -112,7 +112,6 @@ class ServiceAdmin(AuditedActions, RemovedServiceRedirect, admin.ModelAdmin):
     actions = ["deregister", "drain", "undrain", "clear_operator_weight"]
     list_per_page = 100
     # Ids in natural order (svc-2 before svc-10), sorted and paged by the database.
-    ordering = ["service_name", "natural_id"]
     fieldsets = [
         (None, {"fields": ["service_id", "service_name", "service_type", "endpoint", "group_id", "labels_display"]}),
         (
@@ -143,6 +142,11 @@ class ServiceAdmin(AuditedActions, RemovedServiceRedirect, admin.ModelAdmin):
     ]
     # Everything on the service page but the operator weight is set by the service itself through the API.
     readonly_fields = [name for _title, options in fieldsets for name in options["fields"] if name != "operator_weight"]
+
+    def get_ordering(self, request: HttpRequest) -> list[str]:
+        # Not the ``ordering`` attribute: the admin's checks accept only model fields there, and natural_id is
+        # an annotation (get_queryset).
+        return ["service_name", "natural_id"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         # Annotated before ordering (ModelAdmin.get_queryset orders first), so both sort keys can be ordered by.

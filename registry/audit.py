@@ -17,8 +17,7 @@ from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-# Django's own delete action logs its deletions itself.
-SELF_LOGGING = {"delete_selected"}
+SELF_LOGGING = {"delete_selected", "delete_tokens"}  # Django's delete and the token delete write their own entries
 
 
 def log_admin_action(

@@ -228,7 +228,9 @@ def test_a_deregistration_through_the_api_names_the_token(api):
 
 def test_a_deregistration_in_the_admin_names_the_operator_and_is_a_log_entry(api, operator):
     register(api)
-    response = operator.post("/admin/registry/service/", {"action": "deregister", "_selected_action": ["svc-1"]})
+    response = operator.post(
+        "/admin/registry/service/", {"action": "deregister", "_selected_action": ["svc-1"], "post": "yes"}
+    )
     assert response.status_code == 302
     row = only("svc-1", "deregistered")
     assert (row.actor_kind, row.actor) == ("operator", "operator")
@@ -395,7 +397,8 @@ def entries(model: type, object_id: str) -> list[LogEntry]:
 def test_each_service_action_is_a_log_entry_naming_it(api, operator, action):
     register(api, "svc-1")
     register(api, "svc-2")
-    response = operator.post("/admin/registry/service/", {"action": action, "_selected_action": ["svc-1", "svc-2"]})
+    body = {"action": action, "_selected_action": ["svc-1", "svc-2"], "post": "yes"}  # past any confirmation
+    response = operator.post("/admin/registry/service/", body)
     assert response.status_code == 302
     for sid in ("svc-1", "svc-2"):
         (entry,) = entries(Service, sid)
@@ -414,7 +417,9 @@ def test_force_rebalance_is_a_log_entry_and_names_the_operator_in_the_rebalance_
 
 def test_a_member_removed_by_an_operator_is_recorded_as_such_not_as_its_own_leave(api, operator, group):
     member = GroupMember.objects.get(member_id="m2")
-    operator.post("/admin/groups/groupmember/", {"action": "remove_member", "_selected_action": [member.pk]})
+    operator.post(
+        "/admin/groups/groupmember/", {"action": "remove_member", "_selected_action": [member.pk], "post": "yes"}
+    )
     event = ServiceGroup.objects.get(pk="g1").history.first()
     assert (event.reason, event.detail) == ("removed", "removed by operator operator")
     (entry,) = entries(GroupMember, str(member.pk))
@@ -433,9 +438,9 @@ def test_token_actions_are_log_entries(operator):
     assert response.status_code == 302
     token = ApiToken.objects.get(name="ci")
     operator.post(f"/admin/registry/apitoken/{token.pk}/change/", {"name": "ci", "is_staff": "on", "is_active": "on"})
-    operator.post("/admin/registry/apitoken/", {"action": "delete_selected", "_selected_action": [token.pk]})
+    operator.post("/admin/registry/apitoken/", {"action": "delete_tokens", "_selected_action": [token.pk]})
     operator.post(
-        "/admin/registry/apitoken/", {"action": "delete_selected", "_selected_action": [token.pk], "post": "yes"}
+        "/admin/registry/apitoken/", {"action": "delete_tokens", "_selected_action": [token.pk], "post": "yes"}
     )
     assert not ApiToken.objects.filter(pk=token.pk).exists()
     flags = [e.action_flag for e in entries(ApiToken, str(token.pk))]
