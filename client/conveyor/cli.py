@@ -10,6 +10,9 @@ conveyor-registry, as tables for people or (``--json``) JSON for scripts.
     conveyor groups join GROUP --topics T [T ...] --exec CMD
     conveyor topics list | put NAME --partitions N
     conveyor select NAME [--strategy S] [--key K] [--selector k=v,...] [--endpoint]
+
+``services watch`` is ``Registry.watch_services``, ``select`` ``Registry.balancer(...).select()`` and
+``groups join`` ``Registry.group_member`` with a listener that runs the command (``conveyor._exec``).
     conveyor leader
 
 Where and as whom: ``--url`` / ``--token``, else ``CONVEYOR_URL`` / ``CONVEYOR_TOKEN``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +39,8 @@ from urllib.parse import quote
 from . import errors
 from ._config import Config, resolve
 from ._http import Transport
+from .records import Service, WatchEvent
+from .registry import Registry
 from .strategies import STRATEGIES
 
 EXIT_OK = 0
@@ -46,6 +52,7 @@ EXIT_UNAVAILABLE = 5
 EXIT_NO_INSTANCE = 6
 
 PAGE_SIZE = 1000
+IDENTIFIER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class CliError(Exception):
@@ -179,6 +186,14 @@ class Context:
         self.config = config
         self.out = out
         self._transport: Transport | None = None
+        self._registry: Registry | None = None
+
+    @property
+    def registry(self) -> Registry:
+        """The client library's entry point, for the commands built on its objects (watch, balancer, member)."""
+        if self._registry is None:
+            self._registry = Registry(self.config.url, self.config.token, timeout=self.config.timeout)
+        return self._registry
 
     @property
     def http(self) -> Transport:
@@ -202,6 +217,8 @@ class Context:
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        if self._registry is not None:
+            self._registry.close()
 
 
 # --- services -------------------------------------------------------------------------------------
@@ -288,6 +305,13 @@ def _label(value: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
     return key, val
+
+
+def _identifier(value: str) -> str:
+    """A name checked as the registry checks identifiers, before any connection is made."""
+    if not IDENTIFIER.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"expected 1..128 of [A-Za-z0-9._:-], got {value!r}")
+    return value
 
 
 def _signal_name(value: str) -> str:
@@ -426,30 +450,58 @@ class Counter:
         return self.limit is None or self.shown < self.limit
 
 
+def service_json(service: Service) -> dict[str, Any]:
+    """A ``Service`` record with the API's field names."""
+    expires = service.lease_expires_at
+    return {
+        "service_id": service.id,
+        "service_name": service.name,
+        "service_type": service.type,
+        "endpoint": service.endpoint,
+        "health": service.health,
+        "weight": service.weight,
+        "drained": service.drained,
+        "labels": dict(service.labels),
+        "group_id": service.group_id,
+        "lease_expires_at": expires.isoformat().replace("+00:00", "Z") if expires else None,
+        "lease_duration": service.lease_duration,
+    }
+
+
+def event_json(event: WatchEvent) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": event.type,
+        "service_id": event.service_id,
+        "revision": event.revision,
+        "resync": event.resync,
+    }
+    if event.reason is not None:
+        body["reason"] = event.reason
+    if event.service is not None:
+        body |= service_json(event.service)
+    return body
+
+
 def services_watch(ctx: Context) -> int:
-    """Every service event, once per state: per service, only revisions above the newest one shown, also
-    across reconnects (each reconnect starts with the current services as ``service.registered``)."""
-    newest: dict[str, int] = {}
-    counter = Counter(ctx.args.count)
-
-    def handle(message: dict[str, Any]) -> bool:
-        sid, revision = message.get("service_id", ""), message.get("revision", 0)
-        if revision <= newest.get(sid, -1):
-            return True
-        newest[sid] = revision
-        if ctx.out.as_json:
-            ctx.out.line(message)
-        elif message["type"] == "service.deregistered":
-            ctx.out.text(f"{revision:>8}  {message['type']:<20}  {sid}  ({message.get('reason')})")
-        else:
-            weight = f"weight {message.get('weight')}" + (" drained" if message.get("drained") else "")
-            health, endpoint = message.get("health"), message.get("endpoint")
-            ctx.out.text(f"{revision:>8}  {message['type']:<20}  {sid}  {health}  {weight}  {endpoint}")
-        return counter.more()
-
-    query = f"?name={quote(ctx.args.name, safe='')}" if ctx.args.name else ""
-    with contextlib.suppress(KeyboardInterrupt):
-        follow(ctx.config, f"/ws/services/{query}", handle)
+    """Every service event (``Registry.watch_services``): per service in revision order and once per state;
+    after a reconnect, what changed meanwhile (``resync``), removals included."""
+    shown = 0
+    with contextlib.suppress(KeyboardInterrupt), ctx.registry.watch_services(ctx.args.name) as watch:
+        for event in watch:
+            if ctx.out.as_json:
+                ctx.out.line(event_json(event))
+            else:
+                revision = "-" if event.revision is None else event.revision
+                line = f"{revision:>8}  {event.type:<20}  {event.service_id}"
+                if event.service is None:
+                    line += f"  ({event.reason})"
+                else:
+                    s = event.service
+                    line += f"  {s.health}  weight {s.weight}{' drained' if s.drained else ''}  {s.endpoint}"
+                ctx.out.text(line + ("  (resync)" if event.resync else ""))
+            shown += 1
+            if ctx.args.count is not None and shown >= ctx.args.count:
+                break
     return EXIT_OK
 
 
@@ -588,13 +640,11 @@ def topics_put(ctx: Context) -> int:
 
 
 def select(ctx: Context) -> int:
+    """One instance, chosen by the registry's balancer (``Registry.balancer``, over HTTP: a one-shot command
+    shares the server's rotation rather than keeping one of its own)."""
     a = ctx.args
-    params = {"name": a.name, "strategy": a.strategy}
-    if a.key is not None:
-        params["key"] = a.key
-    if a.selector is not None:
-        params["selector"] = a.selector
-    service = ctx.http.request("GET", "balancer/select/", params=params, resource="service")
+    with ctx.registry.balancer(a.name, strategy=a.strategy, selector=a.selector) as balancer:
+        service = service_json(balancer.select(a.key))
     if ctx.out.as_json:
         ctx.out.json(service)
     elif a.endpoint:
@@ -662,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(services, "get", services_get, "one service, with its effective health and lease")
     p.add_argument("service_id")
     p = command(services, "watch", services_watch, "follow service events (Ctrl-C ends it)")
-    p.add_argument("--name", help="only services of this name")
+    p.add_argument("--name", type=_identifier, help="only services of this name")
     p.add_argument("--count", type=int, help="stop after this many events")
     p = command(services, "register", services_register, "register (or re-register) a service, once")
     p.add_argument("service_id")
