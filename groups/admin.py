@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from registry import lease_store
+from registry.dashboard import ReconcilingFilter
 from registry.redis_client import get_redis
 
 from . import membership, quotas, rebalance, topics
@@ -123,7 +124,7 @@ class TopicAdmin(admin.ModelAdmin):
 @admin.register(ServiceGroup)
 class ServiceGroupAdmin(admin.ModelAdmin):
     list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "owner", "updated_at"]
-    list_filter = ["state", "owner"]
+    list_filter = ["state", ReconcilingFilter, "owner"]
     search_fields = ["group_id", "members__member_id"]
     actions = ["force_rebalance"]
     readonly_fields = ["group_id", "generation", "state_badge", "topic_list", "members_table", "history_table"]

@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from . import leases
+from .dashboard import LeaseFilter
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 from .validators import parse_selector
 
@@ -74,6 +75,7 @@ class ServiceAdmin(admin.ModelAdmin):
     list_filter = [
         "service_type",
         EffectiveHealthFilter,
+        LeaseFilter,
         ("service_name", admin.AllValuesFieldListFilter),
         ("group_id", admin.AllValuesFieldListFilter),
     ]
