@@ -3,7 +3,7 @@
 It forwards to a logged-in staff user (session auth, not API tokens) every event already published for
 ``/ws/services/`` and ``/ws/groups/{g}/``, and adds one of its own: ``service.lapsed`` when a lease
 deadline passes. Lapses are derived on read and no job announces them at the instant they happen, so
-the stream looks at the lease store's deadlines once a second and names the services whose lease
+the stream looks at the lease store's deadlines four times a second and names the services whose lease
 lapsed since its last look. Messages carry what happened; pages re-fetch themselves to show it.
 """
 
@@ -23,7 +23,7 @@ from . import events, lease_store
 from .redis_client import get_redis
 from .ws_auth import FORBIDDEN, UNAUTHENTICATED
 
-LAPSE_POLL_SECONDS = 1.0
+LAPSE_POLL_SECONDS = 0.25  # a lapse shows on open pages well within a second
 
 
 def lapsed_between(after_ms: int, until_ms: int) -> list[str]:

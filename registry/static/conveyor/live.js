@@ -14,7 +14,6 @@
   var again = false;
   var socket = null;
   var backoff = 500;
-  var everOpen = false;
 
   function liveElements(root) {
     var found = [];
@@ -111,7 +110,10 @@
     again = false;
     fetch(window.location.href, { credentials: "same-origin", headers: { "X-Conveyor-Live": "1" } })
       .then(function (response) {
-        if (response.status === 404) {
+        /* The admin answers a removed object's page with a redirect to the index (or a 404): keep
+           what is on screen and say so, rather than swap in another page's content. */
+        var moved = response.redirected && new URL(response.url).pathname !== window.location.pathname;
+        if (moved || response.status === 404) {
           showStatus("this object no longer exists — it was removed", "gone");
           return null;
         }
@@ -193,14 +195,6 @@
       scheduleReconnect();
       return;
     }
-    socket.onopen = function () {
-      backoff = 500;
-      hideStatus();
-      document.documentElement.setAttribute("data-conveyor-live", "open");
-      /* Whatever changed while the socket was down. */
-      if (everOpen) refresh();
-      everOpen = true;
-    };
     socket.onmessage = function (message) {
       var event;
       try {
@@ -208,7 +202,14 @@
       } catch (err) {
         return;
       }
-      if (event.type !== "hello") refresh();
+      if (event.type === "hello") {
+        /* Subscribed: from here on no change is missed. Fetch once for whatever changed before (since
+           the page was rendered, or while the socket was down). */
+        backoff = 500;
+        hideStatus();
+        document.documentElement.setAttribute("data-conveyor-live", "open");
+      }
+      refresh();
     };
     socket.onclose = function (close) {
       socket = null;
