@@ -217,3 +217,24 @@ def test_no_javascript_console_errors_on_any_admin_page(
         expect(staff_page.locator("#content")).to_be_visible()
         staff_page.wait_for_load_state("networkidle")
     assert console.unexpected() == [], "JavaScript console errors"
+
+
+def test_a_burst_of_100_events_costs_a_few_page_fetches_not_100(staff_page: Page, staff_api: httpx.Client) -> None:
+    # given 100 services on the open list
+    for n in range(100):
+        register(staff_api, f"svc-{n:03}")
+    open_live(staff_page, "/admin/registry/service/")
+    expect(staff_page.locator("#result_list tbody tr")).to_have_count(100, timeout=SOON)
+    fetches: list[str] = []
+    staff_page.on("request", lambda r: fetches.append(r.url) if r.resource_type == "fetch" else None)
+    # when another tab drains all 100 at once (one action: 100 service.updated events in a burst)
+    other = staff_page.context.new_page()
+    other.goto("/admin/registry/service/")
+    other.check("#action-toggle")
+    other.select_option("select[name=action]", "drain")
+    other.click("button[name=index]")
+    expect(other.locator(".messagelist")).to_contain_text("Drained 100 service(s)")
+    # then the open list shows every one drained, having re-fetched itself a few times only
+    expect(staff_page.locator("#result_list tbody tr", has_text="drained")).to_have_count(100, timeout=SOON)
+    assert 1 <= len(fetches) <= 10, fetches
+    assert_not_reloaded(staff_page)
