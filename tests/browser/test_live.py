@@ -12,11 +12,13 @@ import pytest
 from django.apps import apps
 from django.contrib import admin
 from django.urls import reverse
-from playwright.sync_api import Page, expect
 
 from registry.models import Health, LeaderTerm, ServiceType
 from tests.browser.conftest import Console, LiveServer
 from tests.conftest import service_body
+
+pytest.importorskip("playwright", reason="browser tests skipped: the playwright package is missing")
+from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
