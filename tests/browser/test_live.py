@@ -228,7 +228,21 @@ def test_a_burst_of_100_events_costs_a_few_page_fetches_not_100(staff_page: Page
     open_live(staff_page, "/admin/registry/service/")
     expect(staff_page.locator("#result_list tbody tr")).to_have_count(100, timeout=SOON)
     fetches: list[str] = []
-    staff_page.on("request", lambda r: fetches.append(r.url) if r.resource_type == "fetch" else None)
+    pending: set[Any] = set()  # re-fetches started since here and not finished
+    most_pending = [0]
+
+    def started(request: Any) -> None:
+        if request.resource_type == "fetch":
+            fetches.append(request.url)
+            pending.add(request)
+            most_pending[0] = max(most_pending[0], len(pending))
+
+    def ended(request: Any) -> None:
+        pending.discard(request)
+
+    staff_page.on("request", started)
+    staff_page.on("requestfinished", ended)
+    staff_page.on("requestfailed", ended)
     # when another tab drains all 100 at once (one action: 100 service.updated events in a burst)
     other = staff_page.context.new_page()
     other.goto("/admin/registry/service/")
@@ -237,6 +251,9 @@ def test_a_burst_of_100_events_costs_a_few_page_fetches_not_100(staff_page: Page
     other.click("button[name=index]")
     expect(other.locator(".messagelist")).to_contain_text("Drained 100 service(s)")
     # then the open list shows every one drained, having re-fetched itself a few times only
-    expect(staff_page.locator("#result_list tbody tr", has_text="drained")).to_have_count(100, timeout=SOON)
-    assert 1 <= len(fetches) <= 10, fetches
+    expect(staff_page.locator("#result_list tbody tr", has_text="drained")).to_have_count(100, timeout=15_000)
+    assert most_pending == [1], "more than one re-fetch in flight at once"
+    # one per event would be 100; coalesced it is a handful (4 on an idle machine), more only if the
+    # events trickle in over seconds on a loaded one
+    assert 1 <= len(fetches) <= 25, fetches
     assert_not_reloaded(staff_page)
