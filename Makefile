@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery history clean
+.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery bench-admin-live history clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ run: $(VENV)/.runtime var/secret_key
 	$(PY) manage.py migrate --noinput
 	$(PY) scripts/run.py
 
+# The browser tests (tests/browser/) need Chromium at $(CHROMIUM); without it they are skipped, and said so.
+CHROMIUM ?= /usr/bin/chromium
+
 test: $(VENV)/.dev
 	mkdir -p var
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	@if [ -x "$(CHROMIUM)" ]; then echo "browser tests: running in $(CHROMIUM)"; \
+	else echo "*** browser tests SKIPPED: no Chromium at $(CHROMIUM) (apt-get install -y chromium) ***"; fi
+	CHROMIUM="$(CHROMIUM)" $(PY) -m pytest
+	@[ -x "$(CHROMIUM)" ] || echo "*** browser tests were SKIPPED: no Chromium at $(CHROMIUM) ***"
 
 # A fresh clone of HEAD in a temporary folder: `make run` there, HTTP checks, the README's examples,
 # Ctrl-C, nothing left running. Standard library only; needs no .venv here.
@@ -45,6 +51,11 @@ lint: $(VENV)/.dev
 
 bench-heartbeat: $(VENV)/.dev var/secret_key
 	$(PY) bench/heartbeat.py
+
+# The live admin's figures: API change to open page (Playwright), overview server time and queries per
+# admin page with 10,000 services; screenshots to docs/screenshots/.
+bench-admin-live: $(VENV)/.dev var/secret_key
+	$(PY) bench/admin_live.py
 
 bench-redis-recovery: $(VENV)/.runtime
 	$(PY) bench/redis_recovery.py

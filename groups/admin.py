@@ -24,6 +24,7 @@ from django.utils.safestring import mark_safe
 from registry import lease_store
 from registry.admin_display import countdown, duration, scroll, when
 from registry.audit import AuditedActions, log_admin_action
+from registry.dashboard import ReconcilingFilter
 from registry.models import Service
 from registry.redis_client import get_redis
 
@@ -146,8 +147,9 @@ class TopicAdmin(AuditedActions, admin.ModelAdmin):
 @admin.register(ServiceGroup)
 class ServiceGroupAdmin(AuditedActions, admin.ModelAdmin):
     list_display = ["group_id", "generation", "state_badge", "member_count", "topic_list", "owner", "updated_at"]
-    list_filter = ["state", "owner"]
+    list_filter = ["state", ReconcilingFilter, "owner"]
     search_fields = ["group_id", "members__member_id"]
+    list_select_related = ["owner"]  # nullable: the admin would not join it by itself (one query per row)
     actions = ["force_rebalance"]
     readonly_fields = ["group_id", "generation", "state_badge", "topic_list", "skew", "members_table", "history_table"]
     # Who may join: the owner (the token whose join created the group), the granted tokens, and staff.

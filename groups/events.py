@@ -19,6 +19,11 @@ def group_stream(group_id: str) -> str:
     return channel_group("group", group_id)
 
 
+def all_groups_stream() -> str:
+    """Every group's ``group.assignment``, for the staff stream (``registry.admin_stream``)."""
+    return channel_group("group", "*")  # "*" is no identifier, so no group's stream has this name
+
+
 def member_stream(group_id: str, member_id: str) -> str:
     return channel_group("member", group_id, member_id)
 
@@ -49,6 +54,7 @@ def publish_group(group_id: str) -> None:
         return
     message = group_message(group)
     send_now(group_stream(group_id), message)
+    send_now(all_groups_stream(), message)
     for member in message["members"]:
         send_now(
             member_stream(group_id, member["member_id"]),

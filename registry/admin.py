@@ -22,6 +22,7 @@ from . import leases
 from .admin_display import badge, countdown, duration, scroll, truncated, when
 from .admin_filters import health_rank, ids_by_deadline, natural_id, search_selector
 from .audit import AuditedActions
+from .dashboard import LeaseFilter
 from .history_admin import RemovedServiceRedirect  # also registers the lifecycle log and the audit trail
 from .models import ApiToken, Health, LeaderJobRun, LeaderTerm, LeaderTermHistory, LeaseStoreState, Service
 
@@ -103,6 +104,7 @@ class ServiceAdmin(AuditedActions, RemovedServiceRedirect, admin.ModelAdmin):
     list_filter = [
         "service_type",
         EffectiveHealthFilter,
+        LeaseFilter,
         ("service_name", admin.AllValuesFieldListFilter),
         ("group_id", admin.AllValuesFieldListFilter),
         "drained",

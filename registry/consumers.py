@@ -163,7 +163,7 @@ class UnknownPathConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         await self.accept()
-        streams = "/ws/groups/{group_id}/, /ws/groups/{group_id}/members/{member_id}/ or /ws/services/"
+        streams = "/ws/groups/{group_id}/, /ws/groups/{group_id}/members/{member_id}/, /ws/services/ or /ws/admin/"
         detail = f"no websocket stream at {shown(self.scope['path'])}: expected {streams}"
         await self.send_json({"type": "error", "detail": detail})
         await self.close(code=NOT_FOUND)

@@ -184,6 +184,8 @@ REGISTRY_CLEANUP_BATCH = env_int("REGISTRY_CLEANUP_BATCH", 500, minimum=1, maxim
 REGISTRY_HISTORY_DAYS = env_int("REGISTRY_HISTORY_DAYS", 14, minimum=1, maximum=3650)
 REGISTRY_HISTORY_PRUNE_BATCH = env_int("REGISTRY_HISTORY_PRUNE_BATCH", 5000, minimum=1, maximum=1_000_000)
 REGISTRY_DEFAULT_PARTITIONS = env_int("REGISTRY_DEFAULT_PARTITIONS", 12, minimum=1, maximum=10000)
+# The admin overview flags a group reconciling (revocations unconfirmed) for longer than this.
+REGISTRY_RECONCILING_ALERT_SECONDS = env_int("REGISTRY_RECONCILING_ALERT_SECONDS", 60, minimum=1, maximum=86400)
 
 # Quotas of the groups app (groups/quotas.py): a request past one is a 400 naming the field and the
 # setting, and nothing is written. 10000 partitions and 100 topics per join are also hard ceilings.
