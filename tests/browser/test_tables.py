@@ -153,10 +153,16 @@ def test_services_list_fits_1440px_without_horizontal_scroll(chromium, console_u
     if os.environ.get("CONSOLE_SCREENSHOTS"):
         page.screenshot(path=os.path.join(os.environ["CONSOLE_SCREENSHOTS"], "services-list.png"))
     # every column is on screen, the last one included, and the full endpoint is on hover
-    last = page.locator("#result_list tbody tr").first.locator("td.field-registered")
-    assert last.bounding_box()["x"] + last.bounding_box()["width"] <= 1440
-    endpoint = page.locator("#result_list tbody tr").first.locator("td.field-endpoint_cell span")
-    assert endpoint.get_attribute("title") == "ingest-orders-normaliser-1.pipeline.eu-west-1.internal.example.com:50051"
+    # (read in one script: the live list may swap in a fresh table between two calls)
+    first = page.evaluate(
+        """() => {
+            const row = document.querySelector("#result_list tbody tr");
+            return {right: row.querySelector("td.field-registered").getBoundingClientRect().right,
+                    title: row.querySelector("td.field-endpoint_cell span").getAttribute("title")};
+        }"""
+    )
+    assert first["right"] <= 1440, first
+    assert first["title"] == "ingest-orders-normaliser-1.pipeline.eu-west-1.internal.example.com:50051"
 
 
 def test_at_390px_tables_scroll_inside_their_wrapper(chromium, console_url, api):
@@ -175,14 +181,19 @@ def test_at_390px_tables_scroll_inside_their_wrapper(chromium, console_url, api)
     assert page.eval_on_selector("#changelist .results", "e => getComputedStyle(e).overflowX") == "auto"
 
     page.goto("/admin/groups/servicegroup/g1/change/")
-    members = page.locator(".conveyor-scroll").first
-    expect(members.locator("table.conveyor-members tbody tr")).to_have_count(2)
-    box = members.evaluate(
-        "e => ({scroll: e.scrollWidth, client: e.clientWidth, right: e.getBoundingClientRect().right})"
+    expect(page.locator("table.conveyor-members tbody tr")).to_have_count(2)
+    # Read in one script: the live page may swap its read-only values (a new node) between two calls.
+    box = page.evaluate(
+        """() => {
+            const e = [...document.querySelectorAll(".conveyor-scroll")].find(
+                (x) => x.querySelector("table.conveyor-members"));
+            const seen = {scroll: e.scrollWidth, client: e.clientWidth, right: e.getBoundingClientRect().right};
+            e.scrollLeft = e.scrollWidth;
+            return {...seen, scrolled: e.scrollLeft};
+        }"""
     )
     assert box["scroll"] > box["client"] and box["right"] <= 390, box
-    members.evaluate("e => { e.scrollLeft = e.scrollWidth }")
-    assert members.evaluate("e => e.scrollLeft") > 0
+    assert box["scrolled"] > 0, box
     if os.environ.get("CONSOLE_SCREENSHOTS"):
         page.screenshot(path=os.path.join(os.environ["CONSOLE_SCREENSHOTS"], "group-page-390.png"))
 
