@@ -99,8 +99,12 @@ class ServiceWatch(WatchBase):
                 continue
             try:
                 ws.send(json.dumps(SYNC_PROBE))
-            except ConnectionClosed:
+            except ConnectionClosed as closed:
                 ws.close()
+                error = self._refusal(closed)  # refused at once (a bad name, a revoked token): never retry
+                if error is not None:
+                    self.close()
+                    raise error from None
                 self._pause("closed at once")
                 continue
             self._connected()

@@ -84,8 +84,12 @@ class ServiceWatch(WatchBase):
                 continue
             try:
                 await ws.send(json.dumps(SYNC_PROBE))
-            except ConnectionClosed:
+            except ConnectionClosed as closed:
                 await ws.close()
+                error = self._refusal(closed)  # refused at once (a bad name, a revoked token): never retry
+                if error is not None:
+                    await self.aclose()
+                    raise error from None
                 await self._pause("closed at once")
                 continue
             self._connected()
