@@ -4,7 +4,7 @@ says so and recovers, and no admin page logs a JavaScript error."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -12,10 +12,12 @@ import pytest
 from django.apps import apps
 from django.contrib import admin
 from django.urls import reverse
+from django.utils import timezone
 
+from registry import leases
 from registry.models import Health, LeaderTerm, ServiceType
 from tests.browser.conftest import Console, LiveServer
-from tests.conftest import service_body
+from tests.conftest import service_body, wait_for
 
 pytest.importorskip("playwright", reason="browser tests skipped: the playwright package is missing")
 from playwright.sync_api import Page, expect
@@ -164,6 +166,19 @@ def test_a_service_page_follows_a_drain_and_says_when_the_service_is_gone(
     # once the service is deregistered its page cannot be re-fetched: the banner says so
     assert staff_api.delete("/services/svc-page/").status_code == 204
     expect(staff_page.locator("#conveyor-live-status")).to_contain_text("no longer exists", timeout=SOON)
+
+
+def test_an_expired_services_history_is_reachable_after_the_row_is_gone(
+    staff_page: Page, staff_api: httpx.Client
+) -> None:
+    register(staff_api, "svc-expiring", lease_duration=1, deregister_after=0)
+    # the cleanup job's own function, run here once the lease has lapsed (the test stack runs no beat)
+    wait_for(lambda: leases.expire_lapsed(timezone.now() + timedelta(seconds=2)) == ["svc-expiring"], 10)
+    staff_page.goto("/admin/registry/service/svc-expiring/change/")  # the old link: the row is gone
+    history = staff_page.locator("#result_list")
+    expect(history).to_contain_text("svc-expiring")
+    expect(history).to_contain_text("expired")
+    expect(history).to_contain_text("registered")
 
 
 def test_the_banner_shows_while_the_socket_is_down_and_goes_after_reconnecting(
