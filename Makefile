@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test smoke readme-check lint bench-heartbeat bench-redis-recovery bench-admin-live history clean
+.PHONY: run test smoke readme-check lint bench bench-quick bench-heartbeat bench-redis-recovery bench-admin-live history clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ readme-check:
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The hot paths side by side with their anchors (etcd for heartbeats): a table, written to bench/RESULTS.md.
+# Needs wrk and etcd (Debian: apt-get install wrk etcd-server). Takes several minutes; run on a quiet machine.
+bench: $(VENV)/.dev var/secret_key
+	$(PY) bench/suite.py
+
+bench-quick: $(VENV)/.dev var/secret_key
+	$(PY) bench/suite.py --quick
 
 bench-heartbeat: $(VENV)/.dev var/secret_key
 	$(PY) bench/heartbeat.py
