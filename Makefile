@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test smoke readme-check lint bench bench-quick bench-heartbeat bench-redis-recovery bench-admin-live history clean
+.PHONY: run test smoke readme-check lint bench bench-quick bench-heartbeat bench-redis-recovery bench-admin-live history nemesis clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,14 @@ bench-redis-recovery: $(VENV)/.runtime
 history: $(VENV)/.dev
 	$(PY) bench/history.py --takeover 5
 	$(PY) bench/history.py --seconds 180 $(HISTORY_ARGS)
+
+# The long fault-injection runs whose short versions are in `make test`: leadership under master and holder
+# faults for 3 minutes, schemathesis for 5 minutes, then the consumer-group history (`make history`).
+nemesis: $(VENV)/.dev
+	mkdir -p var
+	LEADERSHIP_CHAOS_SECONDS=180 SCHEMATHESIS_MAX_TIME=300 $(PY) -m pytest -o timeout=900 \
+		tests/test_leadership.py::test_randomised_faults_never_let_a_stale_term_write tests/test_schemathesis.py
+	$(MAKE) history
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

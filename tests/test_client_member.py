@@ -371,7 +371,8 @@ def test_a_revocation_is_confirmed_only_after_a_slow_commit_and_owners_never_ove
     assert a.assignment | b.assignment | c.assignment == ALL
 
     a.close()  # revokes (a commits), then leaves
-    assert split(b, c) == [6, 6]
+    # b and c hold their old 4 each until the new generation reaches them: wait for the 6/6 split itself
+    wait_for(lambda: split(b, c) == [6, 6], 60)
 
     assert book.overlaps() == []
     assert book.moved() >= 8  # from a to b and c, then a's 4 again
@@ -408,8 +409,10 @@ def test_a_peer_killed_with_sigkill_gives_its_partitions_up_after_its_session(se
     peers = [Held(i.partition, "peer", i.start, i.end) for i in peer_intervals]
     assert len(peers) == 6 and all(h.end <= killed_at for h in peers)
     assert book.overlaps(peers) == []
-    taken_over = {h.partition for h in book.intervals if h.start > killed_at}
-    assert taken_over == {h.partition for h in peers}
+    # each of the peer's partitions went to a after the peer stopped holding it (on a slow machine the
+    # peer may have lost its session, and a taken them over, just before the kill)
+    for held in peers:
+        assert any(h.partition == held.partition and h.start >= held.end for h in book.intervals), held
     assert "peer" not in group_members(a_url, key)
 
 
@@ -573,7 +576,7 @@ def test_the_asyncio_member_has_the_same_names_and_awaits_async_callbacks(server
 def test_short_history_with_client_members_has_no_violation(tmp_path: Path) -> None:
     faults = ["kill", "freeze", "duplicate", "leave", "redis"]
     args = history.parser().parse_args(
-        ["--client", "--seed", "7", "--slack", "8", "--seconds", "25", "--faults", *faults]
+        ["--client", "--seed", "7", "--slack", "8", "--seconds", "15", "--faults", *faults]
     )
     figures = history.run_history(args, tmp_path)
     assert figures["violations"] == {"overlap": 0, "unowned": 0, "generation": 0}, figures["violation_lines"]
