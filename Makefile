@@ -27,13 +27,15 @@ run: $(VENV)/.runtime var/secret_key
 
 # The browser tests (tests/browser/) need Chromium at $(CHROMIUM); without it they are skipped, and said so.
 CHROMIUM ?= /usr/bin/chromium
+# Test processes (pytest-xdist): most tests wait on servers and timeouts, so two share two cores well.
+TEST_WORKERS ?= 2
 
 test: $(VENV)/.dev
 	mkdir -p var
 	$(PY) -m ruff check .
 	@if [ -x "$(CHROMIUM)" ]; then echo "browser tests: running in $(CHROMIUM)"; \
 	else echo "*** browser tests SKIPPED: no Chromium at $(CHROMIUM) (apt-get install -y chromium) ***"; fi
-	CHROMIUM="$(CHROMIUM)" $(PY) -m pytest
+	CHROMIUM="$(CHROMIUM)" $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 	@[ -x "$(CHROMIUM)" ] || echo "*** browser tests were SKIPPED: no Chromium at $(CHROMIUM) ***"
 
 # A fresh clone of HEAD in a temporary folder: `make run` there, HTTP checks, the README's examples,

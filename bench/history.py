@@ -384,7 +384,8 @@ def run_history(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         counts: dict[str, int] = defaultdict(int)
         nemesis_end = time.monotonic() + args.seconds
         step = 0
-        while time.monotonic() < nemesis_end and step < 1000:
+        # a short run goes on until each fault of the repertoire happened at least once
+        while (time.monotonic() < nemesis_end or (0 < args.seconds < 60 and len(counts) < len(faults))) and step < 1000:
             step += 1
             fault = faults[step % len(faults)] if args.seconds < 60 else random.choice(faults)
             member_id, static = random.choice([m for m in members if fault != "duplicate" or m[1]])

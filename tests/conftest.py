@@ -61,6 +61,26 @@ def operator(db: Any) -> Client:
     return client
 
 
+SCHEDULE_MIGRATIONS = (
+    "registry.migrations.0002_beat_schedule",
+    "registry.migrations.0008_history_prune_schedule",
+    "groups.migrations.0002_beat_schedule",
+    "groups.migrations.0003_session_reconcile",
+)
+
+
+@pytest.fixture
+def beat_schedule(db: Any) -> None:
+    """The periodic tasks as `migrate` installs them: the data migrations' own functions, run again,
+    since a transactional test that ran before (in any order, on any worker) flushed the tables."""
+    import importlib
+
+    from django.apps import apps
+
+    for module in SCHEDULE_MIGRATIONS:
+        importlib.import_module(module).create_schedule(apps, None)
+
+
 @pytest.fixture
 def masters() -> Iterator[list[RedisServer]]:
     """Three independent redis-server masters (leadership), stopped after the test."""

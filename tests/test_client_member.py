@@ -367,7 +367,7 @@ def test_a_revocation_is_confirmed_only_after_a_slow_commit_and_owners_never_ove
     assert a.wait_for_assignment(30) == ALL
     b = member(members, b_url, key, "b", book.listener("b", commit=1.5))
     c = member(members, a_url, key, "c", book.listener("c", commit=1.5))
-    assert split(a, b, c) == [4, 4, 4]
+    wait_for(lambda: split(a, b, c) == [4, 4, 4], 60)
     assert a.assignment | b.assignment | c.assignment == ALL
 
     a.close()  # revokes (a commits), then leaves
@@ -397,7 +397,7 @@ def test_a_peer_killed_with_sigkill_gives_its_partitions_up_after_its_session(se
     )  # fmt: skip
     try:
         wait_for(lambda: out.exists() and len(history.read_histories([out], {}, time.monotonic()).intervals) == 6, 30)
-        assert split(a) == [6]
+        wait_for(lambda: split(a) == [6], 60)
         peer.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         peer.wait()
@@ -434,7 +434,7 @@ def test_a_member_whose_session_cannot_be_confirmed_stops_before_the_servers_dea
     listener.on_partitions_lost = on_lost
     a = member(members, proxy.url, key, "a", listener, session_timeout=5)
     b = member(members, b_url, key, "b", book.listener("b"), session_timeout=5)
-    assert split(a, b) == [6, 6]
+    wait_for(lambda: split(a, b) == [6, 6], 60)
     epoch = a.member_epoch
 
     proxy.pause()  # a's network path: nothing passes
@@ -453,7 +453,7 @@ def test_a_member_whose_session_cannot_be_confirmed_stops_before_the_servers_dea
 
     proxy.resume()  # a learns it was removed (404), joins again as a new incarnation
     wait_for(lambda: a.member_epoch > epoch, 30)
-    assert split(a, b) == [6, 6]
+    wait_for(lambda: split(a, b) == [6, 6], 60)
     assert book.overlaps() == []
     assert book.kinds("a")[:3] == [ASSIGNED, REVOKED, LOST]  # all, then half to b, then lost
 
@@ -472,11 +472,11 @@ def test_a_connection_cut_in_the_middle_of_a_revocation_changes_nothing(servers,
     b = member(members, b_url, key, "b", book.listener("b"))
     wait_for(slow.revoking.is_set, 30)
     proxy.cut()  # a's socket and its keep-alive HTTP connection, while it commits
-    assert split(a, b) == [6, 6]
+    wait_for(lambda: split(a, b) == [6, 6], 60)
     wait_for(lambda: proxy.websockets > sockets, 30)  # the socket came back
 
     c = member(members, a_url, key, "c", book.listener("c"))
-    assert split(a, b, c) == [4, 4, 4]  # followed over the new socket
+    wait_for(lambda: split(a, b, c) == [4, 4, 4], 60)  # followed over the new socket
     assert a.member_epoch == epoch  # never removed or fenced
     assert book.kinds("a") == [ASSIGNED, REVOKED, REVOKED]  # each revocation once, nothing lost
     assert book.overlaps() == []

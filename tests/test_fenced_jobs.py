@@ -262,7 +262,7 @@ def process_leader(settings) -> Iterator[None]:
 
 
 @pytest.mark.django_db
-def test_session_reconcile_is_scheduled_like_the_lease_reconcile():
+def test_session_reconcile_is_scheduled_like_the_lease_reconcile(beat_schedule):
     task = PeriodicTask.objects.get(task="groups.reconcile_sessions")
     assert task.enabled and task.interval.every == 30 and task.expire_seconds == 30
 

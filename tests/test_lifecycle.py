@@ -375,7 +375,7 @@ def test_the_prune_job_follows_the_setting(settings):
     assert list(ServiceEvent.objects.values_list("service_id", flat=True)) == ["s-1"]
 
 
-def test_the_prune_job_is_scheduled_with_an_expiry():
+def test_the_prune_job_is_scheduled_with_an_expiry(beat_schedule):
     from django_celery_beat.models import PeriodicTask
 
     from registry_project.celery import app

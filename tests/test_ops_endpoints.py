@@ -105,7 +105,7 @@ def test_create_token_prints_the_key_last_and_stores_only_its_hash(db):
         call_command("create_token", "bad name", stdout=io.StringIO(), stderr=io.StringIO())
 
 
-def test_beat_schedules_cleanup_every_5_seconds_with_expiry(db):
+def test_beat_schedules_cleanup_every_5_seconds_with_expiry(beat_schedule):
     task = PeriodicTask.objects.get(task="registry.cleanup_expired_leases")
     assert (task.interval.every, task.interval.period, task.expire_seconds, task.enabled) == (5, "seconds", 5, True)
     from registry_project.celery import app
