@@ -16,6 +16,7 @@ from django.contrib.auth.models import User
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, connection
 from django.test import Client
+from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from registry import lease_store
@@ -23,6 +24,10 @@ from registry.models import ApiToken
 from registry.redis_client import get_redis, reset_clients
 from registry_project.embedded_redis import RedisServer, free_port
 from registry_project.localserver import start_server
+
+# No deadline per example: a time limit is a timing assertion, and the suite shares a busy machine.
+hypothesis_settings.register_profile("suite", deadline=None)
+hypothesis_settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")
