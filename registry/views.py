@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from django.db import connection
+from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.defaults import page_not_found
@@ -87,6 +88,8 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         qs = super().get_queryset()
         if self.action != "list":
             return qs
+        # The owner's name only, not a token row per service (registry.serializers.read_representation).
+        qs = Service.objects.annotate(owner_name=F("owner__name"))
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
