@@ -85,9 +85,8 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         super().initial(request, *args, **kwargs)
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        qs = super().get_queryset()
         if self.action != "list":
-            return qs
+            return super().get_queryset()
         # The owner's name only, not a token row per service (registry.serializers.read_representation).
         qs = Service.objects.annotate(owner_name=F("owner__name"))
         query = ServiceQuerySerializer(data=self.request.query_params)
