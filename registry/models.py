@@ -101,7 +101,7 @@ class ServiceQuerySet(models.QuerySet["Service"]):
         """Filter on effective health, given the ids whose lease has lapsed (from the lease store).
 
         However many ids there are, they are one SQL parameter (registry.id_sets)."""
-        if health == Health.UNHEALTHY:
+        if health == Health.UNHEALTHY and lapsed_ids:
             return self.filter(Q(health=Health.UNHEALTHY) | Q(InIdSet("pk", lapsed_ids)))
         return self.filter(health=health).live(lapsed_ids)
 
