@@ -12,6 +12,7 @@ from django.db.models.functions import Concat, Length, LPad, Substr
 from django.db.models.lookups import LessThan
 
 from . import lease_store
+from .id_sets import InIdSet
 from .models import Health
 from .redis_client import get_redis
 from .validators import parse_selector
@@ -46,8 +47,9 @@ HEALTH_RANK = {Health.UNHEALTHY: 0, Health.DEGRADED: 1, Health.UNKNOWN: 2, Healt
 
 
 def health_rank(lapsed_ids: Sequence[str]) -> Case:
-    """Effective health as a number (unhealthy 0 .. healthy 3): a lapsed lease counts as unhealthy."""
-    whens = [When(pk__in=list(lapsed_ids), then=Value(0))] if lapsed_ids else []
+    """Effective health as a number (unhealthy 0 .. healthy 3): a lapsed lease counts as unhealthy. The
+    lapsed ids are one SQL parameter (registry.id_sets), so a mass lapse sorts like any other moment."""
+    whens = [When(InIdSet("pk", lapsed_ids), then=Value(0))] if lapsed_ids else []
     whens += [When(health=health, then=Value(rank)) for health, rank in HEALTH_RANK.items()]
     return Case(*whens, default=Value(len(HEALTH_RANK)), output_field=IntegerField())
 

@@ -3,7 +3,8 @@ services, groups by state (reconciling too long flagged), the leader and its ter
 expirations and rebalances, each number with the link to the filtered admin list behind it.
 
 Everything is a handful of aggregate queries plus one Redis read of the lapsed leases, whatever the
-number of services or groups. The list filters the links need and the admin lacks live here too.
+number of services or groups (the lapsed ids go to the database as one parameter). The list filters the
+links need and the admin lacks live here too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import admin
-from django.db.models import Count, DateTimeField, OuterRef, QuerySet, Subquery, Sum
+from django.db.models import Count, DateTimeField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.urls import reverse
@@ -25,6 +26,7 @@ from groups.models import GroupState, RebalanceEvent, RebalanceReason, ServiceGr
 
 from . import leases
 from .display import iso_utc
+from .id_sets import InIdSet
 from .leadership import LEADERSHIP
 from .models import Health, LeaderJobRun, LeaderTerm, Service, ServiceType
 
@@ -95,19 +97,23 @@ def overview(now: datetime | None = None) -> Overview:
     lapsed_ids = leases.lapsed_ids(now)
     services = "registry_service"
 
-    # Effective health: the stored health, except that a lapsed lease reads as unhealthy.
+    # Effective health: the stored health, except that a lapsed lease reads as unhealthy. One aggregate
+    # query; the lapsed ids go as one parameter (registry.id_sets), however many there are.
     counts: dict[tuple[str, str], int] = {}
-    for row in Service.objects.values("service_type", "health").annotate(n=Count("pk")).order_by():
-        counts[(row["service_type"], row["health"])] = row["n"]
-    lapsed_count = 0
+    rows = Service.objects.order_by().values("service_type", "health")
     if lapsed_ids:
-        rows = Service.objects.filter(pk__in=lapsed_ids).values("service_type", "health").annotate(n=Count("pk"))
-        for row in rows.order_by():
-            key = (row["service_type"], row["health"])
-            counts[key] -= row["n"]
+        rows = rows.annotate(n=Count("pk"), lapsed=Count("pk", filter=Q(InIdSet("pk", lapsed_ids))))
+    else:
+        rows = rows.annotate(n=Count("pk"))
+    lapsed_count = 0
+    for row in rows:
+        lapsed_here = row.get("lapsed", 0)
+        key = (row["service_type"], row["health"])
+        counts[key] = counts.get(key, 0) + row["n"] - lapsed_here
+        if lapsed_here:
             unhealthy = (row["service_type"], Health.UNHEALTHY.value)
-            counts[unhealthy] = counts.get(unhealthy, 0) + row["n"]
-            lapsed_count += row["n"]
+            counts[unhealthy] = counts.get(unhealthy, 0) + lapsed_here
+            lapsed_count += lapsed_here
 
     columns = list(Health.values)
     by_type = []
@@ -182,9 +188,9 @@ class LeaseFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if self.value() == "lapsed":
-            return queryset.filter(pk__in=leases.lapsed_ids(timezone.now()))
+            return queryset.filter(InIdSet("pk", leases.lapsed_ids(timezone.now())))
         if self.value() == "live":
-            return queryset.exclude(pk__in=leases.lapsed_ids(timezone.now()))
+            return queryset.live(leases.lapsed_ids(timezone.now()))
         return queryset
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import models
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 
 from . import revisions
+from .id_sets import InIdSet
 
 
 class ServiceType(models.TextChoices):
@@ -78,17 +80,30 @@ class ApiToken(models.Model):
 
 class ServiceQuerySet(models.QuerySet["Service"]):
     def matching(self, selector: dict[str, str]) -> ServiceQuerySet:
-        """Services carrying every ``key=value`` of the selector (indexed lookups on ServiceLabel)."""
+        """Services carrying every ``key=value`` of the selector.
+
+        Each pair is a range of the covering (key, value, service) index of ServiceLabel, read once per
+        query (an uncorrelated ``IN``), not a probe per service row."""
         qs = self
         for key, value in selector.items():
-            qs = qs.filter(Exists(ServiceLabel.objects.filter(service=OuterRef("pk"), key=key, value=value)))
+            qs = qs.filter(pk__in=ServiceLabel.objects.filter(key=key, value=value).values("service_id"))
         return qs
 
-    def with_effective_health(self, health: str, lapsed_ids: list[str]) -> ServiceQuerySet:
-        """Filter on effective health, given the ids whose lease has lapsed (from the lease store)."""
-        if health == Health.UNHEALTHY:
-            return self.filter(Q(health=Health.UNHEALTHY) | Q(pk__in=lapsed_ids))
-        return self.filter(health=health).exclude(pk__in=lapsed_ids)
+    def lapsed(self, lapsed_ids: Sequence[str]) -> ServiceQuerySet:
+        """The services among ``lapsed_ids`` (the lease store's lapsed leases), sent as one parameter."""
+        return self.filter(InIdSet("pk", lapsed_ids))
+
+    def live(self, lapsed_ids: Sequence[str]) -> ServiceQuerySet:
+        """The services not among ``lapsed_ids``."""
+        return self.filter(~Q(InIdSet("pk", lapsed_ids))) if lapsed_ids else self
+
+    def with_effective_health(self, health: str, lapsed_ids: Sequence[str]) -> ServiceQuerySet:
+        """Filter on effective health, given the ids whose lease has lapsed (from the lease store).
+
+        However many ids there are, they are one SQL parameter (registry.id_sets)."""
+        if health == Health.UNHEALTHY and lapsed_ids:
+            return self.filter(Q(health=Health.UNHEALTHY) | Q(InIdSet("pk", lapsed_ids)))
+        return self.filter(health=health).live(lapsed_ids)
 
 
 class Service(models.Model):
@@ -141,6 +156,8 @@ class Service(models.Model):
 
     class Meta:
         ordering = ["service_name", "service_id"]
+        # The list's order: a page is a walk of this index, no sort of every match.
+        indexes = [models.Index(fields=["service_name", "service_id"], name="service_name_id")]
 
     def __str__(self) -> str:
         return f"{self.service_name}/{self.service_id}"
@@ -177,7 +194,8 @@ class ServiceLabel(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["service", "key"], name="unique_label_key_per_service")]
-        indexes = [models.Index(fields=["key", "value"], name="label_key_value")]
+        # Covering: a selector's key=value pair is one index range that yields the service ids.
+        indexes = [models.Index(fields=["key", "value", "service"], name="label_key_value_service")]
 
 
 class LeaderTerm(models.Model):

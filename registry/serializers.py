@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, tzinfo
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -133,7 +134,48 @@ class ServiceSerializer(serializers.ModelSerializer):
     def to_representation(self, instance: Service) -> dict[str, Any]:
         if instance.live_expires_at is None and not isinstance(self.parent, ServiceListSerializer):
             attach_live_leases([instance])
-        return super().to_representation(instance)
+        data = read_representation(instance, self._now())
+        if type(self) is not ServiceSerializer:  # a subclass's own fields (e.g. a registration's lease)
+            for field in self._readable_fields:
+                if field.field_name not in data:
+                    attribute = field.get_attribute(instance)
+                    data[field.field_name] = None if attribute is None else field.to_representation(attribute)
+        return data
+
+
+def _iso(moment: datetime, tz: tzinfo) -> str:
+    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as Z."""
+    text = moment.astimezone(tz).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def read_representation(service: Service, now: datetime) -> dict[str, Any]:
+    """ServiceSerializer's fields of ``service``, written directly: the same values DRF's generic field
+    machinery gives (tests compare both), at a fraction of its cost for a page of 100 or 1000."""
+    tz = timezone.get_current_timezone()
+    if "owner_name" in service.__dict__:  # the list's annotation (registry.views): no token row per service
+        owner_name = service.__dict__["owner_name"]
+    else:
+        owner_name = service.owner.name if service.owner is not None else None
+    return {
+        "service_id": service.service_id,
+        "service_name": service.service_name,
+        "service_type": service.service_type,
+        "endpoint": service.endpoint,
+        "labels": service.labels,
+        "health": str(service.effective_health(now)),
+        "reported_health": service.health,
+        "group_id": service.group_id,
+        "weight": service.weight,
+        "drained": service.drained,
+        "operator_weight": service.operator_weight,
+        "registered_at": _iso(service.registered_at, tz),
+        "last_heartbeat": _iso(service.last_heartbeat, tz),
+        "lease_duration": service.lease_duration,
+        "deregister_after": service.deregister_after,
+        "lease_expires_at": _iso(service.expires_at, tz),
+        "owner": owner_name,
+    }
 
 
 class RegisteredServiceSerializer(ServiceSerializer):

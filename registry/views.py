@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from django.db import connection
+from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.defaults import page_not_found
@@ -84,9 +85,10 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         super().initial(request, *args, **kwargs)
 
     def get_queryset(self):  # type: ignore[no-untyped-def]
-        qs = super().get_queryset()
         if self.action != "list":
-            return qs
+            return super().get_queryset()
+        # The owner's name only, not a token row per service (registry.serializers.read_representation).
+        qs = Service.objects.annotate(owner_name=F("owner__name"))
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
