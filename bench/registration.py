@@ -109,9 +109,7 @@ def _pass(url: str, token: str, n: int, expect: int, prefix: str = "bench-", tim
             wrk.send_signal(signal.SIGINT)  # the pass is over: print the summary now
     wrk.wait()
     Path(f.name).unlink()
-    result = re.search(
-        r"RESULT requests=\d+ duration_us=\d+ p50_us=(\d+) p99_us=(\d+) errors=(\d+)", "".join(lines)
-    )
+    result = re.search(r"RESULT requests=\d+ duration_us=\d+ p50_us=(\d+) p99_us=(\d+) errors=(\d+)", "".join(lines))
     if not passed or not result:
         raise RuntimeError("wrk did not finish the pass:\n" + "".join(lines))
     answered, elapsed_us, unexpected = map(int, passed.groups())

@@ -22,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from . import events, lease_store, lifecycle, revisions
+from . import events, lease_store, lifecycle, reregister, revisions
 from .errors import Forbidden, NotFound
 from .lifecycle import Actor, Kind
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
@@ -80,13 +80,38 @@ def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> 
 def _new_revision(r: redis.Redis, service: Service, *, existing: bool = True) -> None:
     """Give a persisted change of ``service`` (row locked, not yet saved) its revision (registry.revisions)."""
     stored, seen = (service.revision, service.recoveries_seen) if existing else (0, 0)
-    service.revision, service.recoveries_seen = lease_store.take_revision(r, service.service_id, stored, seen)
+    # Taking it also forgets the service's unchanged-registration snapshot (registry.reregister).
+    service.revision, service.recoveries_seen = reregister.take_revision(r, service.service_id, stored, seen)
     service.live_recoveries = service.recoveries_seen
 
 
 def _removal_revision(r: redis.Redis, service_id: str, stored: int, seen: int) -> int:
     """The revision of the event that a service was removed (row locked, Redis entry not yet removed)."""
-    return revisions.removal_revision(lease_store.take_revision(r, service_id, stored, seen)[0])
+    return revisions.removal_revision(reregister.take_revision(r, service_id, stored, seen, removal=True)[0])
+
+
+def renew_unchanged(
+    service_id: str, request_digest: str, health: str, token: ApiToken, now: datetime
+) -> dict[str, Any] | None:
+    """Re-register ``service_id`` without a write if the request is the one it last registered with
+    (registry.reregister): the lease is renewed from ``now`` and the answer is what a registration
+    would answer. None: it is not (or may not be) unchanged; register it."""
+    r = get_redis()
+    args = reregister.renew_args(service_id, request_digest, lease_store.to_ms(now), health)
+    for _attempt in range(2):
+        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, 7, *reregister.renew_keys(token.key_hash), *args)
+        code = reply[0].decode()
+        if code == "OK":
+            return reregister.unchanged_body(reply[2], int(reply[1]))
+        if code != "TOKEN_MISS":
+            return None
+        lease_store.cache_token(r, token.key_hash, token.pk, token.is_staff)  # authenticated just now
+    return None
+
+
+def remember_registration(service: Service, request_digest: str, body: dict[str, Any]) -> None:
+    """After a registration committed: let the same request again renew like a heartbeat (registry.reregister)."""
+    reregister.remember(get_redis(), service.service_id, service.revision, request_digest, service.owner_id, body)
 
 
 def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Service, bool]:
