@@ -162,6 +162,8 @@ def _register_once(
             _new_revision(r, service, existing=False)
             service.save(force_insert=True)
             _set_labels(service, fields["labels"], replace=False)
+            # After the insert: a first registration that loses a race must not touch the winner's entry.
+            _put_lease(r, service, deadline_ms)
             before: dict[str, Any] = {}
         else:
             if not token.may_change(service):
@@ -171,12 +173,22 @@ def _register_once(
             for name, value in fields.items():
                 setattr(service, name, value)
             service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
-            _new_revision(r, service)
+            # The revision and the Redis entry (part of the record, see module doc) in one round trip.
+            service.revision, service.recoveries_seen = reregister.take_revision_and_put(
+                r,
+                service.service_id,
+                service.revision,
+                service.recoveries_seen,
+                deadline_ms=deadline_ms,
+                lease_seconds=service.lease_duration,
+                deregister_after=service.deregister_after,
+                owner_id=service.owner_id,
+                health=service.health,
+            )
+            service.live_recoveries = service.recoveries_seen
             service.save(update_fields=[*fields, "weight", "revision", "recoveries_seen"])
             if labels_changed:
                 _set_labels(service, fields["labels"], replace=True)
-        # The Redis entry is part of the record, written under the row lock (see module doc).
-        _put_lease(r, service, deadline_ms)
         service.live_expires_at = service.lease_expires_at
         transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
         lifecycle.record(

@@ -34,6 +34,7 @@ from .serializers import (
     ServiceQuerySerializer,
     ServiceSerializer,
     parse_heartbeat_body,
+    registered_body,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         if unchanged is not None:
             return Response(unchanged, status=status.HTTP_200_OK)
         service, created = leases.register(data, request.user, self.now)
-        body = RegisteredServiceSerializer(service, context=self.get_serializer_context()).data
+        owner = request.user if service.owner_id == request.user.pk else service.owner
+        body = registered_body(service, self.now, owner.name if owner is not None else None)
         leases.remember_registration(service, request_digest, body)
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

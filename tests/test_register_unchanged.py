@@ -215,3 +215,21 @@ def test_concurrent_first_registrations_by_two_tokens_leave_one_owner(make_token
         assert service.owner.name == winner
         conf = get_redis().hget(lease_store.keys().conf, sid).decode()
         assert conf.endswith(f":{service.owner_id}")
+
+
+def test_the_direct_answer_is_the_serializers(owner, make_token):
+    from registry.serializers import RegisteredServiceSerializer, registered_body
+
+    now = timezone.now()
+    leases.register(service_body("a"), owner[0], now)
+    leases.register(service_body("b", group_id="g", weight=3, health="degraded", lease_duration=7), owner[0], now)
+    leases.drain(["b"])
+    leases.set_operator_weight(["a"], 40)
+    gone, _ = make_token("gone")
+    leases.register(service_body("c"), gone, now)
+    gone.delete()
+    for service in leases.attach_live_leases(Service.objects.select_related("owner")):
+        for at in (now, now + timedelta(seconds=3600)):  # live, and lapsed
+            expected = RegisteredServiceSerializer(service, context={"now": at}).data
+            owner_name = service.owner.name if service.owner else None
+            assert json.dumps(registered_body(service, at, owner_name)) == json.dumps(expected)
