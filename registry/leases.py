@@ -9,16 +9,19 @@ an async driver (the ASGI fast path) executes.
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable, Generator, Iterable, Sequence
-from contextlib import AbstractContextManager
+import os
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
@@ -141,13 +144,39 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
     }
     for attempt in range(3):
         try:
-            return _register_once(r, data, fields, token, now, deadline_ms)
+            with _sqlite_writer_turn():
+                return _register_once(r, data, fields, token, now, deadline_ms)
         except IntegrityError:
             # Two first registrations of one id raced (there was no row to lock); the
             # loser now finds the winner's row, locks it and re-registers over it.
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+_writer_locks: dict[str, tuple[threading.Lock, int]] = {}
+
+
+@contextmanager
+def _sqlite_writer_turn() -> Iterator[None]:
+    """On SQLite, wait for this registration's turn to write in a queue (a lock file beside the database)
+    instead of in SQLite's busy handler, which polls with sleeps of up to 100 ms: under a storm of
+    registrations from several server processes that starves some writers for seconds. Other databases
+    lock the row and need nothing here."""
+    name = str(connection.settings_dict["NAME"])
+    if connection.vendor != "sqlite" or connection.in_atomic_block or name.startswith((":memory:", "file:")):
+        yield
+        return
+    path = f"{name}.writer-lock"
+    if path not in _writer_locks:
+        _writer_locks.setdefault(path, (threading.Lock(), os.open(path, os.O_RDWR | os.O_CREAT, 0o600)))
+    lock, fd = _writer_locks[path]
+    with lock:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _register_once(
