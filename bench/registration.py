@@ -200,8 +200,8 @@ def results(quick: bool = False) -> list[dict[str, str | None]]:
     """Rows for `make bench`: registration rates on SQLite and (with DATABASE_URL or BENCH_PG_URL set to a
     PostgreSQL server) on a fresh PostgreSQL database; the unchanged re-registration rate against the
     heartbeat rate of the same run."""
-    n = 2000 if quick else 10_000
-    seconds = 3 if quick else 10
+    n = 600 if quick else 10_000
+    seconds = 2 if quick else 10
     runs: list[tuple[str, str | None]] = [("sqlite", None)]
     pg = os.environ.get("BENCH_PG_URL") or os.environ.get("DATABASE_URL", "")
     if pg.startswith("postgres"):

@@ -69,6 +69,7 @@ class UnchangedRegistrationFastPath:
             if answer is not None:
                 await limits.send_json(send, 200, answer)
                 return
+            scope = {**scope, reregister.CHECKED: True}  # the view need not ask Redis again
         await self.app(scope, _replay(body, complete, receive), send)
 
 

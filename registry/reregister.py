@@ -37,6 +37,9 @@ from . import lease_store
 from .models import ApiToken
 from .redis_client import get_redis
 
+# Set by registry.fast_register in the ASGI scope of a request it checked and passed on to Django.
+CHECKED = "registry.unchanged_checked"
+
 # The request fields a registration is made of (RegisterSerializer's).
 FIELDS = (
     "service_id",
