@@ -1,106 +1,370 @@
-"""Choosing one instance of a service for the select endpoint, with the rotation state in Redis.
+"""Choosing one instance of a service for the select endpoint: the selection core that the DRF view and the
+ASGI fast path (balancer.fastpath) both drive.
 
-Round robin is a Redis INCR per (name, selector) and smooth weighted round robin a Lua script over a
-hash of current weights, so every server process shares one rotation and one weighted schedule.
+Each process keeps the selectable instances of a (name, selector) in memory, tagged with the name's change
+counter (``registry.events.name_version_key``), which every committed change of a service of that name bumps.
+A select is one Redis script call (``SELECT_LUA``) that, atomically: checks the caller's token in the token
+cache (fast path only), compares the name's counter with the cached list's, reads the lease deadlines of the
+cached instances whose lease may have lapsed since we last looked, and advances the shared rotation. A
+counter that moved means reloading the list from the database and asking again; so a drained, deregistered,
+re-weighted or sick instance is never chosen once its change has committed, and a lapsed lease (which no
+event announces: heartbeats move deadlines in Redis alone) is checked at the moment of the pick.
+
+Deadlines only move forward except through a change that bumps the counter (a re-registration, a removal)
+or a loss of Redis's data (which loses the counter too), so a deadline read once is a lower bound: only the
+instances whose known deadline has passed are read again, a handful per select in a steady state.
+
+Rotations are shared by every process: round robin is a Redis counter over the eligible instances sorted by
+id; smooth weighted round robin a counter per eligible pool addressing nginx's sequence for that pool
+(``balancer.schedule``), started again from the sequence's beginning when the pool changes, as nginx does
+when its upstreams change.
+
+The flow is written once as a generator of steps (``Script``, ``Deadline``, ``Blocking``) that a sync driver
+(the DRF view) or an async one (the fast path) runs, as ``registry.leases.heartbeat_flow`` is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
+import redis
 from django.conf import settings
-from django.db.models import QuerySet
+from rest_framework import serializers
 
-from registry.errors import NotFound
-from registry.leases import lapsed_ids
+from registry import lease_store
+from registry.events import name_version_key
+from registry.leases import cache_token
 from registry.models import Health, Service
 from registry.redis_client import get_redis
 
-from .strategies import Instance, NoHealthyInstance, random_weighted, rendezvous
+from .schedule import SmoothWeightedSchedule
+from .strategies import Eligible, Instance, NoHealthyInstance, rendezvous
 
-# KEYS[1]: hash id -> current weight. ARGV: id1, weight1, id2, weight2, ... (eligible, sorted by id).
-# The same algorithm as strategies.smooth_weighted, atomically: ties go to the first id.
-SMOOTH_WEIGHTED_LUA = """
-local ids, weights = {}, {}
-for i = 1, #ARGV, 2 do
-  table.insert(ids, ARGV[i])
-  table.insert(weights, tonumber(ARGV[i + 1]))
+# KEYS: token, name's change counter, rotation state, lease deadlines.
+# ARGV: check token (1/0), now_ms, cached version, mode (rr | swrr | none), pool fingerprint,
+#       then id, fallback deadline (ms) for each instance whose lease may have lapsed.
+# Replies: {'TOKEN_MISS'} | {'STALE', version} | {'OK', version, step, {deadline, ...}}.
+# A name whose counter was never set reads as '-': no key is made for names nobody registered.
+SELECT_LUA = """
+if ARGV[1] == '1' and not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
+local version = redis.call('GET', KEYS[2]) or '-'
+if version ~= ARGV[3] then return {'STALE', version} end
+local now = tonumber(ARGV[2])
+local deadlines, lapsed = {}, {}
+for i = 6, #ARGV, 2 do
+  local d = redis.call('ZSCORE', KEYS[4], ARGV[i]) or ARGV[i + 1]
+  table.insert(deadlines, d)
+  if tonumber(d) <= now then table.insert(lapsed, ARGV[i]) end
 end
-local current = redis.call('HMGET', KEYS[1], unpack(ids))
-local total, best, best_weight = 0, nil, nil
-local keep = {}
-for i, id in ipairs(ids) do
-  local value = tonumber(current[i] or '0') + weights[i]
-  current[i] = value
-  total = total + weights[i]
-  keep[id] = true
-  if best == nil or value > best_weight then best, best_weight = i, value end
+local step = 0
+if ARGV[4] == 'rr' then
+  step = redis.call('INCR', KEYS[3]) - 1
+elseif ARGV[4] == 'swrr' then
+  local pool = redis.sha1hex(ARGV[5] .. '|' .. table.concat(lapsed, ','))
+  if redis.call('HGET', KEYS[3], 'pool') ~= pool then redis.call('HSET', KEYS[3], 'pool', pool, 'n', 0) end
+  step = redis.call('HINCRBY', KEYS[3], 'n', 1) - 1
 end
-current[best] = current[best] - total
-local pairs_ = {}
-for i, id in ipairs(ids) do
-  table.insert(pairs_, id)
-  table.insert(pairs_, current[i])
-end
-redis.call('HSET', KEYS[1], unpack(pairs_))
-for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if not keep[id] then redis.call('HDEL', KEYS[1], id) end
-end
-return ids[best]
+return {'OK', version, step, deadlines}
 """
+SELECT_SHA = hashlib.sha1(SELECT_LUA.encode()).hexdigest()
+
+# A cached list is reloaded at least this often even if no change was announced: the bound on staleness if
+# a change's after-commit bump of the counter failed (Redis unreachable at that instant).
+MAX_AGE_SECONDS = 5.0
+MAX_POOLS = 512  # (name, selector) lists kept per process
+MAX_HASHED_KEYS = 8192  # hash-strategy answers remembered per list
+
+NO_INSTANCE = "no healthy or degraded instance with a weight above 0"
+_DATETIME = serializers.DateTimeField()
 
 
-class NameNotFound(NotFound):
-    """No service has ever been registered under this name (or none is registered now)."""
+class NameNotFound(Exception):
+    """No service is registered under this name."""
+
+
+# --- steps ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Script:
+    """Step: run SELECT_LUA with these keys and arguments; the reply is sent back."""
+
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Step: the live lease deadline (ms) of one service, or None if Redis has no entry for it."""
+
+    service_id: str
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Step: run this blocking (database) function; its return value is sent back."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+
+
+# --- the cached lists ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One selectable instance as loaded, with what is known of its live lease deadline."""
+
+    service: Service
+    instance: Instance
+    fallback_ms: int  # the row's deadline, for a service Redis has no entry for
+    known_ms: int  # a lower bound of the live deadline
+    body: dict[str, Any] | None = None
+
+
+@dataclass
+class Pool:
+    """The instances of one (name, selector) with weight above 0 and reported healthy or degraded."""
+
+    version: str
+    registered: bool  # some service has this name (else 404)
+    healthy: list[Candidate]
+    degraded: list[Candidate]
+    fingerprint: str
+    loaded_at: float
+    _eligible: dict[frozenset[str], tuple[list[Candidate], Eligible]] = field(default_factory=dict)
+    _schedules: dict[frozenset[str], SmoothWeightedSchedule] = field(default_factory=dict)
+    _hashed: dict[tuple[frozenset[str], str], int] = field(default_factory=dict)
+
+    def candidates(self) -> list[Candidate]:
+        return self.healthy + self.degraded
+
+    def eligible(self, lapsed: frozenset[str]) -> tuple[list[Candidate], Eligible]:
+        """Healthy instances whose lease holds, else degraded ones; NoHealthyInstance if none."""
+        found = self._eligible.get(lapsed)
+        if found is None:
+            for group in (self.healthy, self.degraded):
+                chosen = [c for c in group if c.instance.id not in lapsed]
+                if chosen:
+                    break
+            else:
+                raise NoHealthyInstance(NO_INSTANCE)
+            found = (chosen, Eligible(c.instance for c in chosen))
+            if len(self._eligible) > 64:
+                self._eligible.clear()
+            self._eligible[lapsed] = found
+        return found
+
+    def pick(self, strategy: str, lapsed: frozenset[str], step: int, key: str | None) -> Candidate:
+        chosen, pool = self.eligible(lapsed)
+        if strategy == "round_robin":
+            return chosen[step % len(chosen)]
+        if strategy == "weighted":
+            schedule = self._schedules.get(lapsed)
+            if schedule is None:
+                if len(self._schedules) > 64:
+                    self._schedules.clear()
+                schedule = self._schedules[lapsed] = SmoothWeightedSchedule(pool)
+            return chosen[schedule.index_at(step)]
+        if strategy == "random":
+            return chosen[_rng.choices(range(len(pool)), weights=[i.weight for i in pool], k=1)[0]]
+        if strategy == "hash":
+            assert key is not None
+            # The winner depends on the eligible pool and the key alone: remembered for both.
+            remembered = self._hashed.get((lapsed, key))
+            if remembered is None:
+                winner = rendezvous(pool, key).id
+                remembered = next(n for n, c in enumerate(chosen) if c.instance.id == winner)
+                if len(self._hashed) >= MAX_HASHED_KEYS:
+                    self._hashed.clear()
+                self._hashed[(lapsed, key)] = remembered
+            return chosen[remembered]
+        raise ValueError(strategy)
+
+
+_rng = random.SystemRandom()
+_pools: dict[tuple[str, str], Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def canonical_selector(selector: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((selector or {}).items()))
 
 
 def _state_key(kind: str, name: str, selector: dict[str, str] | None) -> str:
-    canonical = ",".join(f"{k}={v}" for k, v in sorted((selector or {}).items()))
-    digest = hashlib.sha1(f"{name}\0{canonical}".encode()).hexdigest()[:20]
+    digest = hashlib.sha1(f"{name}\0{canonical_selector(selector)}".encode()).hexdigest()[:20]
     return f"{settings.REGISTRY_REDIS_PREFIX}balancer:{kind}:{digest}"
 
 
-def eligible_queryset(name: str, selector: dict[str, str] | None, now: datetime) -> QuerySet[Service]:
-    """The eligible instances of ``name`` as a query, ordered by id: the rule of strategies.eligible
-    (weight above 0; healthy, or else degraded; a lapsed lease is unhealthy) applied in SQL, so a
-    round-robin pick reads one row, not every instance."""
-    qs = Service.objects.filter(service_name=name, weight__gt=0).exclude(pk__in=lapsed_ids(now)).order_by("pk")
+def load_pool(name: str, selector: dict[str, str] | None, version: str) -> Pool:
+    """Read the selectable instances of ``name`` from the database (call after reading ``version``)."""
+    qs = (
+        Service.objects.filter(service_name=name, weight__gt=0, health__in=[Health.HEALTHY, Health.DEGRADED])
+        .select_related("owner")
+        .order_by("pk")
+    )
     if selector:
         qs = qs.matching(selector)
-    for health in (Health.HEALTHY, Health.DEGRADED):
-        chosen = qs.filter(health=health)
-        if chosen.exists():
-            return chosen
-    if not Service.objects.filter(service_name=name).exists():
-        raise NameNotFound(f"no service is registered under the name {name!r}")
-    raise NoHealthyInstance("no healthy or degraded instance with a weight above 0")
+    rows = list(qs)
+    registered = bool(rows) or Service.objects.filter(service_name=name).exists()
+    known = lease_store.deadlines(get_redis(), [s.service_id for s in rows])
+    healthy: list[Candidate] = []
+    degraded: list[Candidate] = []
+    digest = hashlib.sha1()
+    for s in rows:
+        fallback = lease_store.to_ms(s.lease_expires_at)
+        candidate = Candidate(
+            s, Instance(s.service_id, s.endpoint, s.weight, s.health), fallback, known.get(s.service_id, fallback)
+        )
+        (healthy if s.health == Health.HEALTHY else degraded).append(candidate)
+        digest.update(f"{s.service_id}\0{s.weight}\0{s.health}\n".encode())
+    return Pool(version, registered, healthy, degraded, digest.hexdigest(), time.monotonic())
+
+
+def _remember(cache_key: tuple[str, str], pool: Pool) -> None:
+    with _pools_lock:
+        if len(_pools) >= MAX_POOLS and cache_key not in _pools:
+            _pools.clear()
+        _pools[cache_key] = pool
+
+
+def forget_pools() -> None:
+    """Drop every cached list (tests that swap the database or Redis under a running process)."""
+    with _pools_lock:
+        _pools.clear()
+
+
+def body_of(candidate: Candidate, deadline_ms: int) -> dict[str, Any]:
+    """The ServiceSerializer output for the chosen instance, its lease as Redis holds it now. The fields that
+    do not move with the lease are rendered once per loaded list."""
+    if candidate.body is None:
+        from registry.serializers import ServiceSerializer  # the serializers import this module's app late
+
+        service = candidate.service
+        service.live_expires_at = lease_store.from_ms(candidate.known_ms)
+        candidate.body = dict(ServiceSerializer(service).data)
+    expires = lease_store.from_ms(deadline_ms)
+    body = dict(candidate.body)
+    # Never lapsed at the pick, so its effective health is what it reported.
+    body["health"] = candidate.instance.health
+    body["last_heartbeat"] = _DATETIME.to_representation(expires - timedelta(seconds=candidate.service.lease_duration))
+    body["lease_expires_at"] = _DATETIME.to_representation(expires)
+    return body
+
+
+# --- the flow -------------------------------------------------------------------------------------------
+
+
+def select_flow(
+    name: str,
+    strategy: str,
+    now: datetime,
+    selector: dict[str, str] | None = None,
+    key: str | None = None,
+    token_hash: str | None = None,
+) -> Generator[Script | Deadline | Blocking, Any, Outcome]:
+    """Select one instance of ``name``. ``token_hash``: the caller's token, checked against the token cache
+    (the fast path; the DRF view has authenticated already). Answers 200 with the service, 401 for an
+    unknown token, 404 for an unknown name, 503 when no instance is eligible."""
+    cache_key = (name, canonical_selector(selector))
+    now_ms = lease_store.to_ms(now)
+    k = lease_store.keys()
+    mode = {"round_robin": "rr", "weighted": "swrr"}.get(strategy, "none")
+    keys = [
+        k.token(token_hash or "-"),
+        name_version_key(name),
+        _state_key({"rr": "rr", "swrr": "swrr-seq"}.get(mode, "none"), name, selector),
+        k.deadline,
+    ]
+    for _attempt in range(5):
+        pool = _pools.get(cache_key)
+        if pool is not None and time.monotonic() - pool.loaded_at > MAX_AGE_SECONDS:
+            pool = None
+        uncertain = [c for c in pool.candidates() if c.known_ms <= now_ms] if pool else []
+        args: list[str | int] = [
+            "1" if token_hash else "0",
+            now_ms,
+            pool.version if pool else "",
+            mode if pool and (pool.healthy or pool.degraded) else "none",
+            pool.fingerprint if pool else "",
+        ]
+        for c in uncertain:
+            args += [c.instance.id, c.fallback_ms]
+        reply = yield Script(keys, args)
+        code = _text(reply[0])
+        if code == "TOKEN_MISS":
+            if not (yield Blocking(cache_token, (token_hash,))):
+                return Outcome(401, {"detail": "Invalid token."})
+            continue
+        if code == "STALE":
+            loaded = yield Blocking(load_pool, (name, selector, _text(reply[1])))
+            _remember(cache_key, loaded)
+            continue
+        assert pool is not None and code == "OK"
+        step = int(reply[2])
+        lapsed = set()
+        for c, raw in zip(uncertain, reply[3], strict=True):
+            deadline = int(float(raw))
+            if deadline <= now_ms:
+                lapsed.add(c.instance.id)
+            elif deadline > c.known_ms:
+                c.known_ms = deadline
+        if not pool.registered:
+            return Outcome(404, {"detail": f"no service is registered under the name {name!r}"})
+        try:
+            chosen = pool.pick(strategy, frozenset(lapsed), step, key)
+        except NoHealthyInstance as exc:
+            return Outcome(503, {"detail": f"{name}: {exc}", "name": name})
+        live = yield Deadline(chosen.instance.id)
+        deadline_ms = int(float(live)) if live is not None else chosen.fallback_ms
+        chosen.known_ms = max(chosen.known_ms, deadline_ms)
+        return Outcome(200, body_of(chosen, deadline_ms))
+    raise RuntimeError(f"select for {name!r} did not settle")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def run_flow(flow: Generator[Script | Deadline | Blocking, Any, Outcome], r: redis.Redis | None = None) -> Outcome:
+    """Drive a select flow synchronously (the DRF view)."""
+    r = r or get_redis()
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, Script):
+                try:
+                    reply = r.evalsha(SELECT_SHA, len(step.keys), *step.keys, *step.args)
+                except redis.exceptions.NoScriptError:
+                    reply = r.eval(SELECT_LUA, len(step.keys), *step.keys, *step.args)
+            elif isinstance(step, Deadline):
+                reply = r.zscore(lease_store.keys().deadline, step.service_id)
+            else:
+                reply = step.fn(*step.args)
+            step = flow.send(reply)
+    except StopIteration as stop:
+        return stop.value
 
 
 def select(
-    name: str, strategy: str, now: datetime, selector: dict[str, str] | None = None, key: str | None = None
-) -> Service:
-    """One instance of ``name``; NameNotFound if none is registered, NoHealthyInstance if none is eligible."""
-    qs = eligible_queryset(name, selector, now)
-    if strategy == "round_robin":
-        cursor = get_redis().incr(_state_key("rr", name, selector)) - 1
-        count = qs.count()
-        chosen = qs.values_list("pk", flat=True)[cursor % count] if count else None
-        if chosen is None:
-            raise NoHealthyInstance("the last eligible instance went away")
-        return Service.objects.get(pk=chosen)
-    pool = [Instance(pk, "", weight) for pk, weight in qs.values_list("pk", "weight")]
-    if strategy == "weighted":
-        args: list[str | int] = []
-        for inst in pool:
-            args += [inst.id, inst.weight]
-        chosen = get_redis().eval(SMOOTH_WEIGHTED_LUA, 1, _state_key("swrr", name, selector), *args).decode()
-    elif strategy == "random":
-        chosen = random_weighted(pool, random.SystemRandom()).id
-    elif strategy == "hash":
-        assert key is not None
-        chosen = rendezvous(pool, key).id
-    else:
-        raise ValueError(strategy)
-    return Service.objects.get(pk=chosen)
+    name: str,
+    strategy: str,
+    now: datetime,
+    selector: dict[str, str] | None = None,
+    key: str | None = None,
+) -> Outcome:
+    """One selection, driven synchronously."""
+    return run_flow(select_flow(name, strategy, now, selector, key))
