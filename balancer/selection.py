@@ -77,7 +77,7 @@ SELECT_SHA = hashlib.sha1(SELECT_LUA.encode()).hexdigest()
 
 # A cached list is reloaded at least this often even if no change was announced: the bound on staleness if
 # a change's after-commit bump of the counter failed (Redis unreachable at that instant).
-MAX_AGE_SECONDS = 5.0
+MAX_AGE_SECONDS = 30.0
 MAX_POOLS = 512  # (name, selector) lists kept per process
 MAX_HASHED_KEYS = 8192  # hash-strategy answers remembered per list
 
@@ -145,12 +145,23 @@ class Pool:
     degraded: list[Candidate]
     fingerprint: str
     loaded_at: float
+    next_check_ms: int = 0
     _eligible: dict[frozenset[str], tuple[list[Candidate], Eligible]] = field(default_factory=dict)
     _schedules: dict[frozenset[str], SmoothWeightedSchedule] = field(default_factory=dict)
     _hashed: dict[tuple[frozenset[str], str], int] = field(default_factory=dict)
 
     def candidates(self) -> list[Candidate]:
         return self.healthy + self.degraded
+
+    def uncertain(self, now_ms: int) -> list[Candidate]:
+        """The instances whose known deadline has passed: their lease may have lapsed, or been renewed."""
+        if now_ms < self.next_check_ms:
+            return []
+        return [c for c in self.candidates() if c.known_ms <= now_ms]
+
+    def learned(self) -> None:
+        """Deadlines were read: the next instant some known deadline passes."""
+        self.next_check_ms = min((c.known_ms for c in self.candidates()), default=2**62)
 
     def eligible(self, lapsed: frozenset[str]) -> tuple[list[Candidate], Eligible]:
         """Healthy instances whose lease holds, else degraded ones; NoHealthyInstance if none."""
@@ -198,6 +209,7 @@ class Pool:
 _rng = random.SystemRandom()
 _pools: dict[tuple[str, str], Pool] = {}
 _pools_lock = threading.Lock()
+_load_lock = threading.Lock()
 
 
 def canonical_selector(selector: dict[str, str] | None) -> str:
@@ -210,7 +222,30 @@ def _state_key(kind: str, name: str, selector: dict[str, str] | None) -> str:
 
 
 def load_pool(name: str, selector: dict[str, str] | None, version: str) -> Pool:
-    """Read the selectable instances of ``name`` from the database (call after reading ``version``)."""
+    """The selectable instances of ``name`` as of ``version`` (read before this call): the cached list if it
+    has that version already (the selects that found it stale together load it once), else read from the
+    database; a list read again with the very same content keeps what was computed from it."""
+    cache_key = (name, canonical_selector(selector))
+    with _load_lock:
+        current = _pools.get(cache_key)
+        if current is not None and current.version == version and _fresh(current):
+            return current
+        loaded = _read_pool(name, selector, version)
+        if current is not None and current.fingerprint == loaded.fingerprint:
+            for old, new in zip(current.candidates(), loaded.candidates(), strict=True):
+                old.known_ms = new.known_ms  # Redis may have lost (and rebuilt) deadlines since
+            current.version, current.loaded_at = version, loaded.loaded_at
+            loaded = current
+        loaded.learned()
+        _remember(cache_key, loaded)
+        return loaded
+
+
+def _fresh(pool: Pool) -> bool:
+    return time.monotonic() - pool.loaded_at <= MAX_AGE_SECONDS
+
+
+def _read_pool(name: str, selector: dict[str, str] | None, version: str) -> Pool:
     qs = (
         Service.objects.filter(service_name=name, weight__gt=0, health__in=[Health.HEALTHY, Health.DEGRADED])
         .select_related("owner")
@@ -230,7 +265,10 @@ def load_pool(name: str, selector: dict[str, str] | None, version: str) -> Pool:
             s, Instance(s.service_id, s.endpoint, s.weight, s.health), fallback, known.get(s.service_id, fallback)
         )
         (healthy if s.health == Health.HEALTHY else degraded).append(candidate)
-        digest.update(f"{s.service_id}\0{s.weight}\0{s.health}\n".encode())
+        # Everything a response shows but the lease: an equal digest means equal answers.
+        shown = (s.service_id, s.weight, s.health, s.endpoint, s.labels, s.service_type, s.group_id, s.drained)
+        more = (s.operator_weight, s.registered_at.isoformat(), s.lease_duration, s.deregister_after, s.owner_id)
+        digest.update(repr((shown, more, s.owner.name if s.owner else None)).encode())
     return Pool(version, registered, healthy, degraded, digest.hexdigest(), time.monotonic())
 
 
@@ -291,9 +329,9 @@ def select_flow(
     ]
     for _attempt in range(5):
         pool = _pools.get(cache_key)
-        if pool is not None and time.monotonic() - pool.loaded_at > MAX_AGE_SECONDS:
+        if pool is not None and not _fresh(pool):
             pool = None
-        uncertain = [c for c in pool.candidates() if c.known_ms <= now_ms] if pool else []
+        uncertain = pool.uncertain(now_ms) if pool else []
         args: list[str | int] = [
             "1" if token_hash else "0",
             now_ms,
@@ -310,8 +348,7 @@ def select_flow(
                 return Outcome(401, {"detail": "Invalid token."})
             continue
         if code == "STALE":
-            loaded = yield Blocking(load_pool, (name, selector, _text(reply[1])))
-            _remember(cache_key, loaded)
+            yield Blocking(load_pool, (name, selector, _text(reply[1])))
             continue
         assert pool is not None and code == "OK"
         step = int(reply[2])
@@ -322,6 +359,8 @@ def select_flow(
                 lapsed.add(c.instance.id)
             elif deadline > c.known_ms:
                 c.known_ms = deadline
+        if uncertain:
+            pool.learned()
         if not pool.registered:
             return Outcome(404, {"detail": f"no service is registered under the name {name!r}"})
         try:
