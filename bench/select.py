@@ -19,11 +19,11 @@ import sys
 if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
+import argparse
+import asyncio
 
-from bench.balancer import register  # noqa: E402
-from bench.common import Stack, run_wrk  # noqa: E402
+from bench.balancer import register
+from bench.common import Stack, run_wrk
 
 WRK_SCRIPT = """
 wrk.headers["Authorization"] = "Bearer {token}"

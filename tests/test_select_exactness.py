@@ -15,7 +15,7 @@ import time_machine
 from django.db import connection
 
 from balancer import selection
-from registry import leases, lease_store
+from registry import lease_store, leases
 from registry.models import Service
 from registry.redis_client import get_redis
 from tests.conftest import asgi_request, client_for, service_body
