@@ -28,7 +28,7 @@ from registry.redis_client import get_async_redis
 from registry_project import limits
 
 from . import selection
-from .selection import SELECT_LUA, SELECT_SHA, Blocking, Deadline, Outcome, Script
+from .selection import SELECT_LUA, SELECT_SHA, Blocking, Deadline, Outcome, Script, Store
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ async def run_flow_async(flow: Any, r: Any) -> Outcome:
                     reply = await r.eval(SELECT_LUA, len(step.keys), *step.keys, *step.args)
             elif isinstance(step, Deadline):
                 reply = await r.zscore(selection.lease_store.keys().deadline, step.service_id)
+            elif isinstance(step, Store):
+                reply = await selection.store_pipeline(r.pipeline(transaction=True), step).execute()
             else:
                 assert isinstance(step, Blocking)
                 reply = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)

@@ -44,13 +44,17 @@ from registry.leases import cache_token
 from registry.models import Health, Service
 from registry.redis_client import get_redis
 
+from .hashing import RendezvousPool
 from .schedule import SmoothWeightedSchedule
-from .strategies import Eligible, Instance, NoHealthyInstance, rendezvous
+from .strategies import Eligible, Instance, NoHealthyInstance
 
-# KEYS: token, name's change counter, rotation state, lease deadlines.
-# ARGV: check token (1/0), now_ms, cached version, mode (rr | swrr | none), pool fingerprint,
-#       then id, fallback deadline (ms) for each instance whose lease may have lapsed.
-# Replies: {'TOKEN_MISS'} | {'STALE', version} | {'OK', version, step, {deadline, ...}}.
+# KEYS: token, name's change counter, rotation state, lease deadlines, the pool's order list.
+# ARGV: check token (1/0), now_ms, cached version, mode (rr | swrr | none), pool fingerprint, the id the
+#       pick will be if no lease lapsed ('' if unknown), the order list's length (0: none), then id,
+#       fallback deadline (ms) for each instance whose lease may have lapsed.
+# Replies: {'TOKEN_MISS'} | {'STALE', version} | {'OK', version, step, {deadline, ...}, id, deadline}.
+# With no lapse, the pick is the guessed id or the order list's entry at the step, and its deadline comes
+# back with the rest (nil: not known here; the list is missing, or some lease lapsed).
 # A name whose counter was never set reads as '-': no key is made for names nobody registered.
 SELECT_LUA = """
 if ARGV[1] == '1' and not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
@@ -58,7 +62,7 @@ local version = redis.call('GET', KEYS[2]) or '-'
 if version ~= ARGV[3] then return {'STALE', version} end
 local now = tonumber(ARGV[2])
 local deadlines, lapsed = {}, {}
-for i = 6, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local d = redis.call('ZSCORE', KEYS[4], ARGV[i]) or ARGV[i + 1]
   table.insert(deadlines, d)
   if tonumber(d) <= now then table.insert(lapsed, ARGV[i]) end
@@ -71,7 +75,14 @@ elseif ARGV[4] == 'swrr' then
   if redis.call('HGET', KEYS[3], 'pool') ~= pool then redis.call('HSET', KEYS[3], 'pool', pool, 'n', 0) end
   step = redis.call('HINCRBY', KEYS[3], 'n', 1) - 1
 end
-return {'OK', version, step, deadlines}
+local chosen, chosen_deadline = false, false
+if #lapsed == 0 then
+  chosen = ARGV[6]
+  if tonumber(ARGV[7]) > 0 then chosen = redis.call('LINDEX', KEYS[5], step % tonumber(ARGV[7])) end
+  if chosen == '' then chosen = false end
+  if chosen then chosen_deadline = redis.call('ZSCORE', KEYS[4], chosen) end
+end
+return {'OK', version, step, deadlines, chosen, chosen_deadline}
 """
 SELECT_SHA = hashlib.sha1(SELECT_LUA.encode()).hexdigest()
 
@@ -80,6 +91,7 @@ SELECT_SHA = hashlib.sha1(SELECT_LUA.encode()).hexdigest()
 MAX_AGE_SECONDS = 30.0
 MAX_POOLS = 512  # (name, selector) lists kept per process
 MAX_HASHED_KEYS = 8192  # hash-strategy answers remembered per list
+MAX_ORDER = 50_000  # longest rotation order kept in Redis (a weighted schedule's period can be longer)
 
 NO_INSTANCE = "no healthy or degraded instance with a weight above 0"
 _DATETIME = serializers.DateTimeField()
@@ -108,11 +120,22 @@ class Deadline:
 
 
 @dataclass(frozen=True)
+class Store:
+    """Step: replace the Redis list ``key`` with ``ids`` (kept a day)."""
+
+    key: str
+    ids: list[str]
+
+
+@dataclass(frozen=True)
 class Blocking:
     """Step: run this blocking (database) function; its return value is sent back."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+
+
+Step = Script | Deadline | Store | Blocking
 
 
 @dataclass(frozen=True)
@@ -148,6 +171,8 @@ class Pool:
     next_check_ms: int = 0
     _eligible: dict[frozenset[str], tuple[list[Candidate], Eligible]] = field(default_factory=dict)
     _schedules: dict[frozenset[str], SmoothWeightedSchedule] = field(default_factory=dict)
+    _rendezvous: dict[frozenset[str], RendezvousPool] = field(default_factory=dict)
+    _orders: dict[str, tuple[str, list[str]] | None] = field(default_factory=dict)
     _hashed: dict[tuple[frozenset[str], str], int] = field(default_factory=dict)
 
     def candidates(self) -> list[Candidate]:
@@ -179,17 +204,38 @@ class Pool:
             self._eligible[lapsed] = found
         return found
 
+    def order(self, strategy: str) -> tuple[str, list[str]] | None:
+        """For the rotations: the ids in the order the shared step walks them while no lease has lapsed (the
+        eligible ids, or one period of the weighted schedule), named by content; None if too long."""
+        found = self._orders.get(strategy)
+        if found is None and strategy in ("round_robin", "weighted") and (self.healthy or self.degraded):
+            chosen, pool = self.eligible(frozenset())
+            group = "h" if self.healthy else "d"
+            if strategy == "round_robin":
+                ids = [c.instance.id for c in chosen]
+            else:
+                schedule = self._schedule(frozenset(), pool)
+                if schedule.period > MAX_ORDER:
+                    return None
+                ids = [pool[schedule.index_at(p)].id for p in range(schedule.period)]
+            prefix = settings.REGISTRY_REDIS_PREFIX
+            found = self._orders[strategy] = (f"{prefix}balancer:order:{self.fingerprint}:{strategy}:{group}", ids)
+        return found
+
+    def _schedule(self, lapsed: frozenset[str], pool: Eligible) -> SmoothWeightedSchedule:
+        schedule = self._schedules.get(lapsed)
+        if schedule is None:
+            if len(self._schedules) > 64:
+                self._schedules.clear()
+            schedule = self._schedules[lapsed] = SmoothWeightedSchedule(pool)
+        return schedule
+
     def pick(self, strategy: str, lapsed: frozenset[str], step: int, key: str | None) -> Candidate:
         chosen, pool = self.eligible(lapsed)
         if strategy == "round_robin":
             return chosen[step % len(chosen)]
         if strategy == "weighted":
-            schedule = self._schedules.get(lapsed)
-            if schedule is None:
-                if len(self._schedules) > 64:
-                    self._schedules.clear()
-                schedule = self._schedules[lapsed] = SmoothWeightedSchedule(pool)
-            return chosen[schedule.index_at(step)]
+            return chosen[self._schedule(lapsed, pool).index_at(step)]
         if strategy == "random":
             return chosen[_rng.choices(range(len(pool)), weights=[i.weight for i in pool], k=1)[0]]
         if strategy == "hash":
@@ -197,8 +243,12 @@ class Pool:
             # The winner depends on the eligible pool and the key alone: remembered for both.
             remembered = self._hashed.get((lapsed, key))
             if remembered is None:
-                winner = rendezvous(pool, key).id
-                remembered = next(n for n, c in enumerate(chosen) if c.instance.id == winner)
+                hashing = self._rendezvous.get(lapsed)
+                if hashing is None:
+                    if len(self._rendezvous) > 64:
+                        self._rendezvous.clear()
+                    hashing = self._rendezvous[lapsed] = RendezvousPool(pool)
+                remembered = hashing.index(key)
                 if len(self._hashed) >= MAX_HASHED_KEYS:
                     self._hashed.clear()
                 self._hashed[(lapsed, key)] = remembered
@@ -313,7 +363,7 @@ def select_flow(
     selector: dict[str, str] | None = None,
     key: str | None = None,
     token_hash: str | None = None,
-) -> Generator[Script | Deadline | Blocking, Any, Outcome]:
+) -> Generator[Step, Any, Outcome]:
     """Select one instance of ``name``. ``token_hash``: the caller's token, checked against the token cache
     (the fast path; the DRF view has authenticated already). Answers 200 with the service, 401 for an
     unknown token, 404 for an unknown name, 503 when no instance is eligible."""
@@ -326,18 +376,28 @@ def select_flow(
         name_version_key(name),
         _state_key({"rr": "rr", "swrr": "swrr-seq"}.get(mode, "none"), name, selector),
         k.deadline,
+        "",
     ]
     for _attempt in range(5):
         pool = _pools.get(cache_key)
         if pool is not None and not _fresh(pool):
             pool = None
         uncertain = pool.uncertain(now_ms) if pool else []
+        selectable = pool is not None and pool.registered and bool(pool.healthy or pool.degraded)
+        # What the pick will be if no lease lapsed, so that its deadline comes back with the rest.
+        guess: Candidate | None = None
+        order = pool.order(strategy) if selectable and pool is not None else None
+        if selectable and pool is not None and strategy in ("hash", "random"):
+            guess = pool.pick(strategy, frozenset(), 0, key)
+        keys[4] = order[0] if order else keys[1]
         args: list[str | int] = [
             "1" if token_hash else "0",
             now_ms,
             pool.version if pool else "",
-            mode if pool and (pool.healthy or pool.degraded) else "none",
+            mode if selectable else "none",
             pool.fingerprint if pool else "",
+            guess.instance.id if guess else "",
+            len(order[1]) if order else 0,
         ]
         for c in uncertain:
             args += [c.instance.id, c.fallback_ms]
@@ -364,21 +424,34 @@ def select_flow(
         if not pool.registered:
             return Outcome(404, {"detail": f"no service is registered under the name {name!r}"})
         try:
-            chosen = pool.pick(strategy, frozenset(lapsed), step, key)
+            chosen = guess if guess is not None and not lapsed else pool.pick(strategy, frozenset(lapsed), step, key)
         except NoHealthyInstance as exc:
             return Outcome(503, {"detail": f"{name}: {exc}", "name": name})
-        live = yield Deadline(chosen.instance.id)
+        if not lapsed and reply[4] is not None and _text(reply[4]) == chosen.instance.id:
+            live = reply[5]
+        else:
+            if order and not lapsed and reply[4] is None:
+                yield Store(*order)  # the order list is gone (expired, or Redis lost it): put it back
+            live = yield Deadline(chosen.instance.id)
         deadline_ms = int(float(live)) if live is not None else chosen.fallback_ms
         chosen.known_ms = max(chosen.known_ms, deadline_ms)
         return Outcome(200, body_of(chosen, deadline_ms))
     raise RuntimeError(f"select for {name!r} did not settle")
 
 
+def store_pipeline(pipe: Any, step: Store) -> Any:
+    """The commands of a Store step, queued on a (sync or async) transaction pipeline."""
+    pipe.delete(step.key)
+    pipe.rpush(step.key, *step.ids)
+    pipe.expire(step.key, 86400)
+    return pipe
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def run_flow(flow: Generator[Script | Deadline | Blocking, Any, Outcome], r: redis.Redis | None = None) -> Outcome:
+def run_flow(flow: Generator[Step, Any, Outcome], r: redis.Redis | None = None) -> Outcome:
     """Drive a select flow synchronously (the DRF view)."""
     r = r or get_redis()
     try:
@@ -391,6 +464,8 @@ def run_flow(flow: Generator[Script | Deadline | Blocking, Any, Outcome], r: red
                     reply = r.eval(SELECT_LUA, len(step.keys), *step.keys, *step.args)
             elif isinstance(step, Deadline):
                 reply = r.zscore(lease_store.keys().deadline, step.service_id)
+            elif isinstance(step, Store):
+                reply = store_pipeline(r.pipeline(transaction=True), step).execute()
             else:
                 reply = step.fn(*step.args)
             step = flow.send(reply)
