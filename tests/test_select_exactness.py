@@ -159,3 +159,20 @@ def test_select_during_a_mass_lapse_builds_no_list_of_lapsed_ids(owner, via, sql
             response = get()
             assert response.status_code == 200, response.content
             assert response.json()["service_id"] == "live"
+
+
+@pytest.mark.django_db
+def test_the_fast_path_answers_with_the_views_body(owner):
+    # given: an instance with every field set, an operator's weight among them
+    api = client_for(owner[1])
+    register(api, "a", labels={"zone": "x", "tier": "gold"}, group_id="g1", lease_duration=40, deregister_after=7)
+    leases.set_operator_weight(["a"], 7)
+    assert api.post("/api/v1/services/a/heartbeat/", {"health": "degraded"}, format="json").status_code == 200
+    # when: both front doors select it
+    view = api.get(SELECT)
+    fast = asgi_request("GET", SELECT, headers={"Authorization": f"Bearer {owner[1]}"})
+    # then: the same JSON, and the fast path answered (Django would have added its headers)
+    assert fast.status_code == view.status_code == 200
+    assert fast.json() == view.json()
+    assert fast.json()["operator_weight"] == 7 and fast.json()["health"] == "degraded"
+    assert "vary" not in fast.headers and "Vary" in view.headers
