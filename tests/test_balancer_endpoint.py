@@ -162,3 +162,26 @@ def test_two_server_processes_alternating_produce_one_round_robin_sequence(serve
         for n in range(8)
     ]
     assert Counter(weighted) == {"a": 2, "b": 2, "c": 2, "d": 2}
+
+
+def test_a_revoked_token_stops_selecting_at_once(api, owner):
+    register(api, "a")
+    assert select(api, "").status_code == 200  # the token is in the token cache now
+    token = owner[0]
+    token.is_active = False
+    token.save()
+    response = select(api, "")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid token."}
+
+
+def test_with_a_request_rate_set_selects_go_through_the_view_and_its_throttle(owner, settings):
+    # given: a rate of 2 requests per minute per token, which only the DRF view counts
+    settings.REGISTRY_THROTTLE_RATE = (2, 60)
+    client_for(owner[1]).post("/api/v1/services/", service_body("a", service_name="sink"), format="json")
+    answers = [
+        asgi_request("GET", "/api/v1/balancer/select/?name=sink", headers={"Authorization": f"Bearer {owner[1]}"})
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in answers] == [200, 429, 429]  # the registration counted too
+    assert all("Vary" in r.headers for r in answers)  # Django answered
