@@ -2,25 +2,23 @@
 served by the ASGI fast path (ours) and by the DRF view (the anchor, reached with ``&format=json``, which the
 fast path leaves to Django), in the same run on the same stack (2 uvicorn workers, wrk).
 
-    SECRET_KEY=dev .venv/bin/python bench/select.py [--instances 1000] [--seconds 10] [--connections 32]
+    SECRET_KEY=dev .venv/bin/python bench/selection.py [--instances 1000] [--seconds 10] [--connections 32]
 
 Hash keys: ``hash`` draws them from 1,000 distinct keys (clients keyed by customer or session repeat their
 keys), ``hash-unique`` sends a new key with every request (each one costs a rendezvous over every instance).
-Needs wrk (Debian: apt-get install wrk).
+Needs wrk (Debian: apt-get install wrk). (Not named select.py: run as scripts, the files of bench/ would
+import it in place of the standard library's ``select`` module.)
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on the path, and this file would stand in for the
-# standard library's `select` module (which asyncio and socket import): put the project there instead.
-if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-
 import argparse
 import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balancer import register
 from bench.common import Stack, run_wrk
