@@ -80,8 +80,11 @@ def _name_changed(service_name: str) -> None:
     after_commit(lambda: _bump_name_version(service_name))
 
 
-def service_registered(service: Any) -> None:
+def service_registered(service: Any, previous_name: str | None = None) -> None:
+    """``previous_name``: the name the service had before this re-registration (its old name's list changed too)."""
     _name_changed(service.service_name)
+    if previous_name and previous_name != service.service_name:
+        _name_changed(previous_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.registered", service.service_name, body))
 

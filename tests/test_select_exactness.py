@@ -176,3 +176,22 @@ def test_the_fast_path_answers_with_the_views_body(owner):
     assert fast.json() == view.json()
     assert fast.json()["operator_weight"] == 7 and fast.json()["health"] == "degraded"
     assert "vary" not in fast.headers and "Vary" in view.headers
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("via", ["drf", "asgi"])
+def test_an_instance_reregistered_under_another_name_leaves_its_old_names_list(owner, via):
+    api = client_for(owner[1])
+
+    def get(name: str):
+        path = f"/api/v1/balancer/select/?name={name}"
+        if via == "drf":
+            return api.get(path)
+        return asgi_request("GET", path, headers={"Authorization": f"Bearer {owner[1]}"})
+
+    register(api, "a")
+    register(api, "b")
+    assert {get("sink").json()["service_id"] for _ in range(4)} == {"a", "b"}
+    assert api.post("/api/v1/services/", service_body("b", service_name="source"), format="json").status_code == 200
+    assert {get("sink").json()["service_id"] for _ in range(4)} == {"a"}
+    assert get("source").json()["service_id"] == "b"
