@@ -229,7 +229,7 @@ def _register_once(
             at=now,
             revision=service.effective_revision(now),
         )
-        events.service_registered(service)
+        events.service_registered(service, previous_name=before.get("service_name"))
     return service, created
 
 
