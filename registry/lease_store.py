@@ -26,8 +26,12 @@ from django.conf import settings
 #   {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms} | {"TOKEN_MISS"} | {"NOT_FOUND"}
 #   | {"FORBIDDEN"}
 # KEYS: deadline, removal, conf, health, heartbeat counter, member sessions, member timeouts, expiry claims,
-#       recoveries, recovered; then per heartbeat: its token's cache entry, the service id's member groups.
-# ARGV: claim_valid_ms; then per heartbeat: id, now_ms, health.
+#       recoveries, recovered.
+# ARGV: claim_valid_ms, the token keys' prefix, the member groups keys' prefix; then one argument per
+#       heartbeat, "<token hash> <now_ms> <health> <service id>" (see Beat.packed).
+# The script names each heartbeat's token and member-groups keys from those prefixes rather than taking
+# them in KEYS: a batch's arguments stay one per heartbeat, which is most of what a batch costs to send
+# and to parse. (The registry runs on one Redis server, not a cluster: its keys already span slots.)
 # A renewal of a lapsed lease counts a recovery (registry.revisions) and queues it for the cleanup
 # job's announcement.
 # A member session of the same id is renewed only if the token that joined it owns the service
@@ -36,11 +40,11 @@ from django.conf import settings
 HEARTBEAT_LUA = """
 local claim_valid = tonumber(ARGV[1])
 local tokens = {}
-local function beat(token_key, groups_key, id, now, health)
-  local token = tokens[token_key]
+local function beat(key_hash, id, now, health)
+  local token = tokens[key_hash]
   if token == nil then
-    token = redis.call('GET', token_key)
-    tokens[token_key] = token
+    token = redis.call('GET', ARGV[2] .. key_hash)
+    tokens[key_hash] = token
   end
   if not token then return {'TOKEN_MISS'} end
   local conf = redis.call('HGET', KEYS[3], id)
@@ -59,7 +63,7 @@ local function beat(token_key, groups_key, id, now, health)
   -- a service that is also a group member keeps its memberships with the same heartbeat, where the
   -- same token joined them
   if owner ~= '' then
-    for _, group in ipairs(redis.call('SMEMBERS', groups_key)) do
+    for _, group in ipairs(redis.call('SMEMBERS', ARGV[3] .. id)) do
       local session = group .. '/' .. id
       local entry = redis.call('HGET', KEYS[7], session)
       local timeout, member_owner
@@ -77,10 +81,11 @@ local function beat(token_key, groups_key, id, now, health)
 end
 local replies = {}
 local renewed = 0
-for i = 1, (#ARGV - 1) / 3 do
-  local reply = beat(KEYS[9 + 2 * i], KEYS[10 + 2 * i], ARGV[3 * i - 1], tonumber(ARGV[3 * i]), ARGV[3 * i + 1])
+for i = 4, #ARGV do
+  local key_hash, now, health, id = string.match(ARGV[i], '^(%x+) (%d+) (%a+) (.+)$')
+  local reply = beat(key_hash, id, tonumber(now), health)
   if #reply > 1 then renewed = renewed + 1 end
-  replies[i] = reply
+  replies[i - 3] = reply
 end
 if renewed > 0 then redis.call('INCRBY', KEYS[5], renewed) end
 return replies
@@ -98,16 +103,16 @@ class Beat:
     now_ms: int
     health: str
 
+    @property
+    def packed(self) -> str:
+        # The id goes last: HEARTBEAT_LUA takes the rest of the argument as it is.
+        return f"{self.key_hash} {self.now_ms} {self.health} {self.service_id}"
+
 
 def heartbeat_call(beats: Sequence[Beat]) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV of one HEARTBEAT_LUA call for ``beats``."""
     k = keys()
-    call_keys = [*k.heartbeat_keys]
-    args: list[str | int] = [claim_valid_ms()]
-    for beat in beats:
-        call_keys += (k.token(beat.key_hash), k.member_groups(beat.service_id))
-        args += (beat.service_id, beat.now_ms, beat.health)
-    return call_keys, args
+    return k.heartbeat_keys, [claim_valid_ms(), k.token(""), k.member_groups(""), *(beat.packed for beat in beats)]
 
 
 def _decoded(reply: list[list[bytes | str]]) -> list[list[str]]:
