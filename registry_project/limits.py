@@ -10,6 +10,7 @@ import math
 import time
 from typing import Any
 
+import orjson
 import redis
 from django.conf import settings
 from rest_framework.exceptions import ParseError
@@ -91,7 +92,8 @@ def too_large_body(limit: int, setting: str) -> dict[str, Any]:
 
 
 async def send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
+    """Answer with ``body`` as JSON (orjson: this answers every heartbeat, where json.dumps cost 5 us)."""
+    payload = orjson.dumps(body)
     await send(
         {
             "type": "http.response.start",
