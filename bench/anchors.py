@@ -36,6 +36,11 @@ class Etcd:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
+    @property
+    def pid(self) -> int:
+        assert self.process, "etcd is not running"
+        return self.process.pid
+
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
         return out.splitlines()[0].split(":", 1)[-1].strip() if out else "?"

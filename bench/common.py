@@ -34,6 +34,19 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes ``pids`` (all their threads) have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def descendants(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     children = [int(p) for p in out.split()]
@@ -80,6 +93,10 @@ class Stack:
     def server_pids(self) -> list[int]:
         assert self.server
         return descendants(self.server.pid)
+
+    def redis_pid(self) -> int:
+        assert self.redis.process, "Redis is not running"
+        return self.redis.process.pid
 
     def __exit__(self, *exc: object) -> None:
         if self.server:
