@@ -93,7 +93,11 @@ class HeartbeatBatcher:
                 future.cancel()
             raise
         for (_, future), reply in zip(batch, replies, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(reply, redis.ResponseError):
+                future.set_exception(reply)  # this heartbeat's own failure: 503 for it alone
+            else:
                 future.set_result(reply)
 
 

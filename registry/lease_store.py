@@ -24,7 +24,7 @@ from django.conf import settings
 # one round trip (the fast path sends those that arrive together; a lone one is a batch of one).
 # Reply: one entry per heartbeat, in order:
 #   {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms} | {"TOKEN_MISS"} | {"NOT_FOUND"}
-#   | {"FORBIDDEN"}
+#   | {"FORBIDDEN"} | {"ERROR", message} (that heartbeat failed in Redis; the others of the batch stand)
 # KEYS: deadline, removal, conf, health, heartbeat counter, member sessions, member timeouts, expiry claims,
 #       recoveries, recovered.
 # ARGV: claim_valid_ms, the token keys' prefix, the member groups keys' prefix; then one argument per
@@ -83,8 +83,12 @@ local replies = {}
 local renewed = 0
 for i = 4, #ARGV do
   local key_hash, now, health, id = string.match(ARGV[i], '^(%x+) (%d+) (%a+) (.+)$')
-  local reply = beat(key_hash, id, tonumber(now), health)
-  if #reply > 1 then renewed = renewed + 1 end
+  local ok, reply = pcall(beat, key_hash, id, tonumber(now), health)
+  if not ok then
+    reply = {'ERROR', type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+  elseif #reply > 1 then
+    renewed = renewed + 1
+  end
   replies[i - 3] = reply
 end
 if renewed > 0 then redis.call('INCRBY', KEYS[5], renewed) end
@@ -115,12 +119,18 @@ def heartbeat_call(beats: Sequence[Beat]) -> tuple[list[str], list[str | int]]:
     return k.heartbeat_keys, [claim_valid_ms(), k.token(""), k.member_groups(""), *(beat.packed for beat in beats)]
 
 
-def _decoded(reply: list[list[bytes | str]]) -> list[list[str]]:
-    return [[part.decode() if isinstance(part, bytes) else str(part) for part in entry] for entry in reply]
+def _decoded(reply: list[list[bytes | str]]) -> list[list[str] | redis.ResponseError]:
+    """Each entry as strings; an ERROR entry as the ResponseError that heartbeat alone would have raised."""
+    entries: list[list[str] | redis.ResponseError] = []
+    for entry in reply:
+        parts = [part.decode() if isinstance(part, bytes) else str(part) for part in entry]
+        entries.append(redis.ResponseError(f"heartbeat script: {parts[1]}") if parts[0] == "ERROR" else parts)
+    return entries
 
 
-def heartbeat_many(r: redis.Redis, beats: Sequence[Beat]) -> list[list[str]]:
-    """Run ``beats`` in one HEARTBEAT_LUA call; one reply per beat, in order (see HEARTBEAT_LUA)."""
+def heartbeat_many(r: redis.Redis, beats: Sequence[Beat]) -> list[list[str] | redis.ResponseError]:
+    """Run ``beats`` in one HEARTBEAT_LUA call; one reply entry per beat, in order (see HEARTBEAT_LUA), or the
+    error of that beat. A failure of the call itself (Redis unreachable) is raised."""
     call_keys, args = heartbeat_call(beats)
     try:
         reply = r.evalsha(HEARTBEAT_SHA, len(call_keys), *call_keys, *args)
@@ -129,7 +139,15 @@ def heartbeat_many(r: redis.Redis, beats: Sequence[Beat]) -> list[list[str]]:
     return _decoded(reply)
 
 
-async def heartbeat_many_async(r: aredis.Redis, beats: Sequence[Beat]) -> list[list[str]]:
+def heartbeat_one(r: redis.Redis, beat: Beat) -> list[str]:
+    """``heartbeat_many`` of one beat: its reply entry, or its error raised."""
+    entry = heartbeat_many(r, [beat])[0]
+    if isinstance(entry, redis.ResponseError):
+        raise entry
+    return entry
+
+
+async def heartbeat_many_async(r: aredis.Redis, beats: Sequence[Beat]) -> list[list[str] | redis.ResponseError]:
     """``heartbeat_many`` on an asyncio client."""
     call_keys, args = heartbeat_call(beats)
     try:

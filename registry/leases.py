@@ -446,7 +446,7 @@ def run_flow(flow: Generator[Eval | Call, Any, HeartbeatResult], r: redis.Redis 
         step = next(flow)
         while True:
             if isinstance(step, Eval):
-                reply: Any = lease_store.heartbeat_many(r, [step.beat])[0]
+                reply: Any = lease_store.heartbeat_one(r, step.beat)
             else:
                 reply = step.fn(*step.args)
             step = flow.send(reply)

@@ -186,3 +186,18 @@ def test_a_revoked_token_is_refused_by_every_server_process(servers, make_token,
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_heartbeat_failing_in_redis_fails_alone_in_its_call(make_token, batch_sizes):
+    """Given two services, one of whose entries Redis cannot read (a key of the wrong type); when both heartbeat
+    at once; then that one is answered 503 (the lease store failed for it) and the other is renewed."""
+    token, key = make_token("owner")
+    for sid in ("fine", "broken"):
+        assert client_for(key).post("/api/v1/services/", service_body(sid), format="json").status_code == 201
+    assert leases.cache_token(token.key_hash)
+    get_redis().set(lease_store.keys().member_groups("broken"), "not a set")  # SMEMBERS fails: WRONGTYPE
+    answers = heartbeats_at_once([("broken", key, None), ("fine", key, None)] * 3)
+    assert batch_sizes == [6]
+    assert [status for status, _ in answers] == [503, 200] * 3
+    assert answers[0][1] == {"detail": "Lease store unavailable; retry shortly."}
+    assert answers[1][1]["service_id"] == "fine"
