@@ -93,7 +93,11 @@ def too_large_body(limit: int, setting: str) -> dict[str, Any]:
 
 async def send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
     """Answer with ``body`` as JSON (orjson: this answers every heartbeat, where json.dumps cost 5 us)."""
-    payload = orjson.dumps(body)
+    try:
+        payload = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # A lone surrogate echoed from the input (JSON's "\udc80"), which orjson refuses: json escapes it.
+        payload = json.dumps(body, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
