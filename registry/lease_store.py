@@ -17,57 +17,145 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio as aredis
 from django.conf import settings
 
-# Heartbeat: authenticate, authorise, renew and compare reported health in one round trip.
-# Replies: {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms}
-#          | {"TOKEN_MISS"} | {"NOT_FOUND"} | {"FORBIDDEN"}
-# KEYS: deadline, removal, conf, health, token, heartbeat counter, the service id's member groups,
-#       member sessions, member timeouts, expiry claims, recoveries, recovered.
-#       ARGV: id, now_ms, health, claim_valid_ms.
+# Heartbeats: authenticate, authorise, renew and compare reported health, for a batch of heartbeats in
+# one round trip (the fast path sends those that arrive together; a lone one is a batch of one).
+# Reply: one entry per heartbeat, in order:
+#   {"OK", deadline_ms, lease_ms} | {"HEALTH_CHANGED", deadline_ms, lease_ms} | {"TOKEN_MISS"} | {"NOT_FOUND"}
+#   | {"FORBIDDEN"} | {"ERROR", message} (that heartbeat failed in Redis; the others of the batch stand)
+# KEYS: deadline, removal, conf, health, heartbeat counter, member sessions, member timeouts, expiry claims,
+#       recoveries, recovered.
+# ARGV: claim_valid_ms, the token keys' prefix, the member groups keys' prefix; then one argument per
+#       heartbeat, "<token hash> <now_ms> <health> <service id>" (see Beat.packed).
+# The script names each heartbeat's token and member-groups keys from those prefixes rather than taking
+# them in KEYS: a batch's arguments stay one per heartbeat, which is most of what a batch costs to send
+# and to parse. (The registry runs on one Redis server, not a cluster: its keys already span slots.)
 # A renewal of a lapsed lease counts a recovery (registry.revisions) and queues it for the cleanup
 # job's announcement.
 # A member session of the same id is renewed only if the token that joined it owns the service
 # (the owner id is kept with the session's timeout, see session_value); an ownerless service renews none,
 # and neither is a session the expiry job has claimed (see CLAIM_SESSIONS_LUA).
 HEARTBEAT_LUA = """
-local token = redis.call('GET', KEYS[5])
-if not token then return {'TOKEN_MISS'} end
-local conf = redis.call('HGET', KEYS[3], ARGV[1])
-if not conf then return {'NOT_FOUND'} end
-local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
-local token_id, staff = string.match(token, '^(.*):(%d)$')
-if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
-local deadline = tonumber(ARGV[2]) + tonumber(lease_ms)
-local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], deadline, ARGV[1])
-redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), ARGV[1])
-redis.call('INCR', KEYS[6])
-if before and tonumber(before) <= tonumber(ARGV[2]) then
-  redis.call('HINCRBY', KEYS[11], ARGV[1], 1)
-  redis.call('SADD', KEYS[12], ARGV[1])
-end
--- a service that is also a group member keeps its memberships with the same heartbeat, where the
--- same token joined them
-if owner ~= '' then
-  for _, group in ipairs(redis.call('SMEMBERS', KEYS[7])) do
-    local session = group .. '/' .. ARGV[1]
-    local entry = redis.call('HGET', KEYS[9], session)
-    local timeout, member_owner
-    if entry then timeout, member_owner = string.match(entry, '^(%d+):(%d*)$') end
-    local claimed = tonumber(redis.call('HGET', KEYS[10], session) or '-1')
-    if member_owner == owner and claimed < tonumber(ARGV[2]) - tonumber(ARGV[4]) then
-      redis.call('ZADD', KEYS[8], 'XX', tonumber(ARGV[2]) + tonumber(timeout), session)
+local claim_valid = tonumber(ARGV[1])
+local tokens = {}
+local function beat(key_hash, id, now, health)
+  local token = tokens[key_hash]
+  if token == nil then
+    token = redis.call('GET', ARGV[2] .. key_hash)
+    tokens[key_hash] = token
+  end
+  if not token then return {'TOKEN_MISS'} end
+  local conf = redis.call('HGET', KEYS[3], id)
+  if not conf then return {'NOT_FOUND'} end
+  local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
+  local token_id, staff = string.match(token, '^(.*):(%d)$')
+  if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
+  local deadline = now + tonumber(lease_ms)
+  local before = redis.call('ZSCORE', KEYS[1], id)
+  redis.call('ZADD', KEYS[1], deadline, id)
+  redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), id)
+  if before and tonumber(before) <= now then
+    redis.call('HINCRBY', KEYS[9], id, 1)
+    redis.call('SADD', KEYS[10], id)
+  end
+  -- a service that is also a group member keeps its memberships with the same heartbeat, where the
+  -- same token joined them
+  if owner ~= '' then
+    for _, group in ipairs(redis.call('SMEMBERS', ARGV[3] .. id)) do
+      local session = group .. '/' .. id
+      local entry = redis.call('HGET', KEYS[7], session)
+      local timeout, member_owner
+      if entry then timeout, member_owner = string.match(entry, '^(%d+):(%d*)$') end
+      local claimed = tonumber(redis.call('HGET', KEYS[8], session) or '-1')
+      if member_owner == owner and claimed < now - claim_valid then
+        redis.call('ZADD', KEYS[6], 'XX', now + tonumber(timeout), session)
+      end
     end
   end
+  if redis.call('HGET', KEYS[4], id) ~= health then
+    return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
+  end
+  return {'OK', tostring(deadline), lease_ms}
 end
-if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[3] then
-  return {'HEALTH_CHANGED', tostring(deadline), lease_ms}
+local replies = {}
+local renewed = 0
+for i = 4, #ARGV do
+  local key_hash, now, health, id = string.match(ARGV[i], '^(%x+) (%d+) (%a+) (.+)$')
+  local ok, reply = pcall(beat, key_hash, id, tonumber(now), health)
+  if not ok then
+    reply = {'ERROR', type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+  elseif #reply > 1 then
+    renewed = renewed + 1
+  end
+  replies[i - 3] = reply
 end
-return {'OK', tostring(deadline), lease_ms}
+if renewed > 0 then redis.call('INCRBY', KEYS[5], renewed) end
+return replies
 """
 
 HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat for HEARTBEAT_LUA: the token's hash, the service, the moment and the reported health."""
+
+    key_hash: str
+    service_id: str
+    now_ms: int
+    health: str
+
+    @property
+    def packed(self) -> str:
+        # The id goes last: HEARTBEAT_LUA takes the rest of the argument as it is.
+        return f"{self.key_hash} {self.now_ms} {self.health} {self.service_id}"
+
+
+def heartbeat_call(beats: Sequence[Beat]) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of one HEARTBEAT_LUA call for ``beats``."""
+    k = keys()
+    return k.heartbeat_keys, [claim_valid_ms(), k.token(""), k.member_groups(""), *(beat.packed for beat in beats)]
+
+
+def _decoded(reply: list[list[bytes | str]]) -> list[list[str] | redis.ResponseError]:
+    """Each entry as strings; an ERROR entry as the ResponseError that heartbeat alone would have raised."""
+    entries: list[list[str] | redis.ResponseError] = []
+    for entry in reply:
+        parts = [part.decode() if isinstance(part, bytes) else str(part) for part in entry]
+        entries.append(redis.ResponseError(f"heartbeat script: {parts[1]}") if parts[0] == "ERROR" else parts)
+    return entries
+
+
+def heartbeat_many(r: redis.Redis, beats: Sequence[Beat]) -> list[list[str] | redis.ResponseError]:
+    """Run ``beats`` in one HEARTBEAT_LUA call; one reply entry per beat, in order (see HEARTBEAT_LUA), or the
+    error of that beat. A failure of the call itself (Redis unreachable) is raised."""
+    call_keys, args = heartbeat_call(beats)
+    try:
+        reply = r.evalsha(HEARTBEAT_SHA, len(call_keys), *call_keys, *args)
+    except redis.exceptions.NoScriptError:
+        reply = r.eval(HEARTBEAT_LUA, len(call_keys), *call_keys, *args)
+    return _decoded(reply)
+
+
+def heartbeat_one(r: redis.Redis, beat: Beat) -> list[str]:
+    """``heartbeat_many`` of one beat: its reply entry, or its error raised."""
+    entry = heartbeat_many(r, [beat])[0]
+    if isinstance(entry, redis.ResponseError):
+        raise entry
+    return entry
+
+
+async def heartbeat_many_async(r: aredis.Redis, beats: Sequence[Beat]) -> list[list[str] | redis.ResponseError]:
+    """``heartbeat_many`` on an asyncio client."""
+    call_keys, args = heartbeat_call(beats)
+    try:
+        reply = await r.evalsha(HEARTBEAT_SHA, len(call_keys), *call_keys, *args)
+    except redis.exceptions.NoScriptError:
+        reply = await r.eval(HEARTBEAT_LUA, len(call_keys), *call_keys, *args)
+    return _decoded(reply)
+
 
 # One service's whole lease entry, removed; the removal scripts below share it.
 # KEYS: deadline, removal, conf, health, recoveries.
@@ -122,15 +210,15 @@ class Keys:
     member_prefix: str
     sessions_built: str
 
-    def heartbeat_keys(self, key_hash: str, service_id: str) -> list[str]:
+    @functools.cached_property
+    def heartbeat_keys(self) -> list[str]:
+        """The keys every HEARTBEAT_LUA call names first (see there)."""
         return [
             self.deadline,
             self.removal,
             self.conf,
             self.health,
-            self.token(key_hash),
             self.counter("heartbeats"),
-            self.member_groups(service_id),
             self.sessions,
             self.timeouts,
             self.claims,

@@ -390,10 +390,9 @@ def expire_lapsed(now: datetime, limit: int | None = None, guard: Guard = transa
 
 @dataclass(frozen=True)
 class Eval:
-    """Step: run the heartbeat script with these keys and arguments; the reply is sent back."""
+    """Step: run this heartbeat in the lease store (HEARTBEAT_LUA); its reply entry is sent back."""
 
-    keys: list[str]
-    args: list[str | int]
+    beat: lease_store.Beat
 
 
 @dataclass(frozen=True)
@@ -475,11 +474,8 @@ def heartbeat_flow(
     key_hash = hash_token(token_key)
     now_ms = lease_store.to_ms(now)
     for _attempt in range(3):
-        reply = yield Eval(
-            lease_store.keys().heartbeat_keys(key_hash, service_id),
-            [service_id, now_ms, health, lease_store.claim_valid_ms()],
-        )
-        code = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        reply = yield Eval(lease_store.Beat(key_hash, service_id, now_ms, health))
+        code = reply[0]
         if code in ("OK", "HEALTH_CHANGED"):
             deadline_ms, lease_ms = int(reply[1]), int(reply[2])
             if code == "HEALTH_CHANGED" and not (
@@ -516,10 +512,7 @@ def run_flow(flow: Generator[Eval | Call, Any, HeartbeatResult], r: redis.Redis 
         step = next(flow)
         while True:
             if isinstance(step, Eval):
-                try:
-                    reply = r.evalsha(lease_store.HEARTBEAT_SHA, len(step.keys), *step.keys, *step.args)
-                except redis.exceptions.NoScriptError:
-                    reply = r.eval(lease_store.HEARTBEAT_LUA, len(step.keys), *step.keys, *step.args)
+                reply: Any = lease_store.heartbeat_one(r, step.beat)
             else:
                 reply = step.fn(*step.args)
             step = flow.send(reply)

@@ -10,6 +10,7 @@ import math
 import time
 from typing import Any
 
+import orjson
 import redis
 from django.conf import settings
 from rest_framework.exceptions import ParseError
@@ -91,7 +92,12 @@ def too_large_body(limit: int, setting: str) -> dict[str, Any]:
 
 
 async def send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
+    """Answer with ``body`` as JSON (orjson: this answers every heartbeat, where json.dumps cost 5 us)."""
+    try:
+        payload = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # A lone surrogate echoed from the input (JSON's "\udc80"), which orjson refuses: json escapes it.
+        payload = json.dumps(body, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
