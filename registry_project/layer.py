@@ -32,6 +32,7 @@ from redis import asyncio as aioredis
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
+FANOUT_SLICE = 64  # local subscribers handed a message per event-loop turn
 SUBSCRIBE_TIMEOUT = 10.0  # seconds for Redis to confirm a SUBSCRIBE (it is sent again after a reconnect)
 
 
@@ -141,6 +142,8 @@ class _LoopLayer:
         self.confirmations: dict[str, deque[asyncio.Future[None]]] = {}  # SUBSCRIBEs awaiting Redis's reply
         self.subscribed: dict[str, asyncio.Future[None]] = {}  # Redis channel -> confirmed (or pending)
         self.lock = asyncio.Lock()  # (un)subscribe commands, one at a time
+        self.fanout: deque[tuple[list[Callback], Any]] = deque()  # messages being handed out, in order
+        self.pumping = False
 
     def _connection(self) -> aioredis.Redis:
         if self.redis is None:
@@ -238,7 +241,10 @@ class _LoopLayer:
         del self.subscribed[key]
         async with self.lock:
             if key not in self.subscribed:  # nobody subscribed again meanwhile
-                await self.pubsub.unsubscribe(key)
+                try:
+                    await self.pubsub.unsubscribe(key)
+                except Exception as exc:  # noqa: BLE001 - Redis away: messages for key are dropped here
+                    log.info("websocket push unsubscribe failed: %s", exc)
 
     async def subscribe(self, key: str, callback: Callback) -> None:
         self.callbacks.setdefault(key, {})[callback] = None
@@ -300,12 +306,38 @@ class _LoopLayer:
                 queue.put_nowait(message)
             return
         # One decoded message for every local subscriber: they read it and never change it.
-        for callback in list(self.callbacks.get(key, ())):
-            callback(message)
+        callbacks = self.callbacks.get(key)
+        if callbacks:
+            self.fanout.append((list(callbacks), message))
+            if not self.pumping:
+                self.pumping = True
+                self._pump()
         for channel in self.groups.get(key, ()):
             queue = self.channels.get(channel)
             if queue is not None:
                 queue.put_nowait(message)
+
+    def _pump(self) -> None:
+        """Hand out pending messages, FANOUT_SLICE callbacks per event-loop turn and in arrival order, so
+        the loop's other work (a request's response) never waits behind a whole fan-out."""
+        budget = FANOUT_SLICE
+        while self.fanout and budget > 0:
+            callbacks, message = self.fanout[0]
+            chunk, rest = callbacks[:budget], callbacks[budget:]
+            for callback in chunk:
+                try:
+                    callback(message)
+                except Exception:
+                    log.exception("websocket push not delivered")
+            budget -= len(chunk)
+            if rest:
+                self.fanout[0] = (rest, message)
+            else:
+                self.fanout.popleft()
+        if self.fanout:
+            asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            self.pumping = False
 
     # Local channels, for generic consumers.
     async def new_channel(self) -> str:
@@ -371,3 +403,5 @@ class _LoopLayer:
         self.subscribed.clear()
         self.confirmations.clear()
         self.outbox.clear()
+        self.fanout.clear()
+        self.pumping = False
