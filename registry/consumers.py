@@ -59,6 +59,7 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
     missing = "not found"
     stream: str | None = None
     closed = False
+    pushing: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope = scope
@@ -118,7 +119,7 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
             self.backlog.append(event)
             return
         self.backlog = deque()
-        asyncio.get_running_loop().create_task(self.push_in_turn(event))
+        self.pushing = asyncio.get_running_loop().create_task(self.push_in_turn(event))  # held: not collected
 
     async def push_in_turn(self, event: dict[str, Any]) -> None:
         try:
