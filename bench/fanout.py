@@ -251,7 +251,7 @@ def ms(s: dict[str, float]) -> str:
 
 def results(quick: bool = False) -> list[dict]:
     subscribers = 1000
-    r = measure(subscribers, 8 if quick else 30, 2)
+    r = measure(subscribers, 5 if quick else 30, 2)
     return [
         {
             "figure": f"pushes: leave sent -> last of {subscribers:,} subscribers (2 processes)",
