@@ -14,13 +14,11 @@ import json
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import SyncToAsync
 from channels.layers import get_channel_layer
-from django.core.signals import request_finished, request_started
 from django.db import transaction
 
 log = logging.getLogger(__name__)
@@ -76,44 +74,11 @@ def send_now(group: str, payload: dict[str, Any]) -> None:
         layer = get_channel_layer()
         loop = _server_loop()
         if loop is not None and hasattr(layer, "publish_soon"):
-            if getattr(_request, "active", False):
-                # Held until the response is sent: the fan-out this push starts in this process would
-                # otherwise compete with the rest of the request for the interpreter.
-                _held.append((loop, layer, group, message))
-                if len(_held) == 1:
-                    loop.call_soon_threadsafe(loop.call_later, HOLD_AT_MOST, release_held)
-            else:
-                loop.call_soon_threadsafe(_publish_soon, layer, group, message)
+            loop.call_soon_threadsafe(_publish_soon, layer, group, message)
         else:
             _loop_thread.run(layer.group_send(group, message))
     except Exception:
         log.exception("push to %s failed", group)
-
-
-def release_held(**kwargs: Any) -> None:
-    """Queue the pushes held for responses: when a request has finished (its response sent), and at the
-    latest HOLD_AT_MOST seconds after a push was held."""
-    _request.active = False
-    while True:
-        try:
-            loop, layer, group, message = _held.popleft()
-        except IndexError:
-            return
-        try:
-            loop.call_soon_threadsafe(_publish_soon, layer, group, message)
-        except RuntimeError:  # that loop has closed
-            log.warning("push to %s dropped: its event loop has closed", group)
-
-
-def _hold(**kwargs: Any) -> None:
-    _request.active = True
-
-
-HOLD_AT_MOST = 0.05
-_held: deque[tuple[asyncio.AbstractEventLoop, Any, str, dict[str, Any]]] = deque()
-_request = threading.local()  # set while this thread serves a Django request
-request_started.connect(_hold, dispatch_uid="registry.push.hold")
-request_finished.connect(release_held, dispatch_uid="registry.push.release")
 
 
 def _publish_soon(layer: Any, group: str, message: dict[str, Any]) -> None:

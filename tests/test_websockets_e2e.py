@@ -100,7 +100,7 @@ def test_member_streams_on_one_server_get_changes_made_through_the_other_in_orde
         sockets = [await websockets.connect(url, additional_headers=headers) for _ in range(3)]
         for ws in sockets:
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["generation"] == 1
-        # given six more members joining and leaving through server b, one after the other
+        # given three members joining, then leaving, through server b: six changes, one after the other
         for n in range(2, 5):
             await asyncio.to_thread(
                 rest_b.post,
