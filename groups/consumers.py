@@ -83,7 +83,7 @@ class MemberConsumer(PushConsumer):
             return incarnations.fenced_message(member, self.member_epoch)
         return events.member_message(assignment_of(group, member))
 
-    async def forward(self, payload: dict[str, Any]) -> None:
+    async def forward(self, payload: dict[str, Any], text: str | None = None) -> None:
         if self.finished:
             return
         kind = payload.get("type")
@@ -114,7 +114,7 @@ class MemberConsumer(PushConsumer):
             # is handled above, and a socket of the later incarnation was opened after that join.
             return
         else:
-            await super().forward(payload)
+            await super().forward(payload, text)
 
     async def finish(self, message: dict[str, Any], code: int) -> None:
         self.finished = True

@@ -11,11 +11,17 @@ REGISTRY_MAX_WS_MESSAGE_BYTES 1009, and malformed JSON (too deeply nested includ
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.core.exceptions import ImproperlyConfigured
 
 from registry_project import limits
 
@@ -24,6 +30,8 @@ from .leases import attach_live_leases
 from .models import Service
 from .validators import is_identifier, shown
 from .ws_auth import NOT_FOUND, UNAUTHENTICATED
+
+log = logging.getLogger(__name__)
 
 BAD_REQUEST = 4400
 MESSAGE_TOO_BIG = 1009  # RFC 6455
@@ -38,10 +46,37 @@ def identifier_problem(field: str, value: str) -> dict[str, Any] | None:
 
 
 class PushConsumer(AsyncJsonWebsocketConsumer):
-    """Common part: authenticate, subscribe to one stream, send the current state, then pushes in order."""
+    """Common part: authenticate, subscribe to one stream, send the current state, then pushes in order.
+
+    The consumer holds no channel of its own: it subscribes a callback to its stream through the layer's
+    ``group_subscribe`` (registry_project.layer), which decodes each push once per process and hands it to
+    every local socket. Pushes and the socket's own messages (connect, acks) are handled one at a time, in
+    the order they arrived, as Channels' own dispatch loop would: a push that arrives while an ack is
+    answered waits for the answer, so the answer decides whether the push is still news.
+    """
 
     last_order: tuple[int, int] = (-1, -1)  # (generation, version) of the newest message sent
     missing = "not found"
+    stream: str | None = None
+    closed = False
+    pushing: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.base_send = send
+        self.turn = asyncio.Lock()  # one handler at a time: the socket's messages and pushes, in order
+        self.backlog: deque[dict[str, Any]] | None = None  # pushes waiting for the running push task
+        try:
+            while True:
+                message = await receive()
+                async with self.turn:
+                    await self.dispatch(message)
+        except StopConsumer:
+            pass
+        finally:
+            self.closed = True
+            await self.unsubscribe()
 
     async def connect(self) -> None:
         await self.accept()
@@ -53,8 +88,12 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         if self.scope.get("token") is None:
             await self.close(code=UNAUTHENTICATED)
             return
-        self.stream = self.stream_name()
-        await self.channel_layer.group_add(self.stream, self.channel_name)
+        stream = self.stream_name()
+        subscribe = getattr(self.channel_layer, "group_subscribe", None)
+        if subscribe is None:
+            raise ImproperlyConfigured("CHANNEL_LAYERS must use registry_project.layer.FanoutChannelLayer")
+        self.stream = stream
+        await subscribe(stream, self.deliver)
         # Subscribed first, then the state read: a change in between arrives as a push and is
         # ordered by its generation, so nothing is missed.
         state = await database_sync_to_async(self.current_state)()
@@ -65,18 +104,48 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         await self.forward(state)
 
     async def disconnect(self, code: int) -> None:
-        if hasattr(self, "stream"):
-            await self.channel_layer.group_discard(self.stream, self.channel_name)
+        await self.unsubscribe()
+
+    async def unsubscribe(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            await self.channel_layer.group_unsubscribe(stream, self.deliver)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Called by the layer for each push (shared with every other socket: read, never changed)."""
+        if self.closed:
+            return
+        if self.backlog is not None:  # a push task is running: it takes this one next
+            self.backlog.append(event)
+            return
+        self.backlog = deque()
+        self.pushing = asyncio.get_running_loop().create_task(self.push_in_turn(event))  # held: not collected
+
+    async def push_in_turn(self, event: dict[str, Any]) -> None:
+        try:
+            async with self.turn:
+                await self.push(event)
+                while self.backlog:
+                    await self.push(self.backlog.popleft())
+        except Exception:
+            log.debug("push to a websocket failed", exc_info=True)
+        finally:
+            self.backlog = None
 
     async def push(self, event: dict[str, Any]) -> None:
-        await self.forward(event["payload"])
+        if not self.closed:
+            await self.forward(event["payload"], event.get("text"))
 
-    async def forward(self, payload: dict[str, Any]) -> None:
+    async def forward(self, payload: dict[str, Any], text: str | None = None) -> None:
         order = (payload.get("generation", 0), payload.get("version") or 0)
         if order < self.last_order:
             return  # out of order: the subscriber already has something newer
         self.last_order = order
-        await self.send_json(payload)
+        await self.send_payload(payload, text)
+
+    async def send_payload(self, payload: dict[str, Any], text: str | None = None) -> None:
+        """Send ``payload``; ``text`` is its JSON, encoded once for every socket by the publisher."""
+        await self.send(text_data=text if text is not None else await self.encode_json(payload))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         raw = text_data.encode("utf-8", "surrogatepass") if text_data is not None else bytes_data or b""
@@ -136,19 +205,19 @@ class ServicesConsumer(PushConsumer):
     def current_state(self) -> dict[str, Any] | None:
         return {"type": "snapshot"}  # sent service by service in forward_snapshot
 
-    async def forward(self, payload: dict[str, Any]) -> None:
+    async def forward(self, payload: dict[str, Any], text: str | None = None) -> None:
         if payload.get("type") == "snapshot":
             for service in await database_sync_to_async(self.snapshot)():
                 await self.send_once({"type": "service.registered", **service})
             return
-        await self.send_once(payload)
+        await self.send_once(payload, text)
 
-    async def send_once(self, payload: dict[str, Any]) -> None:
+    async def send_once(self, payload: dict[str, Any], text: str | None = None) -> None:
         service_id, revision = payload.get("service_id", ""), payload.get("revision", 0)
         if revision <= self.revisions.get(service_id, -1):
             return  # this subscriber has that state of the service, or a newer one
         self.revisions[service_id] = revision
-        await self.send_json(payload)
+        await self.send_payload(payload, text)
 
     def snapshot(self) -> list[dict[str, Any]]:
         qs = Service.objects.all()

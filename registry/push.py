@@ -1,4 +1,5 @@
-"""Push to websocket subscribers through the Channels layer, only after the database commit.
+"""Push to websocket subscribers through the Channels layer (registry_project.layer), only after the
+database commit, without making the request that caused the push wait for its delivery.
 
 A failed push is logged and never fails the request that caused it: every stream sends the current
 state first on (re)connect and each message carries a generation or revision, so a subscriber that
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import SyncToAsync, async_to_sync
+from asgiref.sync import SyncToAsync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -50,18 +52,38 @@ class _LoopThread:
 _loop_thread = _LoopThread()
 
 
-def _inside_asgi_server() -> bool:
-    # Set by asgiref in threads that serve a request for an ASGI server's event loop.
-    return getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) == os.getpid()
+def _server_loop() -> asyncio.AbstractEventLoop | None:
+    """The ASGI server's event loop when called from a thread that serves one of its requests."""
+    if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid():
+        return None
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    return loop if loop is not None and loop.is_running() else None
+
+
+def push_message(payload: dict[str, Any]) -> dict[str, Any]:
+    """The layer message for ``payload``: the JSON text every socket is sent is encoded here, once."""
+    return {"type": "push", "payload": payload, "text": json.dumps(payload)}
 
 
 def send_now(group: str, payload: dict[str, Any]) -> None:
-    message = {"type": "push", "payload": payload}
+    """Publish ``payload`` to a stream. Inside the ASGI server this only queues the publish on the server's
+    event loop (in order with the process's other pushes) and returns: the request that caused it never
+    waits for Redis, let alone for the sockets. Elsewhere (Celery, commands) it returns once published."""
+    message = push_message(payload)
     try:
-        if _inside_asgi_server():
-            async_to_sync(get_channel_layer().group_send)(group, message)
+        layer = get_channel_layer()
+        loop = _server_loop()
+        if loop is not None and hasattr(layer, "publish_soon"):
+            loop.call_soon_threadsafe(_publish_soon, layer, group, message)
         else:
-            _loop_thread.run(get_channel_layer().group_send(group, message))
+            _loop_thread.run(layer.group_send(group, message))
+    except Exception:
+        log.exception("push to %s failed", group)
+
+
+def _publish_soon(layer: Any, group: str, message: dict[str, Any]) -> None:
+    try:
+        layer.publish_soon(group, message)
     except Exception:
         log.exception("push to %s failed", group)
 

@@ -150,15 +150,16 @@ REGISTRY_LEADER_MIN_VALIDITY_PERCENT = env_int("REGISTRY_LEADER_MIN_VALIDITY_PER
 REGISTRY_SESSION_CLAIM_SECONDS = env_int("REGISTRY_SESSION_CLAIM_SECONDS", 60, minimum=1, maximum=3600)
 
 
-# Websocket push. RedisPubSubChannelLayer, not RedisChannelLayer: a group_send is one PUBLISH that
-# Redis fans out to every server process subscribed to the group, with no per-channel queues to
-# fill (no capacity errors, no expiry tuning) and the lowest latency. What it gives up: a message
-# published while a process is disconnected from Redis (or across a Redis restart) is lost, never
-# replayed. That is acceptable here because every stream sends its current state first on
-# (re)connect and every message carries a generation or revision for the client to order by.
+# Websocket push: Redis pub/sub (registry_project.layer). A group_send is one PUBLISH; each server process
+# subscribes once per group its sockets follow and fans each message out to them itself, decoded once,
+# with the JSON encoded once by the publisher. No per-channel queues to fill and no Redis subscription
+# per socket. What pub/sub gives up: a message published while a process is disconnected from Redis (or
+# across a Redis restart) is lost, never replayed. That is acceptable here because every stream sends
+# its current state first on (re)connect and every message carries a generation or revision for the
+# client to order by.
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "BACKEND": "registry_project.layer.FanoutChannelLayer",
         "CONFIG": {"hosts": [{"address": REDIS_URL}], "prefix": REGISTRY_REDIS_PREFIX + "ws"},
     }
 }

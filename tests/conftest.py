@@ -37,7 +37,7 @@ def redis_server() -> Iterator[RedisServer]:
     settings.REDLOCK_URLS = [server.url]
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "registry_project.layer.FanoutChannelLayer",
             "CONFIG": {"hosts": [{"address": server.url}], "prefix": "test-ws"},
         }
     }

@@ -83,3 +83,46 @@ def test_refused_handshakes_over_a_real_connection(servers, key):
         return no_token, foreign
 
     assert asyncio.run(scenario()) == (4401, 403)
+
+
+def test_member_streams_on_one_server_get_changes_made_through_the_other_in_order(servers, key):
+    """Each server process fans a push out to its own sockets: a member's socket on server a sees every
+    change made through server b, and never an older view after a newer one."""
+    a, b = servers
+    headers = {"Authorization": f"Bearer {key}"}
+    rest_b = httpx.Client(base_url=b, headers=headers, timeout=10)
+    rest_b.put("/api/v1/topics/orders/", json={"partitions": 12}).raise_for_status()
+    m1 = rest_b.post("/api/v1/groups/g1/members/", json={"member_id": "m1", "service_name": "c", "topics": ["orders"]})
+    epoch = m1.json()["member_epoch"]
+
+    async def scenario() -> list[tuple[int, int]]:
+        url = f"{a.replace('http', 'ws')}/ws/groups/g1/members/m1/?member_epoch={epoch}"
+        sockets = [await websockets.connect(url, additional_headers=headers) for _ in range(3)]
+        for ws in sockets:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["generation"] == 1
+        # given three members joining, then leaving, through server b: six changes, one after the other
+        for n in range(2, 5):
+            await asyncio.to_thread(
+                rest_b.post,
+                "/api/v1/groups/g1/members/",
+                json={"member_id": f"m{n}", "service_name": "c", "topics": ["orders"]},
+            )
+        for n in range(2, 5):
+            await asyncio.to_thread(rest_b.delete, f"/api/v1/groups/g1/members/m{n}/?member_epoch={n}")
+        # then every socket on server a has every generation, in order, up to the last
+        seen = []
+        for ws in sockets:
+            orders = []
+            while not orders or orders[-1][0] < 7:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert message["type"] == "member.assignment" and message["member_id"] == "m1"
+                orders.append((message["generation"], message["version"]))
+            seen.append(orders)
+            await ws.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    for orders in seen:
+        assert orders == sorted(set(orders))  # strictly increasing: nothing repeated, nothing older after newer
+        assert [g for g, _ in orders] == list(range(2, 8))  # each change made through b, once
+    assert seen[0] == seen[1] == seen[2]
