@@ -1,5 +1,6 @@
 """ASGI entry point. HTTP: the fast paths (balancer select, heartbeats, unchanged re-registrations),
-then the request body cap, then static files, then Django. Websockets: origin check, token auth, then the Channels consumers of registry_project.routing."""
+then the request body cap, then static files, then Django. Websockets: origin check, token auth, then
+the Channels consumers of registry_project.routing."""
 
 import gc
 import os
