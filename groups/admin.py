@@ -209,7 +209,8 @@ class ServiceGroupAdmin(AuditedActions, admin.ModelAdmin):
     @admin.display(description="members and their partitions")
     def members_table(self, group: ServiceGroup) -> str:
         views = _views(group)
-        members = list(group.members.all())
+        # the members of the views' snapshot: one that joined since is shown by the next refresh
+        members = [m for m in group.members.all() if m.member_id in views]
         if not members:
             return "no members"
         deadlines = lease_store.session_deadlines(get_redis(), [(group.group_id, m.member_id) for m in members])
