@@ -3,16 +3,30 @@ weight), service.health, service.deregistered.
 
 Each carries the service's ``revision`` (``registry.revisions``): strictly higher for every change of that
 service a watcher can see, and the same number a snapshot shows for the same state.
+
+Code on an event loop that makes changes through Django's sync thread (the batched registrations of
+``registry.fast_register``) can ``collect`` the messages its commits publish and send them itself on the
+loop (``send_collected``), so the sync thread never waits on the channel layer.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from .push import after_commit, channel_group, send_now
+
+log = logging.getLogger(__name__)
+
+# Per thread: the list the messages published there go to instead of the channel layer (``collect``).
+_collecting = threading.local()
 
 ALL = "all"
 
@@ -49,8 +63,35 @@ def publish_now(event: str, service_name: str, body: dict[str, Any]) -> None:
 
 def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
     payload = {"type": event, **body}
-    for group in {*watch_groups(None), *watch_groups(service_name)}:
+    groups = {*watch_groups(None), *watch_groups(service_name)}
+    collected: list[tuple[str, dict[str, Any]]] | None = getattr(_collecting, "messages", None)
+    if collected is not None:
+        collected.extend((group, payload) for group in sorted(groups))
+        return
+    for group in groups:
         send_now(group, payload)
+
+
+@contextmanager
+def collect() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Within the block, messages this thread publishes (after commit) are appended to the list yielded,
+    as (group, payload), in order, instead of being sent: the caller sends them with ``send_collected``."""
+    messages: list[tuple[str, dict[str, Any]]] = []
+    _collecting.messages = messages
+    try:
+        yield messages
+    finally:
+        _collecting.messages = None
+
+
+async def send_collected(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged."""
+    layer = get_channel_layer()
+    for group, payload in messages:
+        try:
+            await layer.group_send(group, {"type": "push", "payload": payload})
+        except Exception:
+            log.exception("push to %s failed", group)
 
 
 def service_registered(service: Any) -> None:

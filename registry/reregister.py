@@ -113,6 +113,38 @@ def take_revision(
     return int(taken), int(recoveries)
 
 
+# TAKE_REVISION_LUA for several services in one step (a batch of registrations, rows locked).
+# KEYS as TAKE_REVISION_LUA. ARGV: id, stored revision, recoveries seen; id, stored, seen; ...
+TAKE_REVISIONS_LUA = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  local id = ARGV[i]
+  local recoveries = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  local base = tonumber(ARGV[i + 1]) + math.max(0, recoveries - tonumber(ARGV[i + 2]))
+  local taken = redis.call('INCR', KEYS[1])
+  if taken <= base then
+    taken = base + 1
+    redis.call('SET', KEYS[1], taken)
+  end
+  redis.call('HSET', KEYS[3], id, taken)
+  redis.call('HDEL', KEYS[4], id)
+  out[#out + 1] = taken
+  out[#out + 1] = recoveries
+end
+return out
+"""
+
+
+def take_revisions(r: redis.Redis, changes: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """``take_revision`` of several changed services (id, stored revision, recoveries seen) in one round trip."""
+    if not changes:
+        return []
+    k = lease_store.keys()
+    args = [value for change in changes for value in change]
+    reply = r.eval(TAKE_REVISIONS_LUA, 4, k.counter("revision"), k.recoveries, seq_key(), snap_key(), *args)
+    return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
 # A re-registration's revision (TAKE_REVISION_LUA) and its whole lease entry (lease_store.put) in one step.
 # KEYS: revision counter, recoveries, reg:seq, reg:snap, deadline, removal, conf, health.
 # ARGV: id, stored revision, recoveries seen, "change", deadline_ms, removal_ms, conf, health.
@@ -181,6 +213,17 @@ def remember(
     """After a registration committed: keep its digest and response, unless the service changed since."""
     value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
     return bool(r.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value))
+
+
+def remember_many(r: redis.Redis, registered: list[tuple[str, int, str, int | None, Any]]) -> None:
+    """``remember`` for a batch of committed registrations (id, revision, digest, owner id, body) in one round trip."""
+    if not registered:
+        return
+    pipe = r.pipeline(transaction=False)
+    for service_id, revision, request_digest, owner_id, body in registered:
+        value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
+        pipe.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value)
+    pipe.execute()
 
 
 def forget(r: redis.Redis, service_ids: list[str]) -> None:
