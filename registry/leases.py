@@ -2,7 +2,8 @@
 
 ``register``, ``deregister`` and ``record_health`` change the database row and its Redis lease
 entry together, under the row lock, so readers and the cleanup job never see one without the
-other for longer than a crash window that ``reconcile`` repairs. ``heartbeat_flow`` is the
+other for longer than a crash window that ``reconcile`` repairs. ``register_many`` registers a batch in one
+transaction with the same rules (``register`` is a batch of one). ``heartbeat_flow`` is the
 heartbeat protocol written once, as a sequence of steps that a sync driver (the DRF view) or
 an async driver (the ASGI fast path) executes.
 """
@@ -50,18 +51,6 @@ def _set_labels(service: Service, labels: dict[str, str], *, replace: bool) -> N
     if replace:
         ServiceLabel.objects.filter(service=service).delete()
     ServiceLabel.objects.bulk_create(ServiceLabel(service=service, key=k, value=v) for k, v in labels.items())
-
-
-def _put_lease(r: redis.Redis, service: Service, deadline_ms: int) -> None:
-    lease_store.put(
-        r,
-        service.service_id,
-        deadline_ms=deadline_ms,
-        lease_seconds=service.lease_duration,
-        deregister_after=service.deregister_after,
-        owner_id=service.owner_id,
-        health=service.health,
-    )
 
 
 def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> None:

@@ -145,58 +145,6 @@ def take_revisions(r: redis.Redis, changes: list[tuple[str, int, int]]) -> list[
     return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
-# A re-registration's revision (TAKE_REVISION_LUA) and its whole lease entry (lease_store.put) in one step.
-# KEYS: revision counter, recoveries, reg:seq, reg:snap, deadline, removal, conf, health.
-# ARGV: id, stored revision, recoveries seen, "change", deadline_ms, removal_ms, conf, health.
-REREGISTER_LUA = (
-    TAKE_REVISION_LUA.replace("return {taken, recoveries}\n", "")
-    + """
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
-redis.call('HSET', KEYS[7], ARGV[1], ARGV[7])
-redis.call('HSET', KEYS[8], ARGV[1], ARGV[8])
-return {taken, recoveries}
-"""
-)
-
-
-def take_revision_and_put(
-    r: redis.Redis,
-    service_id: str,
-    stored: int,
-    recoveries_seen: int,
-    *,
-    deadline_ms: int,
-    lease_seconds: int,
-    deregister_after: int,
-    owner_id: int | None,
-    health: str,
-) -> tuple[int, int]:
-    """``take_revision`` and ``lease_store.put`` of a re-registered service (row locked) in one round trip."""
-    k = lease_store.keys()
-    taken, recoveries = r.eval(
-        REREGISTER_LUA,
-        8,
-        k.counter("revision"),
-        k.recoveries,
-        seq_key(),
-        snap_key(),
-        k.deadline,
-        k.removal,
-        k.conf,
-        k.health,
-        service_id,
-        stored,
-        recoveries_seen,
-        "change",
-        deadline_ms,
-        deadline_ms + deregister_after * 1000,
-        lease_store.conf_value(lease_seconds, deregister_after, owner_id),
-        health,
-    )
-    return int(taken), int(recoveries)
-
-
 # KEYS: reg:seq, reg:snap. ARGV: id, revision of the registration, snapshot value.
 REMEMBER_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
