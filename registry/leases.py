@@ -299,19 +299,26 @@ _FIELDS = (
 )
 
 
+# ``lease_store.put`` of several services in one step. KEYS: deadline, removal, conf, health.
+# ARGV: id, deadline_ms, removal_ms, conf, health; id, ...
+PUT_MANY_LUA = """
+for i = 1, #ARGV, 5 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 3])
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 4])
+end
+"""
+
+
 def _put_leases(r: redis.Redis, entries: list[tuple[Service, int]]) -> None:
-    """``lease_store.put`` of each registered service's whole lease entry, all in one MULTI/EXEC."""
+    """``lease_store.put`` of each registered service's whole lease entry, all in one script call."""
     k = lease_store.keys()
-    pipe = r.pipeline(transaction=True)
+    args: list[str | int] = []
     for service, deadline_ms in entries:
-        sid = service.service_id
-        pipe.zadd(k.deadline, {sid: deadline_ms})
-        pipe.zadd(k.removal, {sid: deadline_ms + service.deregister_after * 1000})
-        pipe.hset(
-            k.conf, sid, lease_store.conf_value(service.lease_duration, service.deregister_after, service.owner_id)
-        )
-        pipe.hset(k.health, sid, service.health)
-    pipe.execute()
+        conf = lease_store.conf_value(service.lease_duration, service.deregister_after, service.owner_id)
+        args += [service.service_id, deadline_ms, deadline_ms + service.deregister_after * 1000, conf, service.health]
+    r.eval(PUT_MANY_LUA, 4, k.deadline, k.removal, k.conf, k.health, *args)
 
 
 def _count(r: redis.Redis, counts: dict[str, int]) -> None:

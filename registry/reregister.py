@@ -163,15 +163,24 @@ def remember(
     return bool(r.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value))
 
 
+# REMEMBER_LUA for several registrations. KEYS as REMEMBER_LUA. ARGV: id, revision, value; id, ...
+REMEMBER_MANY_LUA = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  end
+end
+"""
+
+
 def remember_many(r: redis.Redis, registered: list[tuple[str, int, str, int | None, Any]]) -> None:
-    """``remember`` for a batch of committed registrations (id, revision, digest, owner id, body) in one round trip."""
+    """``remember`` for a batch of committed registrations (id, revision, digest, owner id, body) in one step."""
     if not registered:
         return
-    pipe = r.pipeline(transaction=False)
+    args: list[str | int] = []
     for service_id, revision, request_digest, owner_id, body in registered:
-        value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
-        pipe.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value)
-    pipe.execute()
+        args += [service_id, revision, f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"]
+    r.eval(REMEMBER_MANY_LUA, 2, seq_key(), snap_key(), *args)
 
 
 def forget(r: redis.Redis, service_ids: list[str]) -> None:
