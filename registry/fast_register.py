@@ -44,7 +44,7 @@ from .fastpath import _host_allowed, _with_fresh_connection
 from .leases import cache_token
 from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
-from .redis_client import get_async_redis, get_redis
+from .redis_client import get_async_redis
 from .serializers import RegisterSerializer, registered_body
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ class RegistrationBatcher:
         self.pending: list[tuple[Job, asyncio.Future[Answer | None]]] = []
         self.running: asyncio.Task[None] | None = None
         self.publishing: asyncio.Task[None] | None = None
+        self.finishing: set[asyncio.Task[None]] = set()
 
     async def submit(self, job: Job) -> Answer | None:
         """The answer to ``job`` (None: let Django answer the request)."""
@@ -271,22 +272,35 @@ class RegistrationBatcher:
         while self.pending:
             batch = self._next_batch()
             try:
-                answers, messages = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(
+                done = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(
                     run_batch, [job for job, _future in batch], timezone.now()
                 )
             except Exception:
                 log.exception("registration batch failed; its requests go to the view")
-                answers, messages = [None] * len(batch), []
-            for (_job, future), answer in zip(batch, answers, strict=True):
-                if not future.done():  # the client may have gone
-                    future.set_result(answer)
-            if messages:
-                self.publishing = asyncio.get_running_loop().create_task(self._publish(self.publishing, messages))
+                done = Done([None] * len(batch), [], [])
+            # The rest off Django's thread, so the next batch starts at once.
+            task = asyncio.get_running_loop().create_task(self._finish(batch, done))
+            self.finishing.add(task)  # a reference, so the task is not collected before it ran
+            task.add_done_callback(self.finishing.discard)
+
+    async def _finish(self, batch: list[tuple[Job, asyncio.Future[Answer | None]]], done: Done) -> None:
+        """Remember the answers (registry.reregister), answer, then send the events after the batch before's."""
+        if done.remembered:
+            args = reregister.remember_many_args(done.remembered)
+            try:
+                await get_async_redis().eval(reregister.REMEMBER_MANY_LUA, 2, *args)
+            except redis.RedisError as exc:  # committed: the next unchanged re-registration goes the long way
+                log.warning("registrations not remembered: Redis unavailable: %s", exc)
+        for (_job, future), answer in zip(batch, done.answers, strict=True):
+            if not future.done():  # the client may have gone
+                future.set_result(answer)
+        if done.messages:
+            self.publishing = asyncio.get_running_loop().create_task(self._publish(self.publishing, done.messages))
 
     @staticmethod
     async def _publish(previous: asyncio.Task[None] | None, messages: list[tuple[str, dict[str, Any]]]) -> None:
         if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)  # one batch's events after the one before
+            await asyncio.gather(previous, return_exceptions=True)  # one batch's events after the one before's
         await events.send_collected(messages)
 
 
@@ -302,14 +316,23 @@ def batcher() -> RegistrationBatcher:
     return found
 
 
-def run_batch(jobs: list[Job], now: datetime) -> tuple[list[Answer | None], list[tuple[str, dict[str, Any]]]]:
-    """Register a batch (ids distinct) in one transaction; each job's answer (None: the view answers it)
-    and the events its commit published, to send from the event loop."""
+@dataclass
+class Done:
+    """A batch's answers (None: the view answers that request), and what is left to do on the event loop:
+    the registrations to remember (``reregister.remember_many_args``) and the events to send."""
+
+    answers: list[Answer | None]
+    remembered: list[tuple[str, int, str, int | None, Any]]
+    messages: list[tuple[str, dict[str, Any]]]
+
+
+def run_batch(jobs: list[Job], now: datetime) -> Done:
+    """Register a batch (ids distinct) in one transaction."""
     answers: list[Answer | None] = [None] * len(jobs)
     tokens = {t.key_hash: t for t in ApiToken.objects.filter(key_hash__in={j.key_hash for j in jobs}, is_active=True)}
     taken = [i for i, job in enumerate(jobs) if job.key_hash in tokens]  # no token: the view's 401
     if not taken:
-        return answers, []
+        return Done(answers, [], [])
     with events.collect() as messages:
         try:
             outcomes = leases.register_many([(jobs[i].data, tokens[jobs[i].key_hash]) for i in taken], now)
@@ -317,11 +340,11 @@ def run_batch(jobs: list[Job], now: datetime) -> tuple[list[Answer | None], list
             log.error("Redis unavailable during a registration batch: %s", exc)
             outage.note_unreachable()
             failed = Answer(503, {"detail": "Lease store unavailable; retry shortly."}, RETRY)
-            return [failed if job.key_hash in tokens else None for job in jobs], []
+            return Done([failed if job.key_hash in tokens else None for job in jobs], [], [])
         except (db.OperationalError, db.InterfaceError) as exc:
             log.error("database unavailable during a registration batch: %s", exc)
             failed = Answer(503, {"detail": "Database unavailable; retry shortly."}, RETRY)
-            return [failed if job.key_hash in tokens else None for job in jobs], []
+            return Done([failed if job.key_hash in tokens else None for job in jobs], [], [])
     remembered = []
     for i, outcome in zip(taken, outcomes, strict=True):
         token = tokens[jobs[i].key_hash]
@@ -333,8 +356,4 @@ def run_batch(jobs: list[Job], now: datetime) -> tuple[list[Answer | None], list
         body = registered_body(service, now, owner.name if owner is not None else None)
         answers[i] = Answer(201 if created else 200, body, [])
         remembered.append((service.service_id, service.revision, jobs[i].request_digest, service.owner_id, body))
-    try:
-        reregister.remember_many(get_redis(), remembered)
-    except redis.RedisError as exc:  # committed: only the next unchanged re-registration goes the long way
-        log.warning("registrations not remembered: Redis unavailable: %s", exc)
-    return answers, list(messages)
+    return Done(answers, remembered, list(messages))

@@ -322,9 +322,11 @@ def _put_leases(r: redis.Redis, entries: list[tuple[Service, int]]) -> None:
 
 
 def _count(r: redis.Redis, counts: dict[str, int]) -> None:
+    pipe = r.pipeline(transaction=False)
     for name, amount in counts.items():
         if amount:
-            lease_store.incr(r, name, amount)
+            pipe.incrby(lease_store.keys().counter(name), amount)
+    pipe.execute()
 
 
 def _iso(ms: int) -> str:

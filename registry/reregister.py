@@ -173,14 +173,13 @@ end
 """
 
 
-def remember_many(r: redis.Redis, registered: list[tuple[str, int, str, int | None, Any]]) -> None:
-    """``remember`` for a batch of committed registrations (id, revision, digest, owner id, body) in one step."""
-    if not registered:
-        return
-    args: list[str | int] = []
+def remember_many_args(registered: list[tuple[str, int, str, int | None, Any]]) -> list[str]:
+    """KEYS and ARGV of REMEMBER_MANY_LUA for committed registrations (id, revision, digest, owner id, body)."""
+    args = [seq_key(), snap_key()]
     for service_id, revision, request_digest, owner_id, body in registered:
-        args += [service_id, revision, f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"]
-    r.eval(REMEMBER_MANY_LUA, 2, seq_key(), snap_key(), *args)
+        value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
+        args += [service_id, str(revision), value]
+    return args
 
 
 def forget(r: redis.Redis, service_ids: list[str]) -> None:
