@@ -162,3 +162,47 @@ def _valid(body: dict[str, Any]) -> dict[str, Any]:
     serializer = RegisterSerializer(data=body)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
+
+
+@pytest.fixture
+def own_store(redis_server: Any) -> Any:
+    """A redis-server of this test's own as the lease store, with short command timeouts, to stop."""
+    from django.conf import settings
+
+    from registry import outage
+    from registry.redis_client import reset_clients
+    from registry_project.embedded_redis import RedisServer
+
+    server = RedisServer().start()
+    saved = settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS
+    settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS = server.url, 300
+    reset_clients()
+    outage.reset_note_throttle()
+    yield server
+    settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS = saved
+    reset_clients()
+    server.stop()
+
+
+def test_a_batch_that_fails_fails_every_request_in_it_as_the_view_does_and_writes_nothing(
+    make_token, own_store, monkeypatch
+):
+    _owner, key = make_token("owner")
+    own_store.stop()
+    view = client_for(key).post("/api/v1/services/", service_body("by-view"), format="json")
+    sizes: list[int] = []
+    register_many = leases.register_many
+
+    def counted(batch: Any, now: Any) -> Any:
+        sizes.append(len(batch))
+        return register_many(batch, now)
+
+    monkeypatch.setattr(leases, "register_many", counted)
+    answers, _received = _storm([_post(key, service_body(f"new-{i}")) for i in range(6)])
+    assert sum(sizes) == 6 and max(sizes) > 1  # the batches answered, not the view
+    assert view.status_code == 503
+    assert [a.status_code for a in answers] == [503] * 6
+    assert all(a.json() == view.json() for a in answers)
+    assert all(a.headers["retry-after"] == "1" for a in answers)
+    assert not Service.objects.exists()
+    assert not ServiceEvent.objects.exists()
