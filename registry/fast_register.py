@@ -233,6 +233,8 @@ def _validator() -> RegisterSerializer:
 # The most registrations one transaction takes (a burst beyond that is the next batch's).
 MAX_BATCH = 256
 RETRY = [(b"retry-after", b"1")]
+# How many events may wait to be sent before the next batch waits for them (a bound on the backlog).
+MAX_UNSENT = 4096
 
 
 class RegistrationBatcher:
@@ -244,6 +246,7 @@ class RegistrationBatcher:
         self.pending: list[tuple[Job, asyncio.Future[Answer | None]]] = []
         self.running: asyncio.Task[None] | None = None
         self.publishing: asyncio.Task[None] | None = None
+        self.unsent = 0  # events of committed batches not sent yet
         self.finishing: set[asyncio.Task[None]] = set()
 
     async def submit(self, job: Job) -> Answer | None:
@@ -270,6 +273,9 @@ class RegistrationBatcher:
 
     async def _drain(self) -> None:
         while self.pending:
+            if self.unsent > MAX_UNSENT and self.publishing is not None:
+                # Watchers' events fell behind: let them catch up before writing more.
+                await asyncio.gather(self.publishing, return_exceptions=True)
             batch = self._next_batch()
             try:
                 done = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(
@@ -295,13 +301,16 @@ class RegistrationBatcher:
             if not future.done():  # the client may have gone
                 future.set_result(answer)
         if done.messages:
+            self.unsent += len(done.messages)
             self.publishing = asyncio.get_running_loop().create_task(self._publish(self.publishing, done.messages))
 
-    @staticmethod
-    async def _publish(previous: asyncio.Task[None] | None, messages: list[tuple[str, dict[str, Any]]]) -> None:
-        if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)  # one batch's events after the one before's
-        await events.send_collected(messages)
+    async def _publish(self, previous: asyncio.Task[None] | None, messages: list[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)  # one batch's events after the one before's
+            await events.send_collected(messages)
+        finally:
+            self.unsent -= len(messages)
 
 
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RegistrationBatcher] = weakref.WeakKeyDictionary()
