@@ -7,6 +7,7 @@ PostgreSQL database created for the run and dropped afterwards.
     .venv/bin/python bench/registration.py                       # SQLite
     .venv/bin/python bench/registration.py --pg postgres://postgres@127.0.0.1:5432/postgres
     .venv/bin/python bench/registration.py --pg URL --only pg    # PostgreSQL only
+    .venv/bin/python bench/registration.py --baseline ../older-checkout   # the same run of that code first
 
 The client is wrk with a Lua script that builds each body (one distinct service per request), so the
 driver is not the bottleneck: wrk alone on this machine posts far more than the server answers. Needs
@@ -241,9 +242,18 @@ def main() -> None:
     parser.add_argument("--pg", help="a PostgreSQL server URL; a fresh database is created on it for the run")
     parser.add_argument("--only", choices=["sqlite", "pg"], help="run one database only")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--baseline", help="another checkout of the project (e.g. a git worktree of an older commit): run it first"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk")
+    if args.baseline:
+        rest = [a for a in sys.argv[1:] if a != args.baseline and not a.startswith("--baseline")]
+        script = Path(args.baseline).resolve() / "bench" / "registration.py"
+        print(f"baseline: {args.baseline}", flush=True)
+        subprocess.run([sys.executable, str(script), *rest], check=True, cwd=script.parent.parent)
+        print("this checkout:", flush=True)
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     if args.only != "pg":
         report("sqlite", args.services, run(None, args.services, args.heartbeat_seconds, args.workers))

@@ -3,19 +3,33 @@ weight), service.health, service.deregistered.
 
 Each carries the service's ``revision`` (``registry.revisions``): strictly higher for every change of that
 service a watcher can see, and the same number a snapshot shows for the same state.
+
+Code on an event loop that makes changes through Django's sync thread (the batched registrations of
+``registry.fast_register``) can ``collect`` the messages its commits publish and send them itself on the
+loop (``send_collected``), so the sync thread never waits on the channel layer.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from .push import after_commit, channel_group, send_now
+from .push import after_commit, channel_group, push_message, send_now
 from .redis_client import get_redis
+
+log = logging.getLogger(__name__)
+
+# Per thread: the list the messages published there go to instead of the channel layer (``collect``).
+_collecting = threading.local()
 
 ALL = "all"
 
@@ -52,8 +66,35 @@ def publish_now(event: str, service_name: str, body: dict[str, Any]) -> None:
 
 def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
     payload = {"type": event, **body}
-    for group in {*watch_groups(None), *watch_groups(service_name)}:
+    groups = {*watch_groups(None), *watch_groups(service_name)}
+    collected: list[tuple[str, dict[str, Any]]] | None = getattr(_collecting, "messages", None)
+    if collected is not None:
+        collected.extend((group, payload) for group in sorted(groups))
+        return
+    for group in groups:
         send_now(group, payload)
+
+
+@contextmanager
+def collect() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Within the block, messages this thread publishes (after commit) are appended to the list yielded,
+    as (group, payload), in order, instead of being sent: the caller sends them with ``send_collected``."""
+    messages: list[tuple[str, dict[str, Any]]] = []
+    _collecting.messages = messages
+    try:
+        yield messages
+    finally:
+        _collecting.messages = None
+
+
+async def send_collected(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged."""
+    layer = get_channel_layer()
+    for group, payload in messages:
+        try:
+            await layer.group_send(group, push_message(payload))
+        except Exception:
+            log.exception("push to %s failed", group)
 
 
 def name_version_key(service_name: str) -> str:
@@ -82,11 +123,19 @@ def _name_changed(service_name: str) -> None:
 
 def service_registered(service: Any, previous_name: str | None = None) -> None:
     """``previous_name``: the name the service had before this re-registration (its old name's list changed too)."""
-    _name_changed(service.service_name)
-    if previous_name and previous_name != service.service_name:
-        _name_changed(previous_name)
-    body = service_payload(service)
-    after_commit(lambda: _publish("service.registered", service.service_name, body))
+    services_registered([(service, previous_name)])
+
+
+def services_registered(registered: list[tuple[Any, str | None]]) -> None:
+    """``service_registered`` for each (service, previous name) of a batch, in order; each name's counter
+    is bumped once for the whole batch."""
+    names = {service.service_name for service, _ in registered}
+    names |= {previous for _, previous in registered if previous}
+    for name in sorted(names):
+        _name_changed(name)
+    for service, _ in registered:
+        body = service_payload(service)
+        after_commit(lambda name=service.service_name, body=body: _publish("service.registered", name, body))
 
 
 def service_updated(service: Any) -> None:

@@ -1,33 +1,51 @@
-"""The unchanged re-registration fast path: an ASGI route in front of Django for POST /api/v1/services/.
+"""The registration fast path: an ASGI route in front of Django for POST /api/v1/services/.
 
 A fleet that restarts re-registers mostly what it registered before. Here such a request is a body parse,
 a digest and one Redis script call on the event loop (registry.reregister), as a heartbeat is: no Django
-request cycle, no database. It answers only when it is sure the registration would change nothing and
-would be answered 200 with the remembered body; every other request (a new or changed registration, one
-it cannot authenticate from the Redis token cache, another content type or Accept, a query string, a
-throttled deployment, Redis trouble) goes on to Django untouched, its body replayed, where the view
-runs the same check again before registering.
+request cycle, no database. It answers so only when it is sure the registration would change nothing and
+would be answered 200 with the remembered body.
+
+Every other valid JSON registration (new, or changed) is validated on the event loop by the view's own
+``RegisterSerializer`` and handed to the process's ``RegistrationBatcher``: registrations that arrive while
+a batch is in the database join the next one, and a batch is one transaction in Django's sync thread
+(``leases.register_many``: one locking read, bulk writes, one Redis step for revisions and one for
+leases), a token lookup for all of its tokens, and one Redis round trip remembering the answers. Each
+request is answered exactly what the view answers (201/200 and the same body, 403 for another token's
+service, 503 when the database or the lease store failed the batch, nothing of it written); the
+batch's events are sent from the event loop after the answers.
+
+Anything else (a body that does not validate, a token it does not find, another content type or Accept,
+a query string, a throttled deployment, an unexpected error) goes on to Django untouched, its body
+replayed, where the view decides: the same 400 naming the field, the same 401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
 from asgiref.sync import sync_to_async
+from django import db
 from django.conf import settings
 from django.utils import timezone
+from rest_framework.exceptions import ValidationError
 
 from registry_project import limits
 
-from . import lease_store, reregister
+from . import events, lease_store, leases, outage, reregister
 from .auth import token_from_header
 from .fastpath import _host_allowed, _with_fresh_connection
 from .leases import cache_token
-from .models import Health, hash_token
+from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
+from .serializers import RegisterSerializer, registered_body
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +83,18 @@ class UnchangedRegistrationFastPath:
             return
         body, complete = await _read_body(receive)
         if complete:
-            answer = await _try_unchanged(body, headers.get(b"authorization", b""))
+            authorization = headers.get(b"authorization", b"")
+            answer = await _try_unchanged(body, authorization)
             if answer is not None:
                 await limits.send_json(send, 200, answer)
                 return
             scope = {**scope, reregister.CHECKED: True}  # the view need not ask Redis again
+            job = _job(body, authorization)
+            if job is not None:
+                result = await batcher().submit(job)
+                if result is not None:
+                    await limits.send_json(send, result.status, result.body, result.headers)
+                    return
         await self.app(scope, _replay(body, complete, receive), send)
 
 
@@ -152,3 +177,192 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
     return None
+
+
+@dataclass
+class Job:
+    """A registration the batcher takes: validated data, the token's key hash, the request's digest."""
+
+    data: dict[str, Any]
+    key_hash: str
+    request_digest: str
+
+    @property
+    def service_id(self) -> str:
+        return str(self.data["service_id"])
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+    headers: list[tuple[bytes, bytes]]
+
+
+def _job(body: bytes, authorization: bytes) -> Job | None:
+    """The registration in a request, validated as the view validates it; None: let Django answer it."""
+    key = token_from_header(authorization.decode("latin-1"))
+    if not key:
+        return None
+    try:
+        data = limits.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        validated = dict(_validator().run_validation(data))
+    except ValidationError:
+        return None  # Django authenticates first, then answers the same 400 naming the field
+    return Job(validated, hash_token(key), reregister.digest(validated))
+
+
+_validators = threading.local()
+
+
+def _validator() -> RegisterSerializer:
+    """The view's serializer, built once per thread: its fields' deep copies cost more than validating.
+    ``run_validation`` keeps no state between calls (no database: its rules are validators.* and bounds)."""
+    found = getattr(_validators, "serializer", None)
+    if found is None:
+        found = _validators.serializer = RegisterSerializer()
+        found.fields  # noqa: B018 (bind the fields now)
+    return found
+
+
+# The most registrations one transaction takes (a burst beyond that is the next batch's).
+MAX_BATCH = 256
+RETRY = [(b"retry-after", b"1")]
+# How many events may wait to be sent before the next batch waits for them (a bound on the backlog).
+MAX_UNSENT = 4096
+
+
+class RegistrationBatcher:
+    """Group commit for registrations on one event loop: while a batch is in the database, new jobs wait
+    and form the next batch, which takes each service id at most once (a second registration of an id
+    waits for the batch after: as if they came one after the other)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Job, asyncio.Future[Answer | None]]] = []
+        self.running: asyncio.Task[None] | None = None
+        self.publishing: asyncio.Task[None] | None = None
+        self.unsent = 0  # events of committed batches not sent yet
+        self.finishing: set[asyncio.Task[None]] = set()
+
+    async def submit(self, job: Job) -> Answer | None:
+        """The answer to ``job`` (None: let Django answer the request)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer | None] = loop.create_future()
+        self.pending.append((job, future))
+        if self.running is None or self.running.done():
+            self.running = loop.create_task(self._drain())
+        return await future
+
+    def _next_batch(self) -> list[tuple[Job, asyncio.Future[Answer | None]]]:
+        batch: list[tuple[Job, asyncio.Future[Answer | None]]] = []
+        rest: list[tuple[Job, asyncio.Future[Answer | None]]] = []
+        ids: set[str] = set()
+        for entry in self.pending:
+            if len(batch) >= MAX_BATCH or entry[0].service_id in ids:
+                rest.append(entry)
+            else:
+                ids.add(entry[0].service_id)
+                batch.append(entry)
+        self.pending = rest
+        return batch
+
+    async def _drain(self) -> None:
+        while self.pending:
+            if self.unsent > MAX_UNSENT and self.publishing is not None:
+                # Watchers' events fell behind: let them catch up before writing more.
+                await asyncio.gather(self.publishing, return_exceptions=True)
+            batch = self._next_batch()
+            try:
+                done = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(
+                    run_batch, [job for job, _future in batch], timezone.now()
+                )
+            except Exception:
+                log.exception("registration batch failed; its requests go to the view")
+                done = Done([None] * len(batch), [], [])
+            # The rest off Django's thread, so the next batch starts at once.
+            task = asyncio.get_running_loop().create_task(self._finish(batch, done))
+            self.finishing.add(task)  # a reference, so the task is not collected before it ran
+            task.add_done_callback(self.finishing.discard)
+
+    async def _finish(self, batch: list[tuple[Job, asyncio.Future[Answer | None]]], done: Done) -> None:
+        """Remember the answers (registry.reregister), answer, then send the events after the batch before's."""
+        if done.remembered:
+            args = reregister.remember_many_args(done.remembered)
+            try:
+                await get_async_redis().eval(reregister.REMEMBER_MANY_LUA, 2, *args)
+            except redis.RedisError as exc:  # committed: the next unchanged re-registration goes the long way
+                log.warning("registrations not remembered: Redis unavailable: %s", exc)
+        for (_job, future), answer in zip(batch, done.answers, strict=True):
+            if not future.done():  # the client may have gone
+                future.set_result(answer)
+        if done.messages:
+            self.unsent += len(done.messages)
+            self.publishing = asyncio.get_running_loop().create_task(self._publish(self.publishing, done.messages))
+
+    async def _publish(self, previous: asyncio.Task[None] | None, messages: list[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)  # one batch's events after the one before's
+            await events.send_collected(messages)
+        finally:
+            self.unsent -= len(messages)
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RegistrationBatcher] = weakref.WeakKeyDictionary()
+
+
+def batcher() -> RegistrationBatcher:
+    """The running event loop's batcher."""
+    loop = asyncio.get_running_loop()
+    found = _batchers.get(loop)
+    if found is None:
+        found = _batchers[loop] = RegistrationBatcher()
+    return found
+
+
+@dataclass
+class Done:
+    """A batch's answers (None: the view answers that request), and what is left to do on the event loop:
+    the registrations to remember (``reregister.remember_many_args``) and the events to send."""
+
+    answers: list[Answer | None]
+    remembered: list[tuple[str, int, str, int | None, Any]]
+    messages: list[tuple[str, dict[str, Any]]]
+
+
+def run_batch(jobs: list[Job], now: datetime) -> Done:
+    """Register a batch (ids distinct) in one transaction."""
+    answers: list[Answer | None] = [None] * len(jobs)
+    tokens = {t.key_hash: t for t in ApiToken.objects.filter(key_hash__in={j.key_hash for j in jobs}, is_active=True)}
+    taken = [i for i, job in enumerate(jobs) if job.key_hash in tokens]  # no token: the view's 401
+    if not taken:
+        return Done(answers, [], [])
+    with events.collect() as messages:
+        try:
+            outcomes = leases.register_many([(jobs[i].data, tokens[jobs[i].key_hash]) for i in taken], now)
+        except redis.RedisError as exc:
+            log.error("Redis unavailable during a registration batch: %s", exc)
+            outage.note_unreachable()
+            failed = Answer(503, {"detail": "Lease store unavailable; retry shortly."}, RETRY)
+            return Done([failed if job.key_hash in tokens else None for job in jobs], [], [])
+        except (db.OperationalError, db.InterfaceError) as exc:
+            log.error("database unavailable during a registration batch: %s", exc)
+            failed = Answer(503, {"detail": "Database unavailable; retry shortly."}, RETRY)
+            return Done([failed if job.key_hash in tokens else None for job in jobs], [], [])
+    remembered = []
+    for i, outcome in zip(taken, outcomes, strict=True):
+        token = tokens[jobs[i].key_hash]
+        if isinstance(outcome, leases.NotOwner):
+            answers[i] = Answer(403, {"detail": str(outcome)}, [])
+            continue
+        service, created = outcome
+        owner = token if service.owner_id == token.pk else service.owner
+        body = registered_body(service, now, owner.name if owner is not None else None)
+        answers[i] = Answer(201 if created else 200, body, [])
+        remembered.append((service.service_id, service.revision, jobs[i].request_digest, service.owner_id, body))
+    return Done(answers, remembered, list(messages))

@@ -2,7 +2,8 @@
 
 ``register``, ``deregister`` and ``record_health`` change the database row and its Redis lease
 entry together, under the row lock, so readers and the cleanup job never see one without the
-other for longer than a crash window that ``reconcile`` repairs. ``heartbeat_flow`` is the
+other for longer than a crash window that ``reconcile`` repairs. ``register_many`` registers a batch in one
+transaction with the same rules (``register`` is a batch of one). ``heartbeat_flow`` is the
 heartbeat protocol written once, as a sequence of steps that a sync driver (the DRF view) or
 an async driver (the ASGI fast path) executes.
 """
@@ -50,18 +51,6 @@ def _set_labels(service: Service, labels: dict[str, str], *, replace: bool) -> N
     if replace:
         ServiceLabel.objects.filter(service=service).delete()
     ServiceLabel.objects.bulk_create(ServiceLabel(service=service, key=k, value=v) for k, v in labels.items())
-
-
-def _put_lease(r: redis.Redis, service: Service, deadline_ms: int) -> None:
-    lease_store.put(
-        r,
-        service.service_id,
-        deadline_ms=deadline_ms,
-        lease_seconds=service.lease_duration,
-        deregister_after=service.deregister_after,
-        owner_id=service.owner_id,
-        health=service.health,
-    )
 
 
 def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> None:
@@ -122,15 +111,40 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
 
     Returns the service and whether it was created. A re-registration replaces every field
     given, resets the lease from ``now`` and keeps ``registered_at`` and the owner.
+    ``register_many`` of one: both front doors share the rules.
     """
-    r = get_redis()
-    now = lease_store.from_ms(lease_store.to_ms(now))  # the lease store keeps milliseconds
+    outcome = register_many([(data, token)], now)[0]
+    if isinstance(outcome, NotOwner):
+        raise outcome
+    return outcome
+
+
+# What one registration of a batch came to: the service and whether it was created, or the refusal.
+Outcome = tuple[Service, bool] | NotOwner
+
+
+@dataclass
+class _Pending:
+    """One registration of a batch on its way through ``_register_batch``."""
+
+    data: dict[str, Any]
+    token: ApiToken
+    fields: dict[str, Any]
+    deadline_ms: int
+    service: Service | None = None
+    created: bool = False
+    before: dict[str, Any] | None = None
+    labels_changed: bool = False
+
+
+def _fields(data: dict[str, Any], now: datetime) -> tuple[dict[str, Any], int]:
+    """The row fields a registration sets (defaults filled in) and its lease deadline."""
     lease = data.get("lease_duration") or settings.REGISTRY_DEFAULT_LEASE
     deregister_after = data.get("deregister_after")
     if deregister_after is None:
         deregister_after = settings.REGISTRY_DEREGISTER_AFTER
     deadline_ms = lease_store.to_ms(now) + lease * 1000
-    fields = {
+    return {
         "service_name": data["service_name"],
         "service_type": data["service_type"],
         "endpoint": data["endpoint"],
@@ -141,14 +155,28 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
         "lease_duration": lease,
         "deregister_after": deregister_after,
         "lease_expires_at": lease_store.from_ms(deadline_ms),
-    }
+    }, deadline_ms
+
+
+def register_many(batch: Sequence[tuple[dict[str, Any], ApiToken]], now: datetime) -> list[Outcome]:
+    """Register a batch of (validated data, token), each id at most once, in ONE transaction: the rows of
+    all its ids locked and read in one query, services, labels and history rows written in bulk, the
+    revisions and lease entries taken in one Redis step each. Each registration gets the outcome it would
+    get alone (a foreign service: its ``NotOwner``, the rest unaffected); an error fails the whole batch,
+    with nothing written."""
+    ids = [data["service_id"] for data, _token in batch]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a batch of registrations takes each service id at most once")
+    r = get_redis()
+    now = lease_store.from_ms(lease_store.to_ms(now))  # the lease store keeps milliseconds
+    prepared = [(data, token, *_fields(data, now)) for data, token in batch]
     for attempt in range(3):
         try:
             with _sqlite_writer_turn():
-                return _register_once(r, data, fields, token, now, deadline_ms)
+                return _register_batch(r, [_Pending(*p) for p in prepared], now)
         except IntegrityError:
-            # Two first registrations of one id raced (there was no row to lock); the
-            # loser now finds the winner's row, locks it and re-registers over it.
+            # First registrations of an id raced (there was no row to lock); the batch that lost
+            # now finds the winner's row, locks it and re-registers over it.
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
@@ -179,58 +207,125 @@ def _sqlite_writer_turn() -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def _register_once(
-    r: redis.Redis, data: dict[str, Any], fields: dict[str, Any], token: ApiToken, now: datetime, deadline_ms: int
-) -> tuple[Service, bool]:
+def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(batch)
     with transaction.atomic():
-        service = Service.objects.select_for_update().filter(pk=data["service_id"]).first()
-        created = service is None
-        if created:
-            service = Service(service_id=data["service_id"], registered_at=now, owner=token, **fields)
-            service.weight = service.weight_in_effect()
-            _new_revision(r, service, existing=False)
-            service.save(force_insert=True)
-            _set_labels(service, fields["labels"], replace=False)
-            # After the insert: a first registration that loses a race must not touch the winner's entry.
-            _put_lease(r, service, deadline_ms)
-            before: dict[str, Any] = {}
-        else:
-            if not token.may_change(service):
-                raise NotOwner(f"service {service.service_id!r} is registered by another token")
-            before = lifecycle.snapshot(service)
-            labels_changed = service.labels != fields["labels"]
-            for name, value in fields.items():
-                setattr(service, name, value)
+        ids = [p.data["service_id"] for p in batch]
+        # In key order, as every multi-row lock here is taken: two batches never wait on each other in a cycle.
+        rows = {s.service_id: s for s in Service.objects.select_for_update().filter(pk__in=ids).order_by("pk")}
+        work: list[_Pending] = []
+        for index, p in enumerate(batch):
+            service = rows.get(p.data["service_id"])
+            if service is None:
+                p.created = True
+                p.before = {}
+                service = Service(service_id=p.data["service_id"], registered_at=now, owner=p.token, **p.fields)
+            else:
+                if not p.token.may_change(service):
+                    outcomes[index] = NotOwner(f"service {service.service_id!r} is registered by another token")
+                    continue
+                p.before = lifecycle.snapshot(service)
+                p.labels_changed = service.labels != p.fields["labels"]
+                for name, value in p.fields.items():
+                    setattr(service, name, value)
             service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
-            # The revision and the Redis entry (part of the record, see module doc) in one round trip.
-            service.revision, service.recoveries_seen = reregister.take_revision_and_put(
-                r,
-                service.service_id,
-                service.revision,
-                service.recoveries_seen,
-                deadline_ms=deadline_ms,
-                lease_seconds=service.lease_duration,
-                deregister_after=service.deregister_after,
-                owner_id=service.owner_id,
-                health=service.health,
-            )
-            service.live_recoveries = service.recoveries_seen
-            service.save(update_fields=[*fields, "weight", "revision", "recoveries_seen"])
-            if labels_changed:
-                _set_labels(service, fields["labels"], replace=True)
-        service.live_expires_at = service.lease_expires_at
-        transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
-        lifecycle.record(
-            service.service_id,
-            service.service_name,
-            Kind.REGISTERED if created else Kind.REREGISTERED,
-            Actor.token(token),
-            {**lifecycle.diff(before, lifecycle.snapshot(service)), "lease_expires_at": [None, _iso(deadline_ms)]},
-            at=now,
-            revision=service.effective_revision(now),
+            p.service = service
+            work.append(p)
+        if not work:
+            return [o for o in outcomes if o is not None]
+        services = [p.service for p in work if p.service is not None]
+        # Revisions for every change in one step (each also forgets the id's unchanged-registration snapshot).
+        changes = [
+            (s.service_id, 0 if p.created else s.revision, 0 if p.created else s.recoveries_seen)
+            for p, s in zip(work, services, strict=True)
+        ]
+        for service, (taken, recoveries) in zip(services, reregister.take_revisions(r, changes), strict=True):
+            service.revision, service.recoveries_seen = taken, recoveries
+            service.live_recoveries = recoveries
+            service.live_expires_at = service.lease_expires_at
+        created = [p.service for p in work if p.created and p.service is not None]
+        replaced = [p.service for p in work if not p.created and p.service is not None]
+        if created:
+            Service.objects.bulk_create(created)
+        if replaced:
+            Service.objects.bulk_update(replaced, [*_FIELDS, "weight", "revision", "recoveries_seen"])
+        relabelled = [p.service for p in work if p.labels_changed and p.service is not None]
+        if relabelled:
+            ServiceLabel.objects.filter(service__in=[s.service_id for s in relabelled]).delete()
+        ServiceLabel.objects.bulk_create(
+            ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()
         )
-        events.service_registered(service, previous_name=before.get("service_name"))
-    return service, created
+        # After the inserts: a first registration that loses a race must not touch the winner's entry.
+        _put_leases(r, [(p.service, p.deadline_ms) for p in work if p.service is not None])
+        counts = {"registrations": len(created), "reregistrations": len(replaced)}
+        transaction.on_commit(lambda: _count(r, counts))
+        lifecycle.record_many(
+            [
+                lifecycle.event(
+                    p.service,
+                    Kind.REGISTERED if p.created else Kind.REREGISTERED,
+                    Actor.token(p.token),
+                    {
+                        **lifecycle.diff(p.before or {}, lifecycle.snapshot(p.service)),
+                        "lease_expires_at": [None, _iso(p.deadline_ms)],
+                    },
+                    now,
+                    p.service.effective_revision(now),
+                )
+                for p in work
+                if p.service is not None
+            ]
+        )
+        events.services_registered([(p.service, (p.before or {}).get("service_name")) for p in work if p.service])
+    for index, p in enumerate(batch):
+        if outcomes[index] is None and p.service is not None:
+            outcomes[index] = (p.service, p.created)
+    return [o for o in outcomes if o is not None]
+
+
+# The row fields a registration sets (``_fields``).
+_FIELDS = (
+    "service_name",
+    "service_type",
+    "endpoint",
+    "labels",
+    "health",
+    "group_id",
+    "registered_weight",
+    "lease_duration",
+    "deregister_after",
+    "lease_expires_at",
+)
+
+
+# ``lease_store.put`` of several services in one step. KEYS: deadline, removal, conf, health.
+# ARGV: id, deadline_ms, removal_ms, conf, health; id, ...
+PUT_MANY_LUA = """
+for i = 1, #ARGV, 5 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 3])
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 4])
+end
+"""
+
+
+def _put_leases(r: redis.Redis, entries: list[tuple[Service, int]]) -> None:
+    """``lease_store.put`` of each registered service's whole lease entry, all in one script call."""
+    k = lease_store.keys()
+    args: list[str | int] = []
+    for service, deadline_ms in entries:
+        conf = lease_store.conf_value(service.lease_duration, service.deregister_after, service.owner_id)
+        args += [service.service_id, deadline_ms, deadline_ms + service.deregister_after * 1000, conf, service.health]
+    r.eval(PUT_MANY_LUA, 4, k.deadline, k.removal, k.conf, k.health, *args)
+
+
+def _count(r: redis.Redis, counts: dict[str, int]) -> None:
+    pipe = r.pipeline(transaction=False)
+    for name, amount in counts.items():
+        if amount:
+            pipe.incrby(lease_store.keys().counter(name), amount)
+    pipe.execute()
 
 
 def _iso(ms: int) -> str:

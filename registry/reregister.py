@@ -113,56 +113,36 @@ def take_revision(
     return int(taken), int(recoveries)
 
 
-# A re-registration's revision (TAKE_REVISION_LUA) and its whole lease entry (lease_store.put) in one step.
-# KEYS: revision counter, recoveries, reg:seq, reg:snap, deadline, removal, conf, health.
-# ARGV: id, stored revision, recoveries seen, "change", deadline_ms, removal_ms, conf, health.
-REREGISTER_LUA = (
-    TAKE_REVISION_LUA.replace("return {taken, recoveries}\n", "")
-    + """
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
-redis.call('HSET', KEYS[7], ARGV[1], ARGV[7])
-redis.call('HSET', KEYS[8], ARGV[1], ARGV[8])
-return {taken, recoveries}
+# TAKE_REVISION_LUA for several services in one step (a batch of registrations, rows locked).
+# KEYS as TAKE_REVISION_LUA. ARGV: id, stored revision, recoveries seen; id, stored, seen; ...
+TAKE_REVISIONS_LUA = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  local id = ARGV[i]
+  local recoveries = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  local base = tonumber(ARGV[i + 1]) + math.max(0, recoveries - tonumber(ARGV[i + 2]))
+  local taken = redis.call('INCR', KEYS[1])
+  if taken <= base then
+    taken = base + 1
+    redis.call('SET', KEYS[1], taken)
+  end
+  redis.call('HSET', KEYS[3], id, taken)
+  redis.call('HDEL', KEYS[4], id)
+  out[#out + 1] = taken
+  out[#out + 1] = recoveries
+end
+return out
 """
-)
 
 
-def take_revision_and_put(
-    r: redis.Redis,
-    service_id: str,
-    stored: int,
-    recoveries_seen: int,
-    *,
-    deadline_ms: int,
-    lease_seconds: int,
-    deregister_after: int,
-    owner_id: int | None,
-    health: str,
-) -> tuple[int, int]:
-    """``take_revision`` and ``lease_store.put`` of a re-registered service (row locked) in one round trip."""
+def take_revisions(r: redis.Redis, changes: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """``take_revision`` of several changed services (id, stored revision, recoveries seen) in one round trip."""
+    if not changes:
+        return []
     k = lease_store.keys()
-    taken, recoveries = r.eval(
-        REREGISTER_LUA,
-        8,
-        k.counter("revision"),
-        k.recoveries,
-        seq_key(),
-        snap_key(),
-        k.deadline,
-        k.removal,
-        k.conf,
-        k.health,
-        service_id,
-        stored,
-        recoveries_seen,
-        "change",
-        deadline_ms,
-        deadline_ms + deregister_after * 1000,
-        lease_store.conf_value(lease_seconds, deregister_after, owner_id),
-        health,
-    )
-    return int(taken), int(recoveries)
+    args = [value for change in changes for value in change]
+    reply = r.eval(TAKE_REVISIONS_LUA, 4, k.counter("revision"), k.recoveries, seq_key(), snap_key(), *args)
+    return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
 # KEYS: reg:seq, reg:snap. ARGV: id, revision of the registration, snapshot value.
@@ -181,6 +161,25 @@ def remember(
     """After a registration committed: keep its digest and response, unless the service changed since."""
     value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
     return bool(r.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value))
+
+
+# REMEMBER_LUA for several registrations. KEYS as REMEMBER_LUA. ARGV: id, revision, value; id, ...
+REMEMBER_MANY_LUA = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  end
+end
+"""
+
+
+def remember_many_args(registered: list[tuple[str, int, str, int | None, Any]]) -> list[str]:
+    """KEYS and ARGV of REMEMBER_MANY_LUA for committed registrations (id, revision, digest, owner id, body)."""
+    args = [seq_key(), snap_key()]
+    for service_id, revision, request_digest, owner_id, body in registered:
+        value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
+        args += [service_id, str(revision), value]
+    return args
 
 
 def forget(r: redis.Redis, service_ids: list[str]) -> None:

@@ -1,0 +1,208 @@
+"""Registrations arriving together are written in batches (registry.fast_register's batcher and
+registry.leases.register_many), and each request still gets exactly its own answer: created, replaced,
+refused for another token's service, refused as invalid, and duplicates of one id as if one after the other,
+with every history row and every watcher's event there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
+
+from registry import leases
+from registry.events import watch_groups
+from registry.models import Service, ServiceEvent
+from registry.serializers import RegisterSerializer
+
+from .conftest import client_for, service_body
+
+TIMES = ("lease_expires_at", "last_heartbeat", "registered_at")
+
+
+def _post(key: str | None, body: Any) -> dict[str, Any]:
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    return {"content": json.dumps(body).encode(), "headers": headers}
+
+
+def _storm(requests: list[dict[str, Any]]) -> tuple[list[httpx.Response], list[dict[str, Any]]]:
+    """Send all ``requests`` at once through the whole ASGI app; their answers, and the events watchers got."""
+    from registry_project.asgi import application
+
+    async def run() -> tuple[list[httpx.Response], list[dict[str, Any]]]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(watch_groups(None)[0], channel)
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            answers = await asyncio.gather(*(client.post("/api/v1/services/", **r) for r in requests))
+        received = []
+        while True:
+            try:
+                message = await asyncio.wait_for(layer.receive(channel), timeout=1.0)
+            except TimeoutError:
+                break
+            received.append(message["payload"])
+        await layer.group_discard(watch_groups(None)[0], channel)
+        return list(answers), received
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        return async_to_sync(run)()
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+
+
+def _without_times(body: dict[str, Any]) -> dict[str, Any]:
+    rest = {k: v for k, v in body.items() if k not in (*TIMES, "service_id")}
+    rest["lease"] = {k: v for k, v in body["lease"].items() if k != "expires_at"}
+    return rest
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_storm_of_mixed_registrations_gets_each_its_own_answer(make_token, monkeypatch):
+    _owner, key = make_token("owner")
+    _other, other_key = make_token("other")
+    assert client_for(other_key).post("/api/v1/services/", service_body("theirs"), format="json").status_code == 201
+    assert client_for(key).post("/api/v1/services/", service_body("mine"), format="json").status_code == 201
+    Service.objects.filter(pk="mine").update(drained=True)  # an operator's drain outlives the re-registration
+
+    requests = [_post(key, service_body(f"new-{i}", endpoint=f"10.0.1.{i + 1}:9000")) for i in range(24)]
+    requests += [
+        _post(key, service_body("mine", endpoint="10.9.9.9:1")),  # replaced: 200
+        _post(key, service_body("theirs")),  # another token's: 403
+        _post(key, service_body("bad", service_type="pump")),  # invalid: 400 naming the field
+        _post("not-a-token", service_body("nobody")),  # 401
+        *(_post(key, service_body("dup", endpoint=f"10.0.2.{i + 1}:9000")) for i in range(3)),
+    ]
+    sizes: list[int] = []
+    register_many = leases.register_many
+
+    def counted(batch: Any, now: Any) -> Any:
+        sizes.append(len(batch))
+        return register_many(batch, now)
+
+    monkeypatch.setattr(leases, "register_many", counted)
+    answers, received = _storm(requests)
+    monkeypatch.undo()
+    assert max(sizes) > 1 and sum(sizes) == 24 + 2 + 3  # written in batches; the 400 and 401 never got there
+    statuses = [a.status_code for a in answers]
+
+    assert statuses[:24] == [201] * 24
+    assert statuses[24:28] == [200, 403, 400, 401]
+    assert sorted(statuses[28:]) == [200, 200, 201]
+    assert answers[25].json() == {"detail": "service 'theirs' is registered by another token"}
+    assert "service_type" in answers[26].json()
+    mine = answers[24].json()
+    assert (mine["endpoint"], mine["drained"], mine["weight"], mine["owner"]) == ("10.9.9.9:1", True, 0, "owner")
+
+    # The same body the view answers for the same registration.
+    view = client_for(key).post("/api/v1/services/", service_body("by-view", endpoint="10.0.1.1:9000"), format="json")
+    assert view.status_code == 201
+    assert _without_times(answers[0].json()) == _without_times(view.json())
+
+    # Every registration is in the database, with its labels and its history row.
+    assert Service.objects.filter(pk__startswith="new-").count() == 24
+    assert set(Service.objects.get(pk="new-3").label_rows.values_list("key", "value")) == {
+        ("env", "prod"),
+        ("zone", "a"),
+    }
+    assert not Service.objects.filter(pk__in=["bad", "nobody"]).exists()
+    assert Service.objects.get(pk="theirs").owner.name == "other"
+    kinds = ServiceEvent.objects.filter(service_id="dup").order_by("id").values_list("kind", flat=True)
+    assert list(kinds) == ["registered", "re-registered", "re-registered"]
+    final = {a.json()["endpoint"] for a in answers[28:]}
+    assert Service.objects.get(pk="dup").endpoint in final
+    assert ServiceEvent.objects.filter(service_id__startswith="new-", kind="registered").count() == 24
+    assert ServiceEvent.objects.filter(service_id="theirs").count() == 1
+
+    # A watcher got one service.registered per registration written, with the revision of its history row.
+    registered = [m for m in received if m["type"] == "service.registered"]
+    assert len(registered) == 24 + 1 + 3
+    history = {
+        (e.service_id, e.revision) for e in ServiceEvent.objects.filter(kind__in=["registered", "re-registered"])
+    }
+    assert {(m["service_id"], m["revision"]) for m in registered} <= history
+    dup_revisions = [m["revision"] for m in registered if m["service_id"] == "dup"]
+    assert dup_revisions == sorted(dup_revisions) and len(set(dup_revisions)) == 3
+
+
+def test_register_many_refuses_only_the_foreign_service_and_writes_the_rest(make_token):
+    from django.utils import timezone
+
+    owner, _ = make_token("owner")
+    other, _ = make_token("other")
+    leases.register(_valid(service_body("theirs")), other, timezone.now())
+    outcomes = leases.register_many(
+        [
+            (_valid(service_body("a")), owner),
+            (_valid(service_body("theirs")), owner),
+            (_valid(service_body("b")), owner),
+        ],
+        timezone.now(),
+    )
+    assert isinstance(outcomes[1], leases.NotOwner)
+    assert [o[1] for o in (outcomes[0], outcomes[2])] == [True, True]  # type: ignore[index]
+    assert set(Service.objects.values_list("pk", flat=True)) == {"a", "b", "theirs"}
+    with pytest.raises(ValueError):
+        leases.register_many([(_valid(service_body("a")), owner), (_valid(service_body("a")), owner)], timezone.now())
+
+
+def _valid(body: dict[str, Any]) -> dict[str, Any]:
+    serializer = RegisterSerializer(data=body)
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
+@pytest.fixture
+def own_store(redis_server: Any) -> Any:
+    """A redis-server of this test's own as the lease store, with short command timeouts, to stop."""
+    from django.conf import settings
+
+    from registry import outage
+    from registry.redis_client import reset_clients
+    from registry_project.embedded_redis import RedisServer
+
+    server = RedisServer().start()
+    saved = settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS
+    settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS = server.url, 300
+    reset_clients()
+    outage.reset_note_throttle()
+    yield server
+    settings.REDIS_URL, settings.REDIS_SOCKET_TIMEOUT_MS = saved
+    reset_clients()
+    server.stop()
+
+
+def test_a_batch_that_fails_fails_every_request_in_it_as_the_view_does_and_writes_nothing(
+    make_token, own_store, monkeypatch
+):
+    _owner, key = make_token("owner")
+    own_store.stop()
+    view = client_for(key).post("/api/v1/services/", service_body("by-view"), format="json")
+    sizes: list[int] = []
+    register_many = leases.register_many
+
+    def counted(batch: Any, now: Any) -> Any:
+        sizes.append(len(batch))
+        return register_many(batch, now)
+
+    monkeypatch.setattr(leases, "register_many", counted)
+    answers, _received = _storm([_post(key, service_body(f"new-{i}")) for i in range(6)])
+    assert sum(sizes) == 6 and max(sizes) > 1  # the batches answered, not the view
+    assert view.status_code == 503
+    assert [a.status_code for a in answers] == [503] * 6
+    assert all(a.json() == view.json() for a in answers)
+    assert all(a.headers["retry-after"] == "1" for a in answers)
+    assert not Service.objects.exists()
+    assert not ServiceEvent.objects.exists()
