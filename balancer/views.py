@@ -13,7 +13,7 @@ from registry.schema import IDENTIFIER, bad_request, error
 from registry.serializers import SelectorField, ServiceSerializer, identifier_field
 
 from . import selection
-from .strategies import STRATEGIES, NoHealthyInstance
+from .strategies import STRATEGIES
 
 
 class SelectQuerySerializer(serializers.Serializer):
@@ -50,12 +50,9 @@ class SelectView(APIView):
         },
     )
     def get(self, request: Request) -> Response:
+        # Most selects never reach this view: balancer.fastpath answers them with the same selection core.
         query = SelectQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         p = query.validated_data
-        now = timezone.now()
-        try:
-            service = selection.select(p["name"], p["strategy"], now, p.get("selector"), p.get("key"))
-        except NoHealthyInstance as exc:
-            return Response({"detail": f"{p['name']}: {exc}", "name": p["name"]}, status=503)
-        return Response(ServiceSerializer(service, context={"now": now}).data)
+        outcome = selection.select(p["name"], p["strategy"], timezone.now(), p.get("selector"), p.get("key"))
+        return Response(outcome.body, status=outcome.status)

@@ -3,7 +3,7 @@ target — printed and written to bench/RESULTS.md with the machine it ran on.
 
     .venv/bin/python bench/suite.py            # every benchmark, full length (several minutes)
     .venv/bin/python bench/suite.py --quick    # short runs, for a look (figures not for quoting)
-    .venv/bin/python bench/suite.py --only heartbeat,select
+    .venv/bin/python bench/suite.py --only heartbeat,selection
 
 Each benchmark module has ``results(quick) -> list[row]``, a row being a dict with ``figure``, ``ours``,
 ``anchor`` (or None), ``ratio`` (or None) and ``target``. A benchmark that fails is reported as a row
@@ -30,7 +30,7 @@ sys.path.insert(0, str(BASE))
 # In the order they run: the module under bench/ and what it measures.
 BENCHMARKS = {
     "heartbeat": "heartbeats against etcd's lease keepalive",
-    "select": "balancer selection over HTTP",
+    "selection": "balancer selection over HTTP",
     "registration": "registration storms and unchanged re-registration",
     "fanout": "rebalance pushes to 1,000 websocket subscribers",
     "queries": "label-selector queries and lists during a mass lapse",

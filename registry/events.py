@@ -7,12 +7,15 @@ service a watcher can see, and the same number a snapshot shows for the same sta
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from .push import after_commit, channel_group, send_now
+from .redis_client import get_redis
 
 ALL = "all"
 
@@ -53,22 +56,53 @@ def _publish(event: str, service_name: str, body: dict[str, Any]) -> None:
         send_now(group, payload)
 
 
-def service_registered(service: Any) -> None:
+def name_version_key(service_name: str) -> str:
+    """Redis key of a service name's change counter: bumped by every change of a service of that name that
+    an event announces, so a cache of that name's instances (balancer.selection) knows it is stale."""
+    return f"{settings.REGISTRY_REDIS_PREFIX}name-version:{service_name}"
+
+
+# A counter Redis lost starts again at a random value, never at one a reader may have cached.
+_BUMP_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
+return redis.call('INCR', KEYS[1])
+"""
+
+
+def _bump_name_version(service_name: str) -> None:
+    get_redis().eval(_BUMP_LUA, 1, name_version_key(service_name), secrets.randbits(52))
+
+
+def _name_changed(service_name: str) -> None:
+    """Bump the name's counter now (inside the transaction) and again once it commits: a reader that
+    reloaded in between, still seeing the old rows, reloads once more."""
+    _bump_name_version(service_name)
+    after_commit(lambda: _bump_name_version(service_name))
+
+
+def service_registered(service: Any, previous_name: str | None = None) -> None:
+    """``previous_name``: the name the service had before this re-registration (its old name's list changed too)."""
+    _name_changed(service.service_name)
+    if previous_name and previous_name != service.service_name:
+        _name_changed(previous_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.registered", service.service_name, body))
 
 
 def service_updated(service: Any) -> None:
     """An operator changed the service (drain, undrain, weight): the whole record, as for a registration."""
+    _name_changed(service.service_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.updated", service.service_name, body))
 
 
 def service_health(service: Any) -> None:
+    _name_changed(service.service_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.health", service.service_name, body))
 
 
 def service_deregistered(service_id: str, service_name: str, reason: str, revision: int) -> None:
+    _name_changed(service_name)
     body = {"revision": revision, "service_id": service_id, "service_name": service_name, "reason": reason}
     after_commit(lambda: _publish("service.deregistered", service_name, body))

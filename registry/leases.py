@@ -9,20 +9,23 @@ an async driver (the ASGI fast path) executes.
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable, Generator, Iterable, Sequence
-from contextlib import AbstractContextManager
+import os
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from . import events, lease_store, lifecycle, revisions
+from . import events, lease_store, lifecycle, reregister, revisions
 from .errors import Forbidden, NotFound
 from .lifecycle import Actor, Kind
 from .models import ApiToken, Health, Service, ServiceLabel, hash_token
@@ -80,13 +83,38 @@ def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> 
 def _new_revision(r: redis.Redis, service: Service, *, existing: bool = True) -> None:
     """Give a persisted change of ``service`` (row locked, not yet saved) its revision (registry.revisions)."""
     stored, seen = (service.revision, service.recoveries_seen) if existing else (0, 0)
-    service.revision, service.recoveries_seen = lease_store.take_revision(r, service.service_id, stored, seen)
+    # Taking it also forgets the service's unchanged-registration snapshot (registry.reregister).
+    service.revision, service.recoveries_seen = reregister.take_revision(r, service.service_id, stored, seen)
     service.live_recoveries = service.recoveries_seen
 
 
 def _removal_revision(r: redis.Redis, service_id: str, stored: int, seen: int) -> int:
     """The revision of the event that a service was removed (row locked, Redis entry not yet removed)."""
-    return revisions.removal_revision(lease_store.take_revision(r, service_id, stored, seen)[0])
+    return revisions.removal_revision(reregister.take_revision(r, service_id, stored, seen, removal=True)[0])
+
+
+def renew_unchanged(
+    service_id: str, request_digest: str, health: str, token: ApiToken, now: datetime
+) -> dict[str, Any] | None:
+    """Re-register ``service_id`` without a write if the request is the one it last registered with
+    (registry.reregister): the lease is renewed from ``now`` and the answer is what a registration
+    would answer. None: it is not (or may not be) unchanged; register it."""
+    r = get_redis()
+    args = reregister.renew_args(service_id, request_digest, lease_store.to_ms(now), health)
+    for _attempt in range(2):
+        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, 7, *reregister.renew_keys(token.key_hash), *args)
+        code = reply[0].decode()
+        if code == "OK":
+            return reregister.unchanged_body(reply[2], int(reply[1]))
+        if code != "TOKEN_MISS":
+            return None
+        lease_store.cache_token(r, token.key_hash, token.pk, token.is_staff)  # authenticated just now
+    return None
+
+
+def remember_registration(service: Service, request_digest: str, body: dict[str, Any]) -> None:
+    """After a registration committed: let the same request again renew like a heartbeat (registry.reregister)."""
+    reregister.remember(get_redis(), service.service_id, service.revision, request_digest, service.owner_id, body)
 
 
 def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Service, bool]:
@@ -116,13 +144,39 @@ def register(data: dict[str, Any], token: ApiToken, now: datetime) -> tuple[Serv
     }
     for attempt in range(3):
         try:
-            return _register_once(r, data, fields, token, now, deadline_ms)
+            with _sqlite_writer_turn():
+                return _register_once(r, data, fields, token, now, deadline_ms)
         except IntegrityError:
             # Two first registrations of one id raced (there was no row to lock); the
             # loser now finds the winner's row, locks it and re-registers over it.
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+_writer_locks: dict[str, tuple[threading.Lock, int]] = {}
+
+
+@contextmanager
+def _sqlite_writer_turn() -> Iterator[None]:
+    """On SQLite, wait for this registration's turn to write in a queue (a lock file beside the database)
+    instead of in SQLite's busy handler, which polls with sleeps of up to 100 ms: under a storm of
+    registrations from several server processes that starves some writers for seconds. Other databases
+    lock the row and need nothing here."""
+    name = str(connection.settings_dict["NAME"])
+    if connection.vendor != "sqlite" or connection.in_atomic_block or name.startswith((":memory:", "file:")):
+        yield
+        return
+    path = f"{name}.writer-lock"
+    if path not in _writer_locks:
+        _writer_locks.setdefault(path, (threading.Lock(), os.open(path, os.O_RDWR | os.O_CREAT, 0o600)))
+    lock, fd = _writer_locks[path]
+    with lock:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _register_once(
@@ -137,6 +191,8 @@ def _register_once(
             _new_revision(r, service, existing=False)
             service.save(force_insert=True)
             _set_labels(service, fields["labels"], replace=False)
+            # After the insert: a first registration that loses a race must not touch the winner's entry.
+            _put_lease(r, service, deadline_ms)
             before: dict[str, Any] = {}
         else:
             if not token.may_change(service):
@@ -146,12 +202,22 @@ def _register_once(
             for name, value in fields.items():
                 setattr(service, name, value)
             service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
-            _new_revision(r, service)
+            # The revision and the Redis entry (part of the record, see module doc) in one round trip.
+            service.revision, service.recoveries_seen = reregister.take_revision_and_put(
+                r,
+                service.service_id,
+                service.revision,
+                service.recoveries_seen,
+                deadline_ms=deadline_ms,
+                lease_seconds=service.lease_duration,
+                deregister_after=service.deregister_after,
+                owner_id=service.owner_id,
+                health=service.health,
+            )
+            service.live_recoveries = service.recoveries_seen
             service.save(update_fields=[*fields, "weight", "revision", "recoveries_seen"])
             if labels_changed:
                 _set_labels(service, fields["labels"], replace=True)
-        # The Redis entry is part of the record, written under the row lock (see module doc).
-        _put_lease(r, service, deadline_ms)
         service.live_expires_at = service.lease_expires_at
         transaction.on_commit(lambda: lease_store.incr(r, "registrations" if created else "reregistrations"))
         lifecycle.record(
@@ -163,7 +229,7 @@ def _register_once(
             at=now,
             revision=service.effective_revision(now),
         )
-        events.service_registered(service)
+        events.service_registered(service, previous_name=before.get("service_name"))
     return service, created
 
 

@@ -197,6 +197,42 @@ class RegisteredServiceSerializer(ServiceSerializer):
         ).data
 
 
+_DATETIME = serializers.DateTimeField()
+
+
+def registered_body(service: Service, now: Any, owner_name: str | None) -> dict[str, Any]:
+    """What RegisteredServiceSerializer answers for ``service`` (its live lease attached), built directly:
+    the serializer builds its fields anew for every instance, which costs more than the registration's
+    own queries. ``owner_name``: the owner token's name (None: no owner). tests/test_register_unchanged.py
+    holds the two to the same output."""
+    expires = service.expires_at
+    iso = _DATETIME.to_representation
+    return {
+        "service_id": service.service_id,
+        "service_name": service.service_name,
+        "service_type": service.service_type,
+        "endpoint": service.endpoint,
+        "labels": service.labels,
+        "health": service.effective_health(now),
+        "reported_health": str(service.health),
+        "group_id": service.group_id,
+        "weight": service.weight,
+        "drained": service.drained,
+        "operator_weight": service.operator_weight,
+        "registered_at": iso(service.registered_at),
+        "last_heartbeat": iso(service.last_heartbeat),
+        "lease_duration": service.lease_duration,
+        "deregister_after": service.deregister_after,
+        "lease_expires_at": iso(expires),
+        "owner": owner_name,
+        "lease": {
+            "duration": service.lease_duration,
+            "heartbeat_interval": max(1, service.lease_duration // 3),
+            "expires_at": iso(expires),
+        },
+    }
+
+
 class HeartbeatResponseSerializer(serializers.Serializer):
     service_id = serializers.CharField()
     health = serializers.ChoiceField(choices=Health.choices)

@@ -18,12 +18,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import leases, metrics
+from . import leases, metrics, reregister
 from .auth import token_from_header
 from .leadership import LEADERSHIP
 from .lifecycle import Actor
 from .listing import ServiceListPagination
-from .models import LeaderTerm, Service
+from .models import Health, LeaderTerm, Service
 from .path_ids import path_identifier_error
 from .redis_client import get_redis
 from .schema import BEARER_AUTH, IDENTIFIER, UNAUTHORIZED, bad_request, error
@@ -36,6 +36,7 @@ from .serializers import (
     ServiceQuerySerializer,
     ServiceSerializer,
     parse_heartbeat_body,
+    registered_body,
 )
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,19 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def create(self, request: Request) -> Response:
         incoming = RegisterSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        service, created = leases.register(incoming.validated_data, request.user, self.now)
-        body = RegisteredServiceSerializer(service, context=self.get_serializer_context()).data
+        data = incoming.validated_data
+        # The request it last registered with, unchanged since: renew the lease, write nothing.
+        request_digest = reregister.digest(data)
+        if not getattr(request._request, "scope", {}).get(reregister.CHECKED):  # else registry.fast_register did
+            unchanged = leases.renew_unchanged(
+                data["service_id"], request_digest, data.get("health") or Health.HEALTHY, request.user, self.now
+            )
+            if unchanged is not None:
+                return Response(unchanged, status=status.HTTP_200_OK)
+        service, created = leases.register(data, request.user, self.now)
+        owner = request.user if service.owner_id == request.user.pk else service.owner
+        body = registered_body(service, self.now, owner.name if owner is not None else None)
+        leases.remember_registration(service, request_digest, body)
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     def destroy(self, request: Request, pk: str) -> Response:

@@ -1,5 +1,5 @@
-"""ASGI entry point. HTTP: the heartbeat fast path, then the request body cap, then static files, then
-Django. Websockets: origin check, token auth, then the Channels consumers of registry_project.routing."""
+"""ASGI entry point. HTTP: the fast paths (balancer select, heartbeats, unchanged re-registrations),
+then the request body cap, then static files, then Django. Websockets: origin check, token auth, then the Channels consumers of registry_project.routing."""
 
 import gc
 import os
@@ -17,6 +17,8 @@ django_asgi_app = SyncChainASGIHandler()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (needs Django set up first)
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from balancer.fastpath import SelectFastPath  # noqa: E402
+from registry.fast_register import UnchangedRegistrationFastPath  # noqa: E402
 from registry.fastpath import HeartbeatFastPath  # noqa: E402
 from registry.ws_auth import OriginCheck, TokenAuthMiddleware  # noqa: E402
 from registry_project.limits import BodyLimit  # noqa: E402
@@ -27,7 +29,9 @@ from registry_project.routing import websocket_urlpatterns  # noqa: E402
 # has a smaller cap of its own, so a heartbeat pays for neither twice.
 application = ProtocolTypeRouter(
     {
-        "http": HeartbeatFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))),
+        "http": SelectFastPath(
+            HeartbeatFastPath(UnchangedRegistrationFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))))
+        ),
         "websocket": OriginCheck(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -111,7 +111,7 @@ DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'registry.sqlite3'
 # (registry_project.handler), each keeping its database connection from one request to the next:
 # no connect, no SQLite PRAGMAs, no pool checkout per request. 0: Django's thread per request, with a
 # connection per request (PostgreSQL then takes them from a pool of DATABASE_POOL_SIZE).
-REGISTRY_REQUEST_THREADS = env_int("REGISTRY_REQUEST_THREADS", 4, minimum=0, maximum=256)
+REGISTRY_REQUEST_THREADS = env_int("REGISTRY_REQUEST_THREADS", 8, minimum=0, maximum=256)
 try:
     _db = dj_database_url.parse(
         DATABASE_URL,

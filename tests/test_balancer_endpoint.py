@@ -1,4 +1,8 @@
-"""GET /api/v1/balancer/select/: shared rotation state in Redis, errors, and the admin's drain."""
+"""GET /api/v1/balancer/select/: shared rotation state in Redis, errors, and the admin's drain.
+
+Every test runs through both front doors: the DRF view (Django's test client) and the whole ASGI
+application, where balancer.fastpath answers selects itself.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,43 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 
-from tests.conftest import client_for, service_body
+from tests.conftest import asgi_request, client_for, service_body
 
 pytestmark = pytest.mark.django_db
+
+
+class Door:
+    """GETs through the DRF view or through the ASGI application (the fast path), answering alike."""
+
+    def __init__(self, via: str) -> None:
+        self.via = via
+
+    def client(self, key: str | None):
+        if self.via == "drf":
+            return client_for(key)
+        door = self
+
+        class AsgiClient:
+            def get(self, path: str):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                return asgi_request("GET", path, headers=headers)
+
+            def post(self, *args, **kwargs):
+                return client_for(key).post(*args, **kwargs)
+
+        assert door.via == "asgi"
+        return AsgiClient()
+
+
+@pytest.fixture(params=["drf", "asgi"])
+def door(request: pytest.FixtureRequest) -> Door:
+    return Door(request.param)
+
+
+@pytest.fixture
+def api(owner, door):
+    """The owner's client through the test's front door (registrations always go through the API)."""
+    return door.client(owner[1])
 
 
 def register(api, sid, **extra):
@@ -23,10 +61,10 @@ def select(api, query: str):
     return api.get(f"/api/v1/balancer/select/?name=sink{query}")
 
 
-def test_round_robin_is_one_sequence_across_clients(api, owner, make_token):
+def test_round_robin_is_one_sequence_across_clients(api, owner, make_token, door):
     for sid in ("a", "b", "c"):
         register(api, sid)
-    other = client_for(make_token("other")[1])
+    other = door.client(make_token("other")[1])
     chosen = [select(client, "").json()["service_id"] for client in [api, other] * 15]
     assert chosen == ["a", "b", "c"] * 10  # two clients on separate connections share one rotation
 
@@ -95,8 +133,17 @@ def test_a_name_never_registered_is_404(api):
     assert "nobody" in response.json()["detail"]
 
 
-def test_select_needs_a_token(db):
-    assert client_for(None).get("/api/v1/balancer/select/?name=sink").status_code == 401
+def test_select_needs_a_token(db, door):
+    response = door.client(None).get("/api/v1/balancer/select/?name=sink")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert response.json() == {"detail": "Authentication credentials were not provided."}
+
+
+def test_an_unknown_token_is_401(db, door):
+    response = door.client("cr_not-a-token").get("/api/v1/balancer/select/?name=sink")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid token."}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -115,3 +162,26 @@ def test_two_server_processes_alternating_produce_one_round_robin_sequence(serve
         for n in range(8)
     ]
     assert Counter(weighted) == {"a": 2, "b": 2, "c": 2, "d": 2}
+
+
+def test_a_revoked_token_stops_selecting_at_once(api, owner):
+    register(api, "a")
+    assert select(api, "").status_code == 200  # the token is in the token cache now
+    token = owner[0]
+    token.is_active = False
+    token.save()
+    response = select(api, "")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid token."}
+
+
+def test_with_a_request_rate_set_selects_go_through_the_view_and_its_throttle(owner, settings):
+    # given: a rate of 2 requests per minute per token, which only the DRF view counts
+    settings.REGISTRY_THROTTLE_RATE = (2, 60)
+    client_for(owner[1]).post("/api/v1/services/", service_body("a", service_name="sink"), format="json")
+    answers = [
+        asgi_request("GET", "/api/v1/balancer/select/?name=sink", headers={"Authorization": f"Bearer {owner[1]}"})
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in answers] == [200, 429, 429]  # the registration counted too
+    assert all("Vary" in r.headers for r in answers)  # Django answered

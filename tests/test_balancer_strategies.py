@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.strategies import (
@@ -124,3 +124,31 @@ def test_rendezvous_respects_weights():
     instances = [Instance("light", weight=1), Instance("heavy", weight=3)]
     counts = Counter(rendezvous(instances, f"k{k}").id for k in range(8000))
     assert 1700 < counts["light"] < 2300  # a quarter of the keys
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.tuples(st.text(min_size=1, max_size=6), st.integers(min_value=1, max_value=5)), max_size=30),
+    st.lists(st.text(max_size=8), min_size=1, max_size=10),
+)
+def test_the_prepared_rendezvous_pool_picks_what_rendezvous_picks(members, keys):
+    from balancer.hashing import RendezvousPool
+
+    instances = [Instance(sid, weight=w) for sid, w in dict(members).items()]
+    if not instances:
+        return
+    prepared = RendezvousPool(instances)
+    for key in keys:
+        assert prepared.pool[prepared.index(key)] == rendezvous(instances, key)
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=10))
+def test_the_schedule_by_position_is_nginx_sequence_from_zero(weights):
+    from balancer.schedule import SmoothWeightedSchedule
+
+    instances = [Instance(f"i{n:02d}", weight=w) for n, w in enumerate(weights)]
+    schedule = SmoothWeightedSchedule(instances)
+    current: dict[str, int] = {}
+    expected = [smooth_weighted(instances, current).id for _ in range(2 * sum(weights) + 1)]
+    assert [schedule.at(p).id for p in range(len(expected))] == expected

@@ -1,0 +1,255 @@
+"""The unchanged re-registration: what lets a service that registers again with exactly what it registered
+before renew its lease like a heartbeat (one Redis script call) instead of writing the database.
+
+For every service the registry keeps in Redis, next to its lease entry:
+
+- ``reg:seq``: the revision of the service's last persisted change (any: registration, health change,
+  operator's drain or weight), set by that change under the row lock, in the same script that takes the
+  revision (``take_revision``); a removal drops it.
+- ``reg:snap``: the digest of the last registration's request, the owner, and the response it got
+  (``remember``). A persisted change deletes it in the same script, and ``remember`` writes it only if
+  ``reg:seq`` is still the revision of the registration it describes: a snapshot is never older than
+  the row it describes, whatever order concurrent changes commit in.
+
+``RENEW_UNCHANGED_LUA`` then renews the lease only if the token may change the service, the request's
+digest equals the snapshot's, the reported health is the one registered, and the lease is live (a lapsed
+one re-registers through the database, so its recovery is written and announced as a registration). Any
+doubt answers "slow", and the request is registered as usual.
+
+Token changes (renamed, deactivated, deleted) drop every snapshot, since a response names its owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+from rest_framework import serializers
+
+from . import lease_store
+from .models import ApiToken
+from .redis_client import get_redis
+
+# Set by registry.fast_register in the ASGI scope of a request it checked and passed on to Django.
+CHECKED = "registry.unchanged_checked"
+
+# The request fields a registration is made of (RegisterSerializer's).
+FIELDS = (
+    "service_id",
+    "service_name",
+    "service_type",
+    "endpoint",
+    "labels",
+    "group_id",
+    "lease_duration",
+    "deregister_after",
+    "weight",
+    "health",
+)
+
+
+def seq_key() -> str:
+    return f"{settings.REGISTRY_REDIS_PREFIX}reg:seq"
+
+
+def snap_key() -> str:
+    return f"{settings.REGISTRY_REDIS_PREFIX}reg:snap"
+
+
+def digest(data: dict[str, Any]) -> str:
+    """The digest of a registration request's fields as given (absent fields stay absent), with the
+    defaults that fill them in. Equal digests: equal JSON values, so equal validation and equal effect."""
+    given = {name: data[name] for name in FIELDS if name in data}
+    canonical = json.dumps(given, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    defaults = f"|{settings.REGISTRY_DEFAULT_LEASE}|{settings.REGISTRY_DEREGISTER_AFTER}"
+    return hashlib.sha1((canonical + defaults).encode()).hexdigest()
+
+
+# A revision for a persisted change (lease_store.TAKE_REVISION_LUA), which also makes it the service's
+# ``reg:seq`` and drops its snapshot; with ARGV[4] = "remove", drops both instead (a removal).
+# KEYS: revision counter, recoveries, reg:seq, reg:snap. ARGV: id, stored revision, recoveries seen, mode.
+TAKE_REVISION_LUA = """
+local recoveries = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local base = tonumber(ARGV[2]) + math.max(0, recoveries - tonumber(ARGV[3]))
+local taken = redis.call('INCR', KEYS[1])
+if taken <= base then
+  taken = base + 1
+  redis.call('SET', KEYS[1], taken)
+end
+if ARGV[4] == 'remove' then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  redis.call('HSET', KEYS[3], ARGV[1], taken)
+end
+redis.call('HDEL', KEYS[4], ARGV[1])
+return {taken, recoveries}
+"""
+
+
+def take_revision(
+    r: redis.Redis, service_id: str, stored: int, recoveries_seen: int, removal: bool = False
+) -> tuple[int, int]:
+    """``lease_store.take_revision``, and the service's snapshot is forgotten (under the caller's row lock)."""
+    k = lease_store.keys()
+    taken, recoveries = r.eval(
+        TAKE_REVISION_LUA,
+        4,
+        k.counter("revision"),
+        k.recoveries,
+        seq_key(),
+        snap_key(),
+        service_id,
+        stored,
+        recoveries_seen,
+        "remove" if removal else "change",
+    )
+    return int(taken), int(recoveries)
+
+
+# A re-registration's revision (TAKE_REVISION_LUA) and its whole lease entry (lease_store.put) in one step.
+# KEYS: revision counter, recoveries, reg:seq, reg:snap, deadline, removal, conf, health.
+# ARGV: id, stored revision, recoveries seen, "change", deadline_ms, removal_ms, conf, health.
+REREGISTER_LUA = (
+    TAKE_REVISION_LUA.replace("return {taken, recoveries}\n", "")
+    + """
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+redis.call('HSET', KEYS[7], ARGV[1], ARGV[7])
+redis.call('HSET', KEYS[8], ARGV[1], ARGV[8])
+return {taken, recoveries}
+"""
+)
+
+
+def take_revision_and_put(
+    r: redis.Redis,
+    service_id: str,
+    stored: int,
+    recoveries_seen: int,
+    *,
+    deadline_ms: int,
+    lease_seconds: int,
+    deregister_after: int,
+    owner_id: int | None,
+    health: str,
+) -> tuple[int, int]:
+    """``take_revision`` and ``lease_store.put`` of a re-registered service (row locked) in one round trip."""
+    k = lease_store.keys()
+    taken, recoveries = r.eval(
+        REREGISTER_LUA,
+        8,
+        k.counter("revision"),
+        k.recoveries,
+        seq_key(),
+        snap_key(),
+        k.deadline,
+        k.removal,
+        k.conf,
+        k.health,
+        service_id,
+        stored,
+        recoveries_seen,
+        "change",
+        deadline_ms,
+        deadline_ms + deregister_after * 1000,
+        lease_store.conf_value(lease_seconds, deregister_after, owner_id),
+        health,
+    )
+    return int(taken), int(recoveries)
+
+
+# KEYS: reg:seq, reg:snap. ARGV: id, revision of the registration, snapshot value.
+REMEMBER_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def remember(
+    r: redis.Redis, service_id: str, revision: int, request_digest: str, owner_id: int | None, body: Any
+) -> bool:
+    """After a registration committed: keep its digest and response, unless the service changed since."""
+    value = f"{request_digest}|{owner_id or ''}|{json.dumps(body, separators=(',', ':'))}"
+    return bool(r.eval(REMEMBER_LUA, 2, seq_key(), snap_key(), service_id, revision, value))
+
+
+def forget(r: redis.Redis, service_ids: list[str]) -> None:
+    """Drop the records of removed services (their rows are gone)."""
+    if service_ids:
+        pipe = r.pipeline(transaction=True)
+        pipe.hdel(seq_key(), *service_ids)
+        pipe.hdel(snap_key(), *service_ids)
+        pipe.execute()
+
+
+# Replies: {"OK", deadline_ms, snapshot body} | {"TOKEN_MISS"} | {"SLOW"}
+# KEYS: token, conf, reg:snap, health, deadline, removal, reregistration counter.
+# ARGV: id, digest, now_ms, health.
+RENEW_UNCHANGED_LUA = """
+local token = redis.call('GET', KEYS[1])
+if not token then return {'TOKEN_MISS'} end
+local conf = redis.call('HGET', KEYS[2], ARGV[1])
+local snap = redis.call('HGET', KEYS[3], ARGV[1])
+if not conf or not snap then return {'SLOW'} end
+local lease_ms, dereg_ms, owner = string.match(conf, '^(%d+):(%d+):(.*)$')
+local token_id, staff = string.match(token, '^(.*):(%d)$')
+if staff ~= '1' and token_id ~= owner then return {'SLOW'} end
+local d, snap_owner, body = string.match(snap, '^(%x+)|(%d*)|(.*)$')
+if d ~= ARGV[2] or snap_owner ~= owner then return {'SLOW'} end
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[4] then return {'SLOW'} end
+local now = tonumber(ARGV[3])
+local before = redis.call('ZSCORE', KEYS[5], ARGV[1])
+if (not before) or tonumber(before) <= now then return {'SLOW'} end
+local deadline = now + tonumber(lease_ms)
+redis.call('ZADD', KEYS[5], deadline, ARGV[1])
+redis.call('ZADD', KEYS[6], deadline + tonumber(dereg_ms), ARGV[1])
+redis.call('INCR', KEYS[7])
+return {'OK', tostring(deadline), body}
+"""
+
+RENEW_UNCHANGED_SHA = hashlib.sha1(RENEW_UNCHANGED_LUA.encode()).hexdigest()
+
+
+def unchanged_body(snapshot: bytes | str, deadline_ms: int) -> dict[str, Any]:
+    """The answer to an unchanged re-registration: the remembered one, with the renewed lease."""
+    body = json.loads(snapshot)
+    expires = lease_store.from_ms(deadline_ms)
+    body["health"] = body["reported_health"]  # the lease is live: effective health is the reported one
+    body["lease_expires_at"] = _datetime(expires)
+    body["last_heartbeat"] = _datetime(expires - timedelta(seconds=body["lease_duration"]))
+    body["lease"]["expires_at"] = _datetime(expires)
+    return body
+
+
+def _datetime(value: datetime) -> str:
+    return serializers.DateTimeField().to_representation(value)
+
+
+def renew_keys(key_hash: str) -> list[str]:
+    k = lease_store.keys()
+    return [k.token(key_hash), k.conf, snap_key(), k.health, k.deadline, k.removal, k.counter("reregistrations")]
+
+
+def renew_args(service_id: str, request_digest: str, now_ms: int, health: str) -> list[str | int]:
+    return [service_id, request_digest, now_ms, health]
+
+
+@receiver(post_save, sender=ApiToken)
+@receiver(post_delete, sender=ApiToken)
+def forget_snapshots_on_token_change(sender, instance: ApiToken, created: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A response names its owner token: a token's change or removal (rare) drops every snapshot."""
+    if created:
+        return
+    # Redis down: the snapshots may name the old token until the service's next persisted change.
+    with contextlib.suppress(redis.RedisError):
+        get_redis().delete(snap_key())
