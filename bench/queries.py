@@ -11,6 +11,9 @@ over HTTP would take most of the run); a lapse is a lease deadline moved into th
 service that stopped heartbeating has. Every measured request goes over HTTP through the whole stack.
 Latency is one wrk connection (a client waiting for each answer); throughput is 16 connections.
 
+The server inherits this process's environment: ``REGISTRY_REQUEST_THREADS=0`` measures Django's
+thread (and database connection) per request, as before the request thread pool.
+
 Needs wrk (Debian: apt-get install wrk).
 """
 

@@ -22,6 +22,7 @@ from . import leases, metrics, reregister
 from .auth import token_from_header
 from .leadership import LEADERSHIP
 from .lifecycle import Actor
+from .listing import ServiceListPagination
 from .models import Health, LeaderTerm, Service
 from .path_ids import path_identifier_error
 from .redis_client import get_redis
@@ -76,6 +77,7 @@ OPERATORS_ONLY = error("Only staff tokens (operators) may drain or undrain.")
 class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     queryset = Service.objects.select_related("owner")
     serializer_class = ServiceSerializer
+    pagination_class = ServiceListPagination
     lookup_value_regex = "[A-Za-z0-9._:-]{1,128}"
 
     def get_serializer_context(self):  # type: ignore[no-untyped-def]
@@ -88,8 +90,7 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def get_queryset(self):  # type: ignore[no-untyped-def]
         if self.action != "list":
             return super().get_queryset()
-        # The owner's name only, not a token row per service (registry.serializers.read_representation).
-        qs = Service.objects.annotate(owner_name=F("owner__name"))
+        qs = Service.objects.all()
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
@@ -103,7 +104,10 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             qs = qs.matching(params["selector"])
         if "health" in params:
             qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
-        return qs
+        # The count needs no owner (registry.listing); the page reads the owner's name only, not a
+        # token row per service (registry.serializers.read_representation).
+        self.paginator.count_queryset = qs
+        return qs.annotate(owner_name=F("owner__name"))
 
     @extend_schema(
         summary="Register or re-register",

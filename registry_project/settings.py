@@ -107,13 +107,22 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'registry.sqlite3'}")
+# Each server process serves Django requests on a fixed pool of this many threads
+# (registry_project.handler), each keeping its database connection from one request to the next:
+# no connect, no SQLite PRAGMAs, no pool checkout per request. 0: Django's thread per request, with a
+# connection per request (PostgreSQL then takes them from a pool of DATABASE_POOL_SIZE).
+REGISTRY_REQUEST_THREADS = env_int("REGISTRY_REQUEST_THREADS", 8, minimum=0, maximum=256)
 try:
-    # Under ASGI, Django runs each request's sync code in a thread of its own, so persistent
-    # per-thread connections (CONN_MAX_AGE > 0) pile up; PostgreSQL gets a connection pool instead.
-    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    _db = dj_database_url.parse(
+        DATABASE_URL,
+        conn_max_age=600 if REGISTRY_REQUEST_THREADS else 0,
+        # A reused connection is checked before its first query in each request (a database restart
+        # costs a reconnect, not an error).
+        conn_health_checks=bool(REGISTRY_REQUEST_THREADS),
+    )
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
-if _db["ENGINE"] == "django.db.backends.postgresql":
+if _db["ENGINE"] == "django.db.backends.postgresql" and not REGISTRY_REQUEST_THREADS:
     _db.setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env_int("DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
