@@ -53,6 +53,7 @@ lint: $(VENV)/.dev
 
 # The hot paths side by side with their anchors (etcd for heartbeats): a table, written to bench/RESULTS.md.
 # Needs wrk and etcd (Debian: apt-get install wrk etcd-server). Takes several minutes; run on a quiet machine.
+# BENCH_PG_URL=postgres://user@host:5432/db adds PostgreSQL runs (each on a scratch database made there).
 bench: $(VENV)/.dev var/secret_key
 	$(PY) bench/suite.py
 
