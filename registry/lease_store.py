@@ -54,8 +54,10 @@ local function beat(key_hash, id, now, health)
   if staff ~= '1' and token_id ~= owner then return {'FORBIDDEN'} end
   local deadline = now + tonumber(lease_ms)
   local before = redis.call('ZSCORE', KEYS[1], id)
-  redis.call('ZADD', KEYS[1], deadline, id)
-  redis.call('ZADD', KEYS[2], deadline + tonumber(dereg_ms), id)
+  -- GT: a heartbeat delayed behind a later one of the same service never moves its deadline back
+  redis.call('ZADD', KEYS[1], 'GT', deadline, id)
+  redis.call('ZADD', KEYS[2], 'GT', deadline + tonumber(dereg_ms), id)
+  if before and tonumber(before) > deadline then deadline = tonumber(before) end
   if before and tonumber(before) <= now then
     redis.call('HINCRBY', KEYS[9], id, 1)
     redis.call('SADD', KEYS[10], id)
@@ -70,7 +72,7 @@ local function beat(key_hash, id, now, health)
       if entry then timeout, member_owner = string.match(entry, '^(%d+):(%d*)$') end
       local claimed = tonumber(redis.call('HGET', KEYS[8], session) or '-1')
       if member_owner == owner and claimed < now - claim_valid then
-        redis.call('ZADD', KEYS[6], 'XX', now + tonumber(timeout), session)
+        redis.call('ZADD', KEYS[6], 'XX', 'GT', now + tonumber(timeout), session)
       end
     end
   end
@@ -567,8 +569,10 @@ local epoch = redis.call('HGET', KEYS[3], ARGV[1])
 if not epoch then return false end
 if epoch ~= ARGV[3] then return 'FENCED' end
 local deadline = tonumber(ARGV[2]) + tonumber(string.match(entry, '^%d+'))
-redis.call('ZADD', KEYS[1], deadline, ARGV[1])
-return tostring(deadline)
+-- GT: a heartbeat delayed behind a later one (a client that timed out and sent again) never moves the
+-- deadline back, which would let the expiry job take a session its member was told it keeps
+redis.call('ZADD', KEYS[1], 'GT', deadline, ARGV[1])
+return redis.call('ZSCORE', KEYS[1], ARGV[1])
 """
 
 # A join's session: a new member's, or a new incarnation of a member that has a row. For a row,
@@ -690,8 +694,9 @@ class StaleEpoch(Exception):
 
 
 def renew_session(r: redis.Redis, group_id: str, member_id: str, now_ms: int, member_epoch: int) -> int | None:
-    """Move the session's deadline to now + its timeout if ``member_epoch`` is the session's; None if
-    there is no such session (or it records no epoch). StaleEpoch if it belongs to another incarnation."""
+    """Move the session's deadline to now + its timeout, never back, if ``member_epoch`` is the session's;
+    None if there is no such session (or it records no epoch). StaleEpoch if it belongs to another
+    incarnation. Returns the deadline the session has now."""
     k = keys()
     key = session_key(group_id, member_id)
     deadline = r.eval(

@@ -250,6 +250,38 @@ def test_a_claimed_session_is_renewed_by_no_heartbeat_until_the_claim_is_release
     assert lease_store.renew_session(r, "g", "dead", later_ms, epoch) is not None
 
 
+def test_a_heartbeat_delayed_behind_a_later_one_never_moves_the_session_deadline_back(owner):
+    """A member whose heartbeat timed out on its side (Redis paused) sends the next one; the server
+    runs the two in either order. The member was told the later one's deadline: the earlier one
+    arriving last must not shorten it, or the expiry job takes the session before that deadline."""
+    token = owner[0]
+    now = timezone.now()
+    put_topic("events", 4, now)
+    joined, _ = membership.join("g", "m", "svc", ["events"], token, now, session_timeout=3)
+    epoch = joined.member_epoch
+    early, late = now + timedelta(seconds=1), now + timedelta(seconds=2)
+    told = membership.heartbeat("g", "m", joined.generation, epoch, token, late).session_expires_at
+    assert told == lease_store.from_ms(lease_store.to_ms(late) + 3000)
+    # the delayed one: answered with the deadline the session keeps, not its own
+    assert membership.heartbeat("g", "m", joined.generation, epoch, token, early).session_expires_at == told
+
+    assert expiry.expire_members(told - timedelta(milliseconds=1)) == []
+    assert GroupMember.objects.filter(group_id="g", member_id="m").exists()
+    assert expiry.expire_members(told + timedelta(milliseconds=1)) == [("g", "m")]
+
+
+def test_a_service_heartbeat_delayed_behind_a_later_one_never_moves_the_lease_back(owner):
+    token, key = owner
+    now = timezone.now()
+    leases.register(service_body("s1", lease_duration=10), token, now)
+    late = leases.heartbeat("s1", key, "healthy", now + timedelta(seconds=2))
+    early = leases.heartbeat("s1", key, "healthy", now + timedelta(seconds=1))
+    assert late.status == early.status == 200
+    assert early.body["lease"]["expires_at"] == late.body["lease"]["expires_at"]
+    deadline = lease_store.deadlines(get_redis(), ["s1"])["s1"]
+    assert deadline == lease_store.to_ms(now + timedelta(seconds=12))
+
+
 @pytest.fixture
 def process_leader(settings) -> Iterator[None]:
     settings.REGISTRY_LEADER_TTL_MS = TTL_MS
