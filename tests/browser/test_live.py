@@ -272,3 +272,20 @@ def test_a_burst_of_100_events_costs_a_few_page_fetches_not_100(staff_page: Page
     # events trickle in over seconds on a loaded one
     assert 1 <= len(fetches) <= 25, fetches
     assert_not_reloaded(staff_page)
+
+
+def test_select_all_still_selects_every_row_after_a_live_refresh(staff_page: Page, staff_api: httpx.Client) -> None:
+    # given an open list that has refreshed itself once (its rows and select-all box are new elements)
+    for n in range(3):
+        register(staff_api, f"svc-{n}")
+    open_live(staff_page, "/admin/registry/service/")
+    register(staff_api, "svc-3")
+    expect(staff_page.locator("#result_list tbody tr")).to_have_count(4, timeout=SOON)
+    assert_not_reloaded(staff_page)
+    # when the operator ticks select-all and runs an action
+    staff_page.check("#action-toggle")
+    expect(staff_page.locator("#result_list input.action-select:checked")).to_have_count(4)
+    staff_page.select_option("select[name=action]", "drain")
+    staff_page.click("button[name=index]")
+    # then it ran on every row
+    expect(staff_page.locator(".messagelist")).to_contain_text("Drained 4 service(s)")

@@ -68,6 +68,19 @@
     });
   }
 
+  /* Django's actions.js binds the select-all box and the rows' boxes once, at load: boxes that came
+     with a refresh have no handlers (select-all would check nothing). Bind the new ones again. */
+  function rebindActions() {
+    var boxes = document.querySelectorAll("#result_list tr input.action-select");
+    if (!window.Actions || !boxes.length || !document.getElementById("action-toggle")) return;
+    var toggle = document.getElementById("action-toggle");
+    if (toggle.dataset.conveyorBound) return;
+    toggle.dataset.conveyorBound = "1";
+    window.Actions(boxes);
+    var checked = document.querySelectorAll("#result_list tr input.action-select:checked").length;
+    toggle.checked = checked === boxes.length;
+  }
+
   function replaceFrom(html) {
     var fresh = new DOMParser().parseFromString(html, "text/html");
     var checked = checkedValues();
@@ -97,6 +110,7 @@
       if (pager && freshPager) pager.replaceWith(document.importNode(freshPager, true));
     }
     restoreChecked(checked);
+    rebindActions();
     tick();
     document.dispatchEvent(new CustomEvent("conveyor:refreshed"));
   }
@@ -230,6 +244,8 @@
   }
 
   function start() {
+    var toggle = document.getElementById("action-toggle");
+    if (toggle) toggle.dataset.conveyorBound = "1"; /* bound by actions.js at load */
     statusBanner();
     document.addEventListener("input", function (event) {
       if (!event.target.classList || !event.target.classList.contains("action-select")) dirty = true;
