@@ -369,31 +369,6 @@ def live_entries(r: redis.Redis, service_ids: Sequence[str]) -> dict[str, tuple[
     }
 
 
-# A revision for a persisted change of one service (registry.revisions): the next value of the registry
-# counter, raised above the service's current revision base if the counter is behind it (the counter
-# then follows, so a later registration of the id is above it too). Returns it with the recovery count
-# it includes. KEYS: revision counter, recoveries. ARGV: id, stored revision, recoveries seen.
-TAKE_REVISION_LUA = """
-local recoveries = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-local base = tonumber(ARGV[2]) + math.max(0, recoveries - tonumber(ARGV[3]))
-local taken = redis.call('INCR', KEYS[1])
-if taken <= base then
-  taken = base + 1
-  redis.call('SET', KEYS[1], taken)
-end
-return {taken, recoveries}
-"""
-
-
-def take_revision(r: redis.Redis, service_id: str, stored: int, recoveries_seen: int) -> tuple[int, int]:
-    """A new stored revision for a change of ``service_id`` and the recovery count it includes (TAKE_REVISION_LUA)."""
-    k = keys()
-    taken, recoveries = r.eval(
-        TAKE_REVISION_LUA, 2, k.counter("revision"), k.recoveries, service_id, stored, recoveries_seen
-    )
-    return int(taken), int(recoveries)
-
-
 # KEYS: revision counter. ARGV: newest stored revision, jump.
 RAISE_COUNTER_LUA = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') <= tonumber(ARGV[1]) then

@@ -72,8 +72,11 @@ def digest(data: dict[str, Any]) -> str:
     return hashlib.sha1((canonical + defaults).encode()).hexdigest()
 
 
-# A revision for a persisted change (lease_store.TAKE_REVISION_LUA), which also makes it the service's
-# ``reg:seq`` and drops its snapshot; with ARGV[4] = "remove", drops both instead (a removal).
+# A revision for a persisted change of one service (registry.revisions): the next value of the registry
+# counter, raised above the service's current revision base if the counter is behind it (the counter
+# then follows, so a later registration of the id is above it too), returned with the recovery count it
+# includes. It also becomes the service's ``reg:seq`` and drops its snapshot; with ARGV[4] = "remove",
+# both are dropped instead (a removal).
 # KEYS: revision counter, recoveries, reg:seq, reg:snap. ARGV: id, stored revision, recoveries seen, mode.
 TAKE_REVISION_LUA = """
 local recoveries = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -96,7 +99,8 @@ return {taken, recoveries}
 def take_revision(
     r: redis.Redis, service_id: str, stored: int, recoveries_seen: int, removal: bool = False
 ) -> tuple[int, int]:
-    """``lease_store.take_revision``, and the service's snapshot is forgotten (under the caller's row lock)."""
+    """A new stored revision for a change of ``service_id`` and the recovery count it includes
+    (TAKE_REVISION_LUA); the service's snapshot is forgotten (under the caller's row lock)."""
     k = lease_store.keys()
     taken, recoveries = r.eval(
         TAKE_REVISION_LUA,

@@ -6,7 +6,7 @@ A service's revision is derived on every read from what the database and Redis h
 
 - ``stored`` (``Service.revision``): taken from the registry's counter at every persisted change
   (registration, health change, an operator's drain or weight), committed with that change, and always
-  above what the service's revision was just before (``lease_store.take_revision``).
+  above what the service's revision was just before (``reregister.take_revision``).
 - ``recoveries`` (Redis, next to the lease deadline): how many times a heartbeat, or an outage's grace,
   renewed the lease after it had lapsed. The heartbeat script counts it in the same step that renews.
 - ``recoveries_seen`` (``Service.recoveries_seen``): that count when ``stored`` was taken.
