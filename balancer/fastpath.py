@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from registry import outage
 from registry.auth import token_from_header
-from registry.fastpath import _host_allowed, _with_fresh_connection
+from registry.fastpath import host_allowed, with_fresh_connection
 from registry.models import hash_token
 from registry.redis_client import get_async_redis
 from registry_project import limits
@@ -99,7 +99,7 @@ async def run_flow_async(flow: Any, r: Any) -> Outcome:
                 reply = await selection.store_pipeline(r.pipeline(transaction=True), step).execute()
             else:
                 assert isinstance(step, Blocking)
-                reply = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)
+                reply = await sync_to_async(with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)
             step = flow.send(reply)
     except StopIteration as stop:
         return stop.value
@@ -139,7 +139,7 @@ class SelectFastPath:
             return False
         if "format" in params:
             return False  # DRF's renderer override (?format=api): the view's business
-        if not _host_allowed(host):
+        if not host_allowed(host):
             await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host.decode('latin-1')!r}."})
             return True
         token_hash, refused = authenticate(authorization)

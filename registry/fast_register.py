@@ -40,7 +40,7 @@ from registry_project import limits
 
 from . import events, lease_store, leases, outage, reregister
 from .auth import token_from_header
-from .fastpath import _host_allowed, _with_fresh_connection
+from .fastpath import host_allowed, with_fresh_connection
 from .leases import cache_token
 from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
@@ -77,7 +77,7 @@ class UnchangedRegistrationFastPath:
             headers.get(b"content-type", b"").lower() not in JSON_TYPES
             or headers.get(b"accept", b"") not in ACCEPT_JSON
             or not (length.isdigit() and len(length) < 10 and int(length) <= _max_body())
-            or not _host_allowed(headers.get(b"host", b""))
+            or not host_allowed(headers.get(b"host", b""))
         ):
             await self.app(scope, receive, send)
             return
@@ -172,7 +172,7 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
                 return reregister.unchanged_body(reply[2], int(reply[1]))
             if code != "TOKEN_MISS":
                 return None
-            if not await sync_to_async(_with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
+            if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
                 return None  # not a token: Django answers 401
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
@@ -278,7 +278,7 @@ class RegistrationBatcher:
                 await asyncio.gather(self.publishing, return_exceptions=True)
             batch = self._next_batch()
             try:
-                done = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(
+                done = await sync_to_async(with_fresh_connection, thread_sensitive=True)(
                     run_batch, [job for job, _future in batch], timezone.now()
                 )
             except Exception:

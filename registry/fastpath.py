@@ -39,7 +39,7 @@ HEARTBEAT_PATH = re.compile(r"/api/v1/services/([^/]+)/heartbeat/")
 MAX_BODY = 64 * 1024  # a heartbeat body is {"health": ...}: far below REGISTRY_MAX_BODY_BYTES
 
 
-def _with_fresh_connection(fn: Any, *args: Any) -> Any:
+def with_fresh_connection(fn: Any, *args: Any) -> Any:
     # Outside Django's request cycle nobody closes stale connections for us. (Inside an
     # atomic block, as under a test's transaction, the connection is in use: leave it.)
     if not connection.in_atomic_block:
@@ -123,7 +123,7 @@ async def run_flow_async(flow: Any) -> HeartbeatResult:
                 reply = await batcher().run(step.beat)
             else:
                 assert isinstance(step, Call)
-                reply = await sync_to_async(_with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)
+                reply = await sync_to_async(with_fresh_connection, thread_sensitive=True)(step.fn, *step.args)
             step = flow.send(reply)
     except StopIteration as stop:
         return stop.value
@@ -152,7 +152,7 @@ class HeartbeatFastPath:
                 authorization = value
             elif name == b"content-length":
                 length = value
-        if not _host_allowed(host):
+        if not host_allowed(host):
             await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host.decode('latin-1')!r}."})
             return
         if length and not (length.isdigit() and len(length) < 10 and int(length) <= MAX_BODY):
@@ -190,7 +190,7 @@ class HeartbeatFastPath:
 
 
 @functools.lru_cache(maxsize=256)
-def _host_allowed(host: bytes) -> bool:
+def host_allowed(host: bytes) -> bool:
     """Django's ALLOWED_HOSTS check, remembered per Host header value."""
     domain, _port = split_domain_port(host.decode("latin-1"))
     return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
