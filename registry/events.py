@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import redis
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
@@ -114,11 +116,56 @@ def _bump_name_version(service_name: str) -> None:
     get_redis().eval(_BUMP_LUA, 1, name_version_key(service_name), secrets.randbits(52))
 
 
+# Names whose bump after commit failed (Redis unreachable at that moment), retried until it succeeds or
+# until every list a reader may have cached then has aged out (RETRY_FOR_SECONDS outlasts
+# balancer.selection.MAX_AGE_SECONDS, a test checks).
+RETRY_FOR_SECONDS = 60.0
+_retry_lock = threading.Lock()
+_retry_names: dict[str, float] = {}
+RETRY_INTERVAL_SECONDS = 0.2
+
+
+def _bump_after_commit(service_name: str) -> None:
+    try:
+        _bump_name_version(service_name)
+    except (redis.RedisError, OSError):
+        log.warning("name counter of %r not bumped after commit; retrying", service_name, exc_info=True)
+        _retry_bump(service_name)
+
+
+def _retry_bump(service_name: str) -> None:
+    with _retry_lock:
+        first = not _retry_names
+        _retry_names.setdefault(service_name, time.monotonic() + RETRY_FOR_SECONDS)
+    if first:
+        threading.Thread(target=_retry_loop, name="name-counter-retry", daemon=True).start()
+
+
+def _retry_loop() -> None:
+    """Bump every pending name until Redis answers; a name whose cached lists have all expired is dropped."""
+    while True:
+        time.sleep(RETRY_INTERVAL_SECONDS)
+        with _retry_lock:
+            pending = dict(_retry_names)
+        for name, give_up_at in pending.items():
+            try:
+                _bump_name_version(name)
+            except (redis.RedisError, OSError):
+                if time.monotonic() < give_up_at:
+                    continue
+            with _retry_lock:
+                _retry_names.pop(name, None)
+        with _retry_lock:
+            if not _retry_names:
+                return
+
+
 def _name_changed(service_name: str) -> None:
     """Bump the name's counter now (inside the transaction) and again once it commits: a reader that
-    reloaded in between, still seeing the old rows, reloads once more."""
+    reloaded in between, still seeing the old rows, reloads once more. A bump after commit that fails is
+    retried in the background, so a list cached in between cannot outlive Redis's return by much."""
     _bump_name_version(service_name)
-    after_commit(lambda: _bump_name_version(service_name))
+    after_commit(lambda: _bump_after_commit(service_name))
 
 
 def service_registered(service: Any, previous_name: str | None = None) -> None:

@@ -1,0 +1,50 @@
+"""A name's change counter (registry.events) is bumped again after commit, and a bump after commit that
+fails because Redis could not be reached is retried until it lands, so a select cache filled between the
+two bumps (balancer.selection) does not outlive Redis's return."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import redis
+from django.db import transaction
+
+from balancer import selection
+from registry import events
+from registry.redis_client import get_redis
+
+
+def unreachable_redis() -> redis.Redis:
+    with socket.socket() as s:  # a port nothing listens on: every call fails to connect
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return redis.Redis(port=port, socket_connect_timeout=0.2)
+
+
+def counter(name: str) -> int:
+    return int(get_redis().get(events.name_version_key(name)) or 0)
+
+
+def test_retries_outlast_every_cached_list() -> None:
+    assert events.RETRY_FOR_SECONDS >= selection.MAX_AGE_SECONDS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bump_after_commit_that_fails_is_retried_until_redis_answers(monkeypatch) -> None:
+    monkeypatch.setattr(events, "RETRY_INTERVAL_SECONDS", 0.05)
+    with transaction.atomic():
+        events._name_changed("sink")  # the bump inside the transaction reaches Redis
+        inside = counter("sink")
+        monkeypatch.setattr(events, "get_redis", unreachable_redis)  # ... the one after commit does not
+    time.sleep(0.3)
+    assert counter("sink") == inside  # not bumped while Redis is unreachable
+    monkeypatch.setattr(events, "get_redis", get_redis)
+    deadline = time.monotonic() + 10
+    while counter("sink") == inside and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counter("sink") == inside + 1
+    time.sleep(0.3)
+    assert counter("sink") == inside + 1  # bumped once, and the retry stopped
+    assert not events._retry_names
