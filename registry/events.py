@@ -160,7 +160,7 @@ def _retry_loop() -> None:
                 return
 
 
-def _name_changed(service_name: str) -> None:
+def name_changed(service_name: str) -> None:
     """Bump the name's counter now (inside the transaction) and again once it commits: a reader that
     reloaded in between, still seeing the old rows, reloads once more. A bump after commit that fails is
     retried in the background, so a list cached in between cannot outlive Redis's return by much."""
@@ -179,7 +179,7 @@ def services_registered(registered: list[tuple[Any, str | None]]) -> None:
     names = {service.service_name for service, _ in registered}
     names |= {previous for _, previous in registered if previous}
     for name in sorted(names):
-        _name_changed(name)
+        name_changed(name)
     for service, _ in registered:
         body = service_payload(service)
         after_commit(lambda name=service.service_name, body=body: _publish("service.registered", name, body))
@@ -187,18 +187,18 @@ def services_registered(registered: list[tuple[Any, str | None]]) -> None:
 
 def service_updated(service: Any) -> None:
     """An operator changed the service (drain, undrain, weight): the whole record, as for a registration."""
-    _name_changed(service.service_name)
+    name_changed(service.service_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.updated", service.service_name, body))
 
 
 def service_health(service: Any) -> None:
-    _name_changed(service.service_name)
+    name_changed(service.service_name)
     body = service_payload(service)
     after_commit(lambda: _publish("service.health", service.service_name, body))
 
 
 def service_deregistered(service_id: str, service_name: str, reason: str, revision: int) -> None:
-    _name_changed(service_name)
+    name_changed(service_name)
     body = {"revision": revision, "service_id": service_id, "service_name": service_name, "reason": reason}
     after_commit(lambda: _publish("service.deregistered", service_name, body))

@@ -1,5 +1,6 @@
 """Registry signals: ``services_removed`` and ``lease_store_recovered`` for other apps, and keeping the
-Redis token cache in step with ApiToken rows (a changed or deleted token is forgotten at once)."""
+Redis token cache in step with ApiToken rows (a changed or deleted token is forgotten at once), and a
+saved token's services' names marked changed, since their ``owner`` shows the token's name."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import Signal, receiver
 
-from . import lease_store
-from .models import ApiToken
+from . import events, lease_store
+from .models import ApiToken, Service
 from .redis_client import get_redis
 
 log = logging.getLogger(__name__)
@@ -45,3 +46,14 @@ def forget_cached_token(sender, instance: ApiToken, created: bool = False, **kwa
     # re-cached the old row in between.
     _forget(instance.key_hash)
     transaction.on_commit(lambda: _forget(instance.key_hash))
+
+
+@receiver(post_save, sender=ApiToken)
+def owned_names_changed(sender, instance: ApiToken, created: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A saved token (renamed, say) changes the ``owner`` its services show: the select caches of their
+    names (balancer.selection) reload, as for any change of those services."""
+    if created:
+        return
+    names = Service.objects.filter(owner=instance).values_list("service_name", flat=True).distinct()
+    for name in sorted(names):
+        events.name_changed(name)

@@ -13,7 +13,9 @@ from django.db import transaction
 
 from balancer import selection
 from registry import events
+from registry.models import ApiToken
 from registry.redis_client import get_redis
+from tests.conftest import service_body
 
 
 def unreachable_redis() -> redis.Redis:
@@ -35,7 +37,7 @@ def test_retries_outlast_every_cached_list() -> None:
 def test_a_bump_after_commit_that_fails_is_retried_until_redis_answers(monkeypatch) -> None:
     monkeypatch.setattr(events, "RETRY_INTERVAL_SECONDS", 0.05)
     with transaction.atomic():
-        events._name_changed("sink")  # the bump inside the transaction reaches Redis
+        events.name_changed("sink")  # the bump inside the transaction reaches Redis
         inside = counter("sink")
         monkeypatch.setattr(events, "get_redis", unreachable_redis)  # ... the one after commit does not
     time.sleep(0.3)
@@ -48,3 +50,15 @@ def test_a_bump_after_commit_that_fails_is_retried_until_redis_answers(monkeypat
     time.sleep(0.3)
     assert counter("sink") == inside + 1  # bumped once, and the retry stopped
     assert not events._retry_names
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_renamed_token_is_the_owner_the_next_select_shows(owner, api) -> None:
+    token = owner[0]
+    response = api.post("/api/v1/services/", service_body("sink-1", service_name="sink"), format="json")
+    assert response.status_code == 201, response.content
+    assert api.get("/api/v1/balancer/select/?name=sink").json()["owner"] == token.name  # now cached
+    row = ApiToken.objects.get(pk=token.pk)
+    row.name = "renamed-owner"
+    row.save()
+    assert api.get("/api/v1/balancer/select/?name=sink").json()["owner"] == "renamed-owner"
