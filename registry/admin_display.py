@@ -7,50 +7,13 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
-from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-try:  # the project's one time format
-    from .display import duration, when
-except ImportError:  # pragma: no cover - same output, until registry.display is part of the tree
-
-    def duration(seconds: float) -> str:
-        """``seconds`` (sign ignored) with a unit: "2.5 s", "30 s", "4 min", "2 h 5 min", "3 d 4 h"."""
-        seconds = abs(float(seconds))
-        if seconds < 10:
-            return f"{f'{seconds:.1f}'.rstrip('0').rstrip('.')} s"
-        if seconds < 60:
-            return f"{int(seconds)} s"
-        if seconds < 3600:
-            return f"{int(seconds // 60)} min"
-        if seconds < 86400:
-            hours, minutes = divmod(int(seconds // 60), 60)
-            return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-        days, hours = divmod(int(seconds // 3600), 24)
-        return f"{days} d {hours} h" if hours else f"{days} d"
-
-    def when(moment: datetime | None, now: datetime | None = None) -> SafeString:
-        """``<time datetime="…Z" title="… UTC">3 min ago</time>``; "-" for None."""
-        if moment is None:
-            return SafeString("-")
-        moment = moment.astimezone(UTC)
-        delta = (moment - (now or timezone.now())).total_seconds()
-        text = "now" if abs(delta) < 0.5 else (f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago")
-        return format_html(
-            '<time datetime="{}" title="{}">{}</time>',
-            moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            moment.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            text,
-        )
-
+from .display import duration, when  # the project's one time format
+from .display import iso_utc as iso  # what ``data-deadline`` carries
 
 __all__ = ["badge", "countdown", "duration", "iso", "scroll", "truncated", "when"]
-
-
-def iso(moment: datetime) -> str:
-    """``2026-11-27T17:00:03Z``: what ``data-deadline`` carries."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _whole(seconds: int) -> str:
