@@ -1,7 +1,8 @@
 """The select fast path: an ASGI route in front of Django for GET /api/v1/balancer/select/.
 
-A select here is a query-string parse, one Redis script call and one deadline read on the event loop: no
-Django request cycle, and no database unless the name's instance list changed (``balancer.selection``).
+A select here is one Redis script call on the event loop: no Django request cycle, and no database unless the
+name's instance list changed (``balancer.selection``). What a query string reads as (Django's business, a
+400, or the validated parameters) is remembered by its exact bytes, so a repeated query is not parsed again.
 It runs the same ``select_flow`` as the DRF view and validates with the same ``SelectQuerySerializer``, so
 answers are the same. Whatever it is not sure to answer as the view would (a browser's Accept header,
 ``?format=``, a configured request rate, a query Django would refuse to parse) goes on to Django.
