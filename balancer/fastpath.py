@@ -1,7 +1,8 @@
 """The select fast path: an ASGI route in front of Django for GET /api/v1/balancer/select/.
 
-A select here is a query-string parse, one Redis script call and one deadline read on the event loop: no
-Django request cycle, and no database unless the name's instance list changed (``balancer.selection``).
+A select here is one Redis script call on the event loop: no Django request cycle, and no database unless the
+name's instance list changed (``balancer.selection``). What a query string reads as (Django's business, a
+400, or the validated parameters) is remembered by its exact bytes, so a repeated query is not parsed again.
 It runs the same ``select_flow`` as the DRF view and validates with the same ``SelectQuerySerializer``, so
 answers are the same. Whatever it is not sure to answer as the view would (a browser's Accept header,
 ``?format=``, a configured request rate, a query Django would refuse to parse) goes on to Django.
@@ -37,6 +38,15 @@ JSON_MEDIA = {"*/*", "application/*", "application/json"}
 MAX_KEY = 1024  # SelectQuerySerializer's key: max_length
 _MAX_VALIDATED = 4096
 _validated: dict[tuple[Any, ...], tuple[str, str, dict[str, str] | None] | dict[str, Any]] = {}
+# What a query string reads as: DJANGO (Django parses it its own way, or ?format=), INVALID (the view answers
+# its 400, after authenticating) or the validated (name, strategy, selector, key). Remembered by the exact
+# bytes of the query (a select repeats its query string, but for a hash key that changes), short ones only.
+DJANGO = "django"
+INVALID = "invalid"
+Query = tuple[str, str, dict[str, str] | None, str | None]
+_MAX_QUERY = 1200
+_MAX_QUERIES = 4096
+_queries: dict[bytes, Query | str] = {}
 
 
 def authenticate(authorization: bytes) -> tuple[str | None, dict[str, Any] | None]:
@@ -81,6 +91,26 @@ def validate(params: QueryDict) -> tuple[str, str, dict[str, str] | None, str | 
     if isinstance(found, dict):
         return found
     return (*found, key)
+
+
+def read_query(query_string: bytes) -> Query | str:
+    """DJANGO, INVALID or (name, strategy, selector, key): the same verdict every time for the same bytes."""
+    found = _queries.get(query_string)
+    if found is None:
+        try:
+            params = QueryDict(query_string.decode())
+        except (UnicodeDecodeError, SuspiciousOperation):  # Django has its own answers to these
+            return DJANGO
+        if "format" in params:
+            found = DJANGO  # DRF's renderer override (?format=api): the view's business
+        else:
+            checked = validate(params)
+            found = INVALID if isinstance(checked, dict) else checked
+        if len(query_string) <= _MAX_QUERY:
+            if len(_queries) >= _MAX_QUERIES:
+                _queries.clear()
+            _queries[query_string] = found
+    return found
 
 
 async def run_flow_async(flow: Any, r: Any) -> Outcome:
@@ -133,12 +163,9 @@ class SelectFastPath:
                 authorization = value
             elif name == b"accept" and not _json_accepted(value):
                 return False
-        try:
-            params = QueryDict(scope["query_string"].decode())
-        except (UnicodeDecodeError, SuspiciousOperation):  # Django has its own answers to these
+        query = read_query(scope["query_string"])
+        if query == DJANGO:
             return False
-        if "format" in params:
-            return False  # DRF's renderer override (?format=api): the view's business
         if not host_allowed(host):
             await _respond(send, 400, {"detail": f"Invalid HTTP_HOST header: {host.decode('latin-1')!r}."})
             return True
@@ -146,10 +173,9 @@ class SelectFastPath:
         if refused is not None:
             await _respond(send, 401, refused)
             return True
-        checked = validate(params)
-        if isinstance(checked, dict):
-            return False  # the view answers a 400 after authenticating, as it does every request
-        name, strategy, selector, key = checked
+        if isinstance(query, str):
+            return False  # INVALID: the view answers a 400 after authenticating, as it does every request
+        name, strategy, selector, key = query
         flow = selection.select_flow(name, strategy, timezone.now(), selector, key, token_hash)
         try:
             outcome = await run_flow_async(flow, get_async_redis())

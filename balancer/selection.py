@@ -156,6 +156,7 @@ class Candidate:
     fallback_ms: int  # the row's deadline, for a service Redis has no entry for
     known_ms: int  # a lower bound of the live deadline
     body: dict[str, Any] | None = None
+    stamps: tuple[int, str, str] | None = None  # a deadline (ms), its last_heartbeat and lease_expires_at
 
 
 @dataclass
@@ -266,6 +267,26 @@ def canonical_selector(selector: dict[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((selector or {}).items()))
 
 
+_FlowKeys = tuple[tuple[str, str], str, str, str, str]
+_flow_keys_cache: dict[tuple[str, str, str, str], _FlowKeys] = {}
+
+
+def _flow_keys(name: str, strategy: str, selector: dict[str, str] | None) -> _FlowKeys:
+    """(cache key, script mode, the name's counter key, the rotation state key, the deadlines key) of a select:
+    worked out once per (name, strategy, selector) and Redis prefix."""
+    canonical = canonical_selector(selector)
+    memo = (settings.REGISTRY_REDIS_PREFIX, name, strategy, canonical)
+    found = _flow_keys_cache.get(memo)
+    if found is None:
+        mode = {"round_robin": "rr", "weighted": "swrr"}.get(strategy, "none")
+        state = _state_key({"rr": "rr", "swrr": "swrr-seq"}.get(mode, "none"), name, selector)
+        found = ((name, canonical), mode, name_version_key(name), state, lease_store.keys().deadline)
+        if len(_flow_keys_cache) >= MAX_POOLS * 4:
+            _flow_keys_cache.clear()
+        _flow_keys_cache[memo] = found
+    return found
+
+
 def _state_key(kind: str, name: str, selector: dict[str, str] | None) -> str:
     digest = hashlib.sha1(f"{name}\0{canonical_selector(selector)}".encode()).hexdigest()[:20]
     return f"{settings.REGISTRY_REDIS_PREFIX}balancer:{kind}:{digest}"
@@ -360,10 +381,14 @@ def body_of(candidate: Candidate, deadline_ms: int) -> dict[str, Any]:
             "lease_expires_at": None,
             "owner": service.owner.name if service.owner is not None else None,
         }
-    expires = lease_store.from_ms(deadline_ms)
+    stamps = candidate.stamps
+    if stamps is None or stamps[0] != deadline_ms:
+        expires = lease_store.from_ms(deadline_ms)
+        heartbeat = _DATETIME.to_representation(expires - timedelta(seconds=service.lease_duration))
+        stamps = candidate.stamps = (deadline_ms, heartbeat, _DATETIME.to_representation(expires))
     body = dict(candidate.body)
-    body["last_heartbeat"] = _DATETIME.to_representation(expires - timedelta(seconds=service.lease_duration))
-    body["lease_expires_at"] = _DATETIME.to_representation(expires)
+    body["last_heartbeat"] = stamps[1]
+    body["lease_expires_at"] = stamps[2]
     return body
 
 
@@ -381,17 +406,9 @@ def select_flow(
     """Select one instance of ``name``. ``token_hash``: the caller's token, checked against the token cache
     (the fast path; the DRF view has authenticated already). Answers 200 with the service, 401 for an
     unknown token, 404 for an unknown name, 503 when no instance is eligible."""
-    cache_key = (name, canonical_selector(selector))
     now_ms = lease_store.to_ms(now)
-    k = lease_store.keys()
-    mode = {"round_robin": "rr", "weighted": "swrr"}.get(strategy, "none")
-    keys = [
-        k.token(token_hash or "-"),
-        name_version_key(name),
-        _state_key({"rr": "rr", "swrr": "swrr-seq"}.get(mode, "none"), name, selector),
-        k.deadline,
-        "",
-    ]
+    cache_key, mode, version_key, state_key, deadline_key = _flow_keys(name, strategy, selector)
+    keys = [lease_store.keys().token(token_hash or "-"), version_key, state_key, deadline_key, ""]
     for _attempt in range(5):
         pool = _pools.get(cache_key)
         if pool is not None and not _fresh(pool):

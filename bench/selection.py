@@ -6,8 +6,10 @@ fast path leaves to Django), in the same run on the same stack (2 uvicorn worker
 
 Hash keys: ``hash`` draws them from 1,000 distinct keys (clients keyed by customer or session repeat their
 keys), ``hash-unique`` sends a new key with every request (each one costs a rendezvous over every instance).
-Needs wrk (Debian: apt-get install wrk). (Not named select.py: run as scripts, the files of bench/ would
-import it in place of the standard library's ``select`` module.)
+Each run also reports the server processes' CPU time per select (user + system, from /proc), which a busy
+machine disturbs far less than the request rate. Needs wrk (Debian: apt-get install wrk). (Not named
+select.py: run as scripts, the files of bench/ would import it in place of the standard library's ``select``
+module.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balancer import register
-from bench.common import Stack, run_wrk
+from bench.common import Stack, cpu_seconds, run_wrk
 
 WRK_SCRIPT = """
 wrk.headers["Authorization"] = "Bearer {token}"
@@ -56,14 +58,26 @@ def measure(
         for n, strategy in enumerate(strategies):
             # Warm up (each worker loads the list from the database on its first select).
             run_wrk(stack.url, script(stack.token, strategy, False), 2 if n == 0 else 1, connections, threads=2)
-            ours = run_wrk(stack.url, script(stack.token, strategy, False), seconds, connections, threads=2)
-            anchor = run_wrk(stack.url, script(stack.token, strategy, True), anchor_seconds, connections, threads=2)
+            ours = _run(stack, script(stack.token, strategy, False), seconds, connections)
+            anchor = _run(stack, script(stack.token, strategy, True), anchor_seconds, connections)
             out[strategy] = {"ours": ours, "anchor": anchor}
     return out
 
 
+def _run(stack: Stack, lua: str, seconds: int, connections: int) -> dict:
+    """wrk's figures plus ``cpu_us``: the server processes' CPU time per request answered."""
+    pids = stack.server_pids()
+    before = cpu_seconds(pids)
+    figures = run_wrk(stack.url, lua, seconds, connections, threads=2)
+    figures["cpu_us"] = (cpu_seconds(pids) - before) / max(figures["requests"], 1) * 1e6
+    return figures
+
+
 def _fmt(r: dict) -> str:
-    return f"{r['rps']:7.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}"
+    return (
+        f"{r['rps']:7.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}"
+        f"  server CPU {r['cpu_us']:4.0f} us/select"
+    )
 
 
 def results(quick: bool = False) -> list[dict]:
@@ -75,8 +89,10 @@ def results(quick: bool = False) -> list[dict]:
         rows.append(
             {
                 "figure": f"select {strategy}, 1,000 instances (req/s; p99)",
-                "ours": f"{ours['rps']:.0f}/s; p99 {ours['p99_ms']:.1f} ms; {ours['errors']} errors",
-                "anchor": f"{anchor['rps']:.0f}/s; p99 {anchor['p99_ms']:.1f} ms (DRF view)",
+                "ours": f"{ours['rps']:.0f}/s; p99 {ours['p99_ms']:.1f} ms; {ours['errors']} errors; "
+                f"server CPU {ours['cpu_us']:.0f} us/select",
+                "anchor": f"{anchor['rps']:.0f}/s; p99 {anchor['p99_ms']:.1f} ms; "
+                f"server CPU {anchor['cpu_us']:.0f} us/select (DRF view)",
                 "ratio": f"{ours['rps'] / anchor['rps']:.1f}x" if anchor["rps"] else None,
                 "target": f">= {TARGET_RPS}/s, p99 < {TARGET_P99_MS:.0f} ms",
             }

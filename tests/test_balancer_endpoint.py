@@ -185,3 +185,36 @@ def test_with_a_request_rate_set_selects_go_through_the_view_and_its_throttle(ow
     ]
     assert [r.status_code for r in answers] == [200, 429, 429]  # the registration counted too
     assert all("Vary" in r.headers for r in answers)  # Django answered
+
+
+def test_a_repeated_query_gets_the_same_answers_each_time(api, db, door):
+    # The fast path remembers what a query string reads as: a second sight must answer as the first did.
+    register(api, "a")
+    for _ in range(2):
+        response = api.get("/api/v1/balancer/select/?name=sink&strategy=fastest")
+        assert (response.status_code, list(response.json())) == (400, ["strategy"])
+        bad_token = door.client("cr_not-a-token").get("/api/v1/balancer/select/?name=sink&strategy=fastest")
+        assert (bad_token.status_code, bad_token.json()) == (401, {"detail": "Invalid token."})
+        no_token = door.client(None).get("/api/v1/balancer/select/?name=sink&strategy=fastest")
+        assert no_token.status_code == 401
+        assert api.get("/api/v1/balancer/select/?name=sink&format=json").json()["service_id"] == "a"
+        assert api.get("/api/v1/balancer/select/?name=sink").json()["service_id"] == "a"
+        assert api.get("/api/v1/balancer/select/?name=sink&strategy=hash&key=k").json()["service_id"] == "a"
+
+
+def test_the_lease_shown_follows_each_heartbeat(api, owner):
+    # The lease fields of an answer are worked out once per deadline: a heartbeat must show at once.
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    with time_machine.travel(t0, tick=False) as clock:
+        register(api, "a", lease_duration=30)
+        first = select(api, "").json()
+        assert select(api, "").json() == first
+        clock.move_to(t0 + timedelta(seconds=7))
+        client_for(owner[1]).post("/api/v1/services/a/heartbeat/", {}, format="json")
+        later = select(api, "").json()
+        assert later["lease_expires_at"] == "2026-03-01T12:00:37Z"
+        assert later["last_heartbeat"] == "2026-03-01T12:00:07Z"
+        assert first["lease_expires_at"] == "2026-03-01T12:00:30Z"
+        assert {k: v for k, v in later.items() if k not in ("lease_expires_at", "last_heartbeat")} == {
+            k: v for k, v in first.items() if k not in ("lease_expires_at", "last_heartbeat")
+        }
