@@ -62,17 +62,27 @@ def fuse_selector(selector: dict[str, str]) -> bool:
     """Whether a selector's matches are few enough (estimated) for the page to carry the count."""
     if not selector:
         return False
-    label = connection.ops.quote_name(ServiceLabel._meta.db_table)
-    pair = f"(SELECT COUNT(*) FROM {label} WHERE {connection.ops.quote_name('key')} = %s AND "
-    pair += f"{connection.ops.quote_name('value')} = %s)"
-    sql = f"SELECT (SELECT COUNT(*) FROM {connection.ops.quote_name(Service._meta.db_table)}), "
-    sql += ", ".join([pair] * len(selector))
+    quote = connection.ops.quote_name
+    service = quote(Service._meta.db_table)
+    total = f"(SELECT COUNT(*) FROM {service})"
+    params: list[Any] = []
+    if connection.vendor == "postgresql":
+        # The planner's row count of the table (kept by autovacuum), not a count of every row; only
+        # a table never analyzed (reltuples < 1) is counted.
+        total = (
+            f"COALESCE((SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass AND reltuples >= 1), {total})"
+        )
+        params.append(Service._meta.db_table)
+    label = quote(ServiceLabel._meta.db_table)
+    pair = f"(SELECT COUNT(*) FROM {label} WHERE {quote('key')} = %s AND {quote('value')} = %s)"
+    sql = f"SELECT {total}, " + ", ".join([pair] * len(selector))
     with connection.cursor() as cursor:
-        cursor.execute(sql, [part for item in selector.items() for part in item])
-        total, *pairs = cursor.fetchone()
-    estimate = float(total)
+        cursor.execute(sql, params + [part for item in selector.items() for part in item])
+        total_rows, *pairs = cursor.fetchone()
+    services = max(total_rows, *pairs)  # a stale row count is at least every pair's count
+    estimate = float(services)
     for count in pairs:
-        estimate = estimate * count / total if total else 0.0
+        estimate = estimate * count / services if services else 0.0
     return estimate <= FUSE_AT_MOST
 
 
