@@ -125,7 +125,9 @@ class CountingPaginator(Paginator):
                     self.__dict__["count"] = total
                     return self._get_page(rows, self.validate_number(number), self)
         number = self.validate_number(number)  # Django's rules and messages (and the count query)
-        rows, _ = page_rows(self.queryset, (number - 1) * self.per_page, self.per_page, with_total=False)
+        bottom = (number - 1) * self.per_page
+        top = min(bottom + self.per_page, self.count)  # as Django slices (no orphans): no query for none
+        rows = page_rows(self.queryset, bottom, top - bottom, with_total=False)[0] if top > bottom else []
         return self._get_page(rows, number, self)
 
 

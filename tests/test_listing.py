@@ -167,3 +167,11 @@ def test_the_array_literal_quotes_every_element() -> None:
     assert array_literal(["a", "b"]) == '{"a","b"}'
     assert array_literal(['q"', "b\\c", "NULL", ""]) == '{"q\\"","b\\\\c","NULL",""}'
     assert array_literal(['a","b']) == '{"a\\",\\"b"}'  # a quoted separator inside an id is escaped too
+
+
+def test_an_empty_list_is_one_count_and_no_page_query(api: Any, fleet: None) -> None:
+    with CaptureQueriesContext(connection) as captured:
+        body = api.get("/api/v1/services/?name=nobody").json()
+    assert body == {"count": 0, "next": None, "previous": None, "results": []}
+    reads = [q["sql"] for q in captured.captured_queries if '"registry_service"' in q["sql"]]
+    assert len(reads) == 1 and "COUNT(*)" in reads[0]
