@@ -107,7 +107,8 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return qs
 
     def list(self, request: Request, *args, **kwargs) -> Response:  # type: ignore[no-untyped-def]
-        # The page and the count in one query, as tuples written straight to JSON (registry.listing).
+        # A page of tuples written straight to JSON; for a selective selector the page query also counts
+        # (registry.listing).
         rows = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(listing.representation(rows, self.now))
 
