@@ -1,39 +1,207 @@
-"""Paging of the service list: the page's rows from one queryset, the total count from another.
+"""Paging of the service list: a page's rows (and, for a selective label selector, the total count in
+the same query), written to JSON shapes straight from the database's tuples.
 
-The page reads each service with its owner's name (a join to the token table); the count needs no
-join, so it is taken from the same filters without it (a join on a foreign key never changes how many
-rows match). On 10,000 services a selector's count costs about a third less that way on SQLite.
+For a selective label selector the page query carries ``COUNT(*) OVER ()``: the database intersects
+the selector's label ranges once and answers the page and the total from the matches, where a page
+query and a separate ``count()`` each intersected them (on 10,000 services and 834 matches, on a
+loaded machine: SQLite's statements 10.3 -> 8.3 ms, PostgreSQL's server CPU 9.0 -> 6.3 ms, each plus
+the estimate below, 0.2-1 ms). The window keeps every match until the count is known, so for a broad
+result (no selector, or one most services carry) a page that stops after its rows plus a count that
+reads no row is cheaper: ``fuse_selector`` estimates the matches from the label counts (one indexed
+count per pair, as a planner would, pairs taken as independent).
+Only a page past the end (or an empty result) has no row to carry the total; then the total comes from
+a plain count, as Django's paginator takes it.
+
+The rows are ``values_list`` tuples of exactly the columns the list shows, the owner's name joined in:
+no model instance per service. ``representation`` writes each as ``registry.serializers
+.read_representation`` writes a Service (the same keys, order and values; tests compare them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.core.paginator import Paginator
-from django.db.models import QuerySet
+from django.core.paginator import Page, Paginator
+from django.db import connection
+from django.db.models import Count, F, QuerySet, Window
+from django.utils import timezone
 from django.utils.functional import cached_property
 
+from . import lease_store
+from .models import Health, Service, ServiceLabel
 from .pagination import RegistryPagination
+from .redis_client import get_redis
+
+# The columns a listed service is written from, in the order ``representation`` reads them.
+COLUMNS = (
+    "service_id",
+    "service_name",
+    "service_type",
+    "endpoint",
+    "labels",
+    "health",
+    "group_id",
+    "weight",
+    "drained",
+    "operator_weight",
+    "registered_at",
+    "lease_duration",
+    "deregister_after",
+    "lease_expires_at",
+    "owner_name",
+)
+_TOTAL = "listing_total"
+# Estimated matches up to which a selector's page carries its count (measured on 10,000 services: the
+# window wins by a third at 834 matches and loses by as much at 3,334 on SQLite; PostgreSQL breaks
+# even near 3,000).
+FUSE_AT_MOST = 2000
+
+
+def fuse_selector(selector: dict[str, str]) -> bool:
+    """Whether a selector's matches are few enough (estimated) for the page to carry the count."""
+    if not selector:
+        return False
+    quote = connection.ops.quote_name
+    service = quote(Service._meta.db_table)
+    total = f"(SELECT COUNT(*) FROM {service})"
+    params: list[Any] = []
+    if connection.vendor == "postgresql":
+        # The planner's row count of the table (kept by autovacuum), not a count of every row; only
+        # a table never analyzed (reltuples < 1) is counted.
+        total = (
+            f"COALESCE((SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass AND reltuples >= 1), {total})"
+        )
+        params.append(Service._meta.db_table)
+    label = quote(ServiceLabel._meta.db_table)
+    pair = f"(SELECT COUNT(*) FROM {label} WHERE {quote('key')} = %s AND {quote('value')} = %s)"
+    sql = f"SELECT {total}, " + ", ".join([pair] * len(selector))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params + [part for item in selector.items() for part in item])
+        total_rows, *pairs = cursor.fetchone()
+    services = max(total_rows, *pairs)  # a stale row count is at least every pair's count
+    estimate = float(services)
+    for count in pairs:
+        estimate = estimate * count / services if services else 0.0
+    return estimate <= FUSE_AT_MOST
+
+
+def page_rows(
+    queryset: QuerySet[Any], offset: int, limit: int, with_total: bool = True
+) -> tuple[list[tuple[Any, ...]], int | None]:
+    """The rows ``offset`` .. ``offset + limit`` of ``queryset`` (filtered and ordered, not annotated) as
+    ``COLUMNS`` tuples, and (``with_total``) the total number of matches, None when the page has no row
+    to carry it or ``with_total`` is false."""
+    queryset = queryset.annotate(owner_name=F("owner__name"))
+    if not with_total:
+        return list(queryset.values_list(*COLUMNS)[offset : offset + limit]), None
+    counted = queryset.annotate(**{_TOTAL: Window(Count("*"))}).values_list(*COLUMNS, _TOTAL)
+    rows = list(counted[offset : offset + limit])
+    if not rows:
+        return [], None
+    return [row[:-1] for row in rows], rows[0][-1]
 
 
 class CountingPaginator(Paginator):
-    """A Django paginator whose ``count`` comes from ``count_queryset`` when one is given."""
+    """A Django paginator over ``queryset`` whose pages are ``COLUMNS`` tuples (``page_rows``). With
+    ``fuse`` the page query also counts; ``count`` alone (without ``fuse``, a page past the end,
+    ``?page=last``) is ``queryset.count()``."""
 
-    def __init__(self, object_list: Any, per_page: int, count_queryset: QuerySet[Any] | None = None) -> None:
-        super().__init__(object_list, per_page)
-        self.count_queryset = count_queryset
+    def __init__(self, queryset: QuerySet[Any], per_page: int, fuse: bool = False) -> None:
+        super().__init__(queryset, per_page)
+        self.queryset = queryset
+        self.fuse = fuse
 
     @cached_property
     def count(self) -> int:
-        if self.count_queryset is None:
-            return super().count
-        return self.count_queryset.count()
+        return self.queryset.count()
+
+    def page(self, number: Any) -> Page:
+        if self.fuse and "count" not in self.__dict__:
+            wanted = _page_number(number)
+            if wanted is not None and wanted >= 1:
+                rows, total = page_rows(self.queryset, (wanted - 1) * self.per_page, self.per_page)
+                if total is not None:
+                    self.__dict__["count"] = total
+                    return self._get_page(rows, self.validate_number(number), self)
+        number = self.validate_number(number)  # Django's rules and messages (and the count query)
+        bottom = (number - 1) * self.per_page
+        top = min(bottom + self.per_page, self.count)  # as Django slices (no orphans): no query for none
+        rows = page_rows(self.queryset, bottom, top - bottom, with_total=False)[0] if top > bottom else []
+        return self._get_page(rows, number, self)
+
+
+def _page_number(number: Any) -> int | None:
+    """``number`` as Django's ``validate_number`` reads it, None where that refuses it."""
+    try:
+        if isinstance(number, float) and not number.is_integer():
+            return None
+        return int(number)
+    except (TypeError, ValueError):
+        return None
 
 
 class ServiceListPagination(RegistryPagination):
-    """RegistryPagination, counting from ``count_queryset`` (set by the view per request) if set."""
+    """RegistryPagination, each page a list of ``COLUMNS`` tuples from ``CountingPaginator``; ``fuse``
+    (set by the view per request) makes the page carry the count."""
 
-    count_queryset: QuerySet[Any] | None = None
+    fuse = False
 
     def django_paginator_class(self, object_list: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
-        return CountingPaginator(object_list, per_page, self.count_queryset)
+        return CountingPaginator(object_list, per_page, self.fuse)
+
+
+def representation(rows: Sequence[tuple[Any, ...]], now: datetime) -> list[dict[str, Any]]:
+    """The listed services' JSON shapes: ``read_representation``'s keys and values, with each lease's
+    deadline read from the lease store (one round trip for the page), else the database's."""
+    live = lease_store.live_entries(get_redis(), [row[0] for row in rows])
+    tz = timezone.get_current_timezone()
+    body = []
+    for (
+        service_id,
+        service_name,
+        service_type,
+        endpoint,
+        labels,
+        health,
+        group_id,
+        weight,
+        drained,
+        operator_weight,
+        registered_at,
+        lease_duration,
+        deregister_after,
+        lease_expires_at,
+        owner_name,
+    ) in rows:
+        ms = live.get(service_id, (None, None))[0]
+        expires_at = lease_store.from_ms(ms) if ms is not None else lease_expires_at
+        body.append(
+            {
+                "service_id": service_id,
+                "service_name": service_name,
+                "service_type": service_type,
+                "endpoint": endpoint,
+                "labels": labels,
+                "health": str(Health.UNHEALTHY) if expires_at <= now else health,
+                "reported_health": health,
+                "group_id": group_id,
+                "weight": weight,
+                "drained": drained,
+                "operator_weight": operator_weight,
+                "registered_at": _iso(registered_at, tz),
+                "last_heartbeat": _iso(expires_at - timedelta(seconds=lease_duration), tz),
+                "lease_duration": lease_duration,
+                "deregister_after": deregister_after,
+                "lease_expires_at": _iso(expires_at, tz),
+                "owner": owner_name,
+            }
+        )
+    return body
+
+
+def _iso(moment: datetime, tz: Any) -> str:
+    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as Z."""
+    text = moment.astimezone(tz).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text

@@ -1,0 +1,177 @@
+"""The service list's paging (registry.listing): a page that carries its count answers exactly what a
+page plus a separate count answers (bodies, links, 404s for pages that do not exist), and an id set
+(registry.id_sets) takes any text as data on either database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import time_machine
+from django.db import connection
+from django.db.models import Q
+from django.test.utils import CaptureQueriesContext
+
+from registry import leases, listing
+from registry.id_sets import InIdSet, array_literal
+from registry.models import ApiToken, Service
+from tests.conftest import service_body
+
+pytestmark = pytest.mark.django_db
+
+T0 = datetime(2026, 7, 1, 9, 0, 0, tzinfo=UTC)
+
+
+def register(api: Any, service_id: str, **overrides: Any) -> None:
+    response = api.post("/api/v1/services/", service_body(service_id, **overrides), format="json")
+    assert response.status_code in (200, 201), response.content
+
+
+@pytest.fixture
+def fleet(api: Any) -> None:
+    """25 services: env prod/dev alternating, zone a for every third, short leases for every fifth."""
+    with time_machine.travel(T0, tick=False):
+        for i in range(25):
+            register(
+                api,
+                f"f-{i:02}",
+                service_name=f"name-{i % 4}",
+                labels={"env": "prod" if i % 2 else "dev", "zone": "a" if i % 3 == 0 else "b", "n": str(i)},
+                lease_duration=5 if i % 5 == 0 else 60,
+                health="degraded" if i % 7 == 0 else "healthy",
+            )
+    leases.drain(["f-03"])
+    leases.set_operator_weight(["f-04"], 9)
+    Service.objects.filter(pk="f-06").update(owner=None)
+
+
+QUERIES = [
+    "",
+    "?selector=env=prod",
+    "?selector=env=prod,zone=a",
+    "?selector=zone=a&health=healthy",
+    "?selector=zone=a&health=unhealthy",
+    "?selector=env=prod&page_size=3",
+    "?selector=env=prod&page_size=3&page=2",
+    "?selector=env=prod&page_size=3&page=5",
+    "?selector=env=prod&page_size=3&page=last",
+    "?selector=env=prod,zone=a&page_size=2&page=last",
+    "?selector=zone=a&page_size=4&page=2",
+    "?selector=env=prod&page_size=3&page=6",  # past the end: 404
+    "?selector=env=prod&page_size=3&page=0",
+    "?selector=env=prod&page_size=3&page=-1",
+    "?selector=env=prod&page_size=3&page=abc",
+    "?selector=env=prod&page_size=3&page=1.0",
+    "?selector=env=nowhere",
+    "?selector=env=nowhere&page=2",
+    "?selector=env=prod&page_size=0",
+    "?selector=env=prod&page_size=5000",
+    "?selector=env=prod&name=name-1",
+    "?selector=env",  # a bad selector: 400 naming the field
+    "?selector=env=prod&type=nonsense",
+]
+
+
+def answers(api: Any, fuse_at_most: float, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, Any]]:
+    monkeypatch.setattr(listing, "FUSE_AT_MOST", fuse_at_most)
+    out = []
+    with time_machine.travel(T0 + timedelta(seconds=30), tick=False):
+        for query in QUERIES:
+            response = api.get(f"/api/v1/services/{query}")
+            assert response.status_code != 500, query
+            out.append((response.status_code, response.json()))
+    return out
+
+
+def test_a_page_that_carries_its_count_answers_as_a_page_and_a_count(
+    api: Any, fleet: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fused = answers(api, float("inf"), monkeypatch)
+    apart = answers(api, -1, monkeypatch)
+    assert fused == apart
+    statuses = dict(zip(QUERIES, (status for status, _ in fused), strict=True))
+    assert statuses["?selector=env=prod&page_size=3&page=6"] == 404
+    assert statuses["?selector=env=prod&page_size=3&page=abc"] == 404
+    assert statuses["?selector=env=nowhere"] == 200
+    assert statuses["?selector=env"] == 400
+    assert "selector" in fused[QUERIES.index("?selector=env")][1]
+    # and what they answer is right
+    body = fused[QUERIES.index("?selector=env=prod&page_size=3&page=2")][1]
+    prod = sorted((f"name-{i % 4}", f"f-{i:02}") for i in range(25) if i % 2)
+    assert body["count"] == len(prod) == 12
+    assert [s["service_id"] for s in body["results"]] == [sid for _, sid in prod[3:6]]
+    assert "page=3" in body["next"] and "page_size=3" in body["next"]
+    last = fused[QUERIES.index("?selector=env=prod&page_size=3&page=last")][1]
+    assert [s["service_id"] for s in last["results"]] == [sid for _, sid in prod[9:]] and last["next"] is None
+    short = fused[QUERIES.index("?selector=zone=a&health=unhealthy")][1]
+    assert {s["service_id"] for s in short["results"]} == {f"f-{i:02}" for i in range(0, 25, 15)}
+
+
+def test_a_selective_selector_reads_page_and_count_in_one_query(api: Any, fleet: None) -> None:
+    def queries(query: str) -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            assert api.get(f"/api/v1/services/{query}").status_code == 200
+        return [q["sql"] for q in captured.captured_queries]
+
+    selective = queries("?selector=env=prod,zone=a,n=3")
+    assert sum("OVER" in sql for sql in selective) == 1
+    assert not any(sql.lstrip().upper().startswith("SELECT COUNT(*) AS") for sql in selective)
+    # no selector: a page that stops after its rows, and a count
+    plain = queries("")
+    assert not any("OVER" in sql for sql in plain)
+
+
+def test_the_selector_estimate_is_the_label_counts_taken_as_independent(
+    owner: tuple[ApiToken, str], api: Any, fleet: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one pair: its count, whatever the service count (env=prod: 12 of 25)
+    monkeypatch.setattr(listing, "FUSE_AT_MOST", 12)
+    assert listing.fuse_selector({"env": "prod"})
+    monkeypatch.setattr(listing, "FUSE_AT_MOST", 11.9)
+    assert not listing.fuse_selector({"env": "prod"})
+    assert listing.fuse_selector({"env": "nowhere"})
+    assert not listing.fuse_selector({})
+    if connection.vendor == "sqlite":  # PostgreSQL takes the service count from its statistics
+        # 25 services: env=prod 12, zone=a 9 -> 12 * 9 / 25 = 4.32 expected
+        monkeypatch.setattr(listing, "FUSE_AT_MOST", 4.4)
+        assert listing.fuse_selector({"env": "prod", "zone": "a"})
+        monkeypatch.setattr(listing, "FUSE_AT_MOST", 4.3)
+        assert not listing.fuse_selector({"env": "prod", "zone": "a"})
+
+
+ODD_IDS = ['x" OR "1"="1', "back\\slash", "a,b", "{c}", "NULL", "", " sp ace ", 'q"', "ü-€", "'"]
+
+
+def test_an_id_set_takes_any_text_as_data(owner: tuple[ApiToken, str]) -> None:
+    for sid in [*ODD_IDS, "plain-1", "plain-2"]:
+        Service.objects.create(
+            service_id=sid,
+            service_name="odd",
+            service_type="source",
+            endpoint="10.0.0.1:1",
+            lease_duration=30,
+            deregister_after=60,
+            registered_at=T0,
+            lease_expires_at=T0,
+            owner=owner[0],
+        )
+    for chosen in (ODD_IDS, ODD_IDS[:1], ["plain-1", "nope", '"'], ["NULL"], [""], ["\\"]):
+        found = set(Service.objects.filter(InIdSet("pk", chosen)).values_list("pk", flat=True))
+        assert found == {sid for sid in chosen if sid in [*ODD_IDS, "plain-1", "plain-2"]}, chosen
+        rest = set(Service.objects.filter(~Q(InIdSet("pk", chosen))).values_list("pk", flat=True))
+        assert found | rest == {*ODD_IDS, "plain-1", "plain-2"} and not found & rest
+
+
+def test_the_array_literal_quotes_every_element() -> None:
+    assert array_literal(["a", "b"]) == '{"a","b"}'
+    assert array_literal(['q"', "b\\c", "NULL", ""]) == '{"q\\"","b\\\\c","NULL",""}'
+    assert array_literal(['a","b']) == '{"a\\",\\"b"}'  # a quoted separator inside an id is escaped too
+
+
+def test_an_empty_list_is_one_count_and_no_page_query(api: Any, fleet: None) -> None:
+    with CaptureQueriesContext(connection) as captured:
+        body = api.get("/api/v1/services/?name=nobody").json()
+    assert body == {"count": 0, "next": None, "previous": None, "results": []}
+    reads = [q["sql"] for q in captured.captured_queries if '"registry_service"' in q["sql"]]
+    assert len(reads) == 1 and "COUNT(*)" in reads[0]
