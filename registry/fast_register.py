@@ -157,26 +157,90 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
     except (TypeError, ValueError):
         return None
     key_hash = hash_token(key)
-    now_ms = lease_store.to_ms(timezone.now())
-    r = get_async_redis()
-    keys = reregister.renew_keys(key_hash)
-    args = reregister.renew_args(data["service_id"], request_digest, now_ms, health)
+    check = (reregister.token_key(key_hash), data["service_id"], request_digest, health)
     try:
         for _attempt in range(2):
-            try:
-                reply = await r.evalsha(reregister.RENEW_UNCHANGED_SHA, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                reply = await r.eval(reregister.RENEW_UNCHANGED_LUA, len(keys), *keys, *args)
-            code = reply[0].decode()
-            if code == "OK":
-                return reregister.unchanged_body(reply[2], int(reply[1]))
-            if code != "TOKEN_MISS":
+            code, deadline, snapshot = await unchanged_checker().run(check)
+            if code == b"OK":
+                return reregister.unchanged_body(snapshot, int(deadline))
+            if code != b"TOKEN_MISS":
                 return None
             if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
                 return None  # not a token: Django answers 401
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
     return None
+
+
+# A renewal check: the token's key, service id, request digest, reported health (RENEW_UNCHANGED_MANY_LUA).
+Check = tuple[str, str, str, str]
+Reply = tuple[bytes, bytes, bytes]
+
+
+class UnchangedChecker:
+    """Sends the unchanged re-registration checks of one event-loop turn as one script call, as
+    ``fastpath.HeartbeatBatcher`` sends heartbeats: a storm of registrations (new, changed or unchanged)
+    costs the lease store one round trip per turn, not one per request. Each waiter gets its own reply;
+    a Redis error reaches every waiter of that call."""
+
+    MAX_BATCH = 256
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Check, asyncio.Future[Reply]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    def run(self, check: Check) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending.append((check, future))
+        if len(self.pending) == 1:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self) -> None:
+        batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
+        if self.pending:
+            self._start()
+        keys = reregister.renew_keys() + [check[0] for check, _ in batch]
+        args: list[str | int] = [lease_store.to_ms(timezone.now())]
+        for (_token, service_id, request_digest, health), _future in batch:
+            args += [service_id, request_digest, health]
+        r = get_async_redis()
+        try:
+            try:
+                reply = await r.evalsha(reregister.RENEW_UNCHANGED_MANY_SHA, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                reply = await r.eval(reregister.RENEW_UNCHANGED_MANY_LUA, len(keys), *keys, *args)
+            if len(reply) != 3 * len(batch):
+                raise redis.RedisError(f"{len(reply) // 3} replies to a batch of {len(batch)} checks")
+        except Exception as exc:  # noqa: BLE001 (handed to each waiter, which answers for it)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled with its loop: so are its waiters
+            for _, future in batch:
+                future.cancel()
+            raise
+        for i, (_check, future) in enumerate(batch):
+            if not future.done():
+                future.set_result((reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]))
+
+
+_checkers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, UnchangedChecker] = weakref.WeakKeyDictionary()
+
+
+def unchanged_checker() -> UnchangedChecker:
+    """The running event loop's checker."""
+    loop = asyncio.get_running_loop()
+    found = _checkers.get(loop)
+    if found is None:
+        found = _checkers[loop] = UnchangedChecker()
+    return found
 
 
 @dataclass

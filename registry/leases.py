@@ -91,7 +91,8 @@ def renew_unchanged(
     r = get_redis()
     args = reregister.renew_args(service_id, request_digest, lease_store.to_ms(now), health)
     for _attempt in range(2):
-        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, 7, *reregister.renew_keys(token.key_hash), *args)
+        keys = [*reregister.renew_keys(), reregister.token_key(token.key_hash)]
+        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, len(keys), *keys, *args)
         code = reply[0].decode()
         if code == "OK":
             return reregister.unchanged_body(reply[2], int(reply[1]))
