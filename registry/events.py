@@ -104,21 +104,31 @@ def name_version_key(service_name: str) -> str:
 
 
 # A counter Redis lost starts again at a random value, never at one a reader may have cached.
+# KEYS: the names' counters. ARGV: a random start for each.
 _BUMP_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
-return redis.call('INCR', KEYS[1])
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then redis.call('SET', key, ARGV[i]) end
+  redis.call('INCR', key)
+end
 """
 
 
-def _bump_name_version(service_name: str) -> None:
-    get_redis().eval(_BUMP_LUA, 1, name_version_key(service_name), secrets.randbits(52))
+def _bump_name_versions(service_names: list[str]) -> None:
+    """Bump each name's counter, all in one script call."""
+    keys = [name_version_key(name) for name in service_names]
+    get_redis().eval(_BUMP_LUA, len(keys), *keys, *(secrets.randbits(52) for _ in keys))
+
+
+def _names_changed(service_names: list[str]) -> None:
+    """Bump the names' counters now (inside the transaction) and again once it commits: a reader that
+    reloaded in between, still seeing the old rows, reloads once more."""
+    if service_names:
+        _bump_name_versions(service_names)
+        after_commit(lambda: _bump_name_versions(service_names))
 
 
 def _name_changed(service_name: str) -> None:
-    """Bump the name's counter now (inside the transaction) and again once it commits: a reader that
-    reloaded in between, still seeing the old rows, reloads once more."""
-    _bump_name_version(service_name)
-    after_commit(lambda: _bump_name_version(service_name))
+    _names_changed([service_name])
 
 
 def service_registered(service: Any, previous_name: str | None = None) -> None:
@@ -131,8 +141,7 @@ def services_registered(registered: list[tuple[Any, str | None]]) -> None:
     is bumped once for the whole batch."""
     names = {service.service_name for service, _ in registered}
     names |= {previous for _, previous in registered if previous}
-    for name in sorted(names):
-        _name_changed(name)
+    _names_changed(sorted(names))
     for service, _ in registered:
         body = service_payload(service)
         after_commit(lambda name=service.service_name, body=body: _publish("service.registered", name, body))
