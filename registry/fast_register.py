@@ -14,6 +14,12 @@ request is answered exactly what the view answers (201/200 and the same body, 40
 service, 503 when the database or the lease store failed the batch, nothing of it written); the
 batch's events are sent from the event loop after the answers.
 
+The answers are remembered after the commit. If that step fails (Redis went away in between), the
+requests are still answered 201/200: the registrations did commit, and their events are sent. Only the
+shortcut is missing: the next unchanged re-registration of those services is written through the
+database as a re-registration (a history row, a new revision), which remembers it again
+(tests/test_register_batch.py).
+
 Anything else (a body that does not validate, a token it does not find, another content type or Accept,
 a query string, a throttled deployment, an unexpected error) goes on to Django untouched, its body
 replayed, where the view decides: the same 400 naming the field, the same 401.
@@ -356,11 +362,11 @@ class RegistrationBatcher:
     async def _finish(self, batch: list[tuple[Job, asyncio.Future[Answer | None]]], done: Done) -> None:
         """Remember the answers (registry.reregister), answer, then send the events after the batch before's."""
         if done.remembered:
-            args = reregister.remember_many_args(done.remembered)
             try:
+                args = reregister.remember_many_args(done.remembered)
                 await get_async_redis().eval(reregister.REMEMBER_MANY_LUA, 2, *args)
-            except redis.RedisError as exc:  # committed: the next unchanged re-registration goes the long way
-                log.warning("registrations not remembered: Redis unavailable: %s", exc)
+            except Exception as exc:  # noqa: BLE001 (committed: answered as such; see the module docstring)
+                log.warning("registrations not remembered: %s", exc)
         for (_job, future), answer in zip(batch, done.answers, strict=True):
             if not future.done():  # the client may have gone
                 future.set_result(answer)

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.signals import request_finished, request_started
@@ -19,6 +20,7 @@ from django.db import close_old_connections
 from registry import leases
 from registry.events import watch_groups
 from registry.models import Service, ServiceEvent
+from registry.redis_client import get_redis
 from registry.serializers import RegisterSerializer
 
 from .conftest import client_for, service_body
@@ -206,3 +208,48 @@ def test_a_batch_that_fails_fails_every_request_in_it_as_the_view_does_and_write
     assert all(a.headers["retry-after"] == "1" for a in answers)
     assert not Service.objects.exists()
     assert not ServiceEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_answers_not_remembered_after_the_commit_are_still_the_registrations_answers(make_token, monkeypatch):
+    """The Redis step after the commit fails: the registrations committed, so they are answered 201 and
+    their events sent; the next unchanged re-registration is written through the database (no snapshot),
+    and the one after that renews without a write again."""
+    from registry import fast_register, reregister
+
+    _owner, key = make_token("owner")
+    real = fast_register.get_async_redis
+    failed: list[int] = []
+
+    class RememberFails:
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.client, name)
+
+        async def eval(self, script: str, *args: Any) -> Any:
+            if script == reregister.REMEMBER_MANY_LUA:
+                failed.append(1)
+                raise redis.ConnectionError("lost after the commit")
+            return await self.client.eval(script, *args)
+
+    monkeypatch.setattr(fast_register, "get_async_redis", lambda: RememberFails(real()))
+    bodies = [service_body(f"svc-{i}", endpoint=f"10.0.3.{i + 1}:9000") for i in range(6)]
+    answers, received = _storm([_post(key, body) for body in bodies])
+    monkeypatch.undo()
+    assert failed
+    assert [a.status_code for a in answers] == [201] * 6
+    assert Service.objects.filter(pk__startswith="svc-").count() == 6
+    assert len([m for m in received if m["type"] == "service.registered"]) == 6
+    assert not get_redis().hget(reregister.snap_key(), "svc-0")
+
+    again, _ = _storm([_post(key, body) for body in bodies])
+    assert [a.status_code for a in again] == [200] * 6
+    assert all(a.json()["endpoint"] == body["endpoint"] for a, body in zip(again, bodies, strict=True))
+    kinds = ServiceEvent.objects.filter(service_id="svc-0").order_by("id").values_list("kind", flat=True)
+    assert list(kinds) == ["registered", "re-registered"]  # the long way: written, and remembered this time
+
+    third, _ = _storm([_post(key, body) for body in bodies])
+    assert [a.status_code for a in third] == [200] * 6
+    assert ServiceEvent.objects.filter(service_id__startswith="svc-").count() == 12  # no write
