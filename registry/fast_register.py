@@ -59,6 +59,7 @@ REGISTER_PATH = "/api/v1/services/"
 MAX_BODY = 64 * 1024  # a registration with 64 labels of the longest keys and values is about 21 KiB
 JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 ACCEPT_JSON = (b"", b"*/*", b"application/json")
+HEALTHS = frozenset(Health.values)  # Health.values builds its list anew at each use
 
 
 class UnchangedRegistrationFastPath:
@@ -156,7 +157,7 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
     if path_identifier_error("service_id", data["service_id"]) is not None:
         return None  # never registered: Django names the field
     health = data.get("health", Health.HEALTHY)
-    if health not in Health.values:
+    if health not in HEALTHS:
         return None
     try:
         request_digest = reregister.digest(data)
