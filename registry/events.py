@@ -88,11 +88,17 @@ def collect() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
 
 async def send_collected(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged."""
+    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged.
+    With a layer that queues publishes in order (``publish_soon``), all but the last are queued and go out
+    together with it, in one round trip; returns once the last is sent."""
     layer = get_channel_layer()
-    for group, payload in messages:
+    queue = getattr(layer, "publish_soon", None)
+    for index, (group, payload) in enumerate(messages):
         try:
-            await layer.group_send(group, push_message(payload))
+            if queue is not None and index < len(messages) - 1:
+                queue(group, push_message(payload))
+            else:
+                await layer.group_send(group, push_message(payload))
         except Exception:
             log.exception("push to %s failed", group)
 
