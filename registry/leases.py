@@ -551,11 +551,20 @@ def _error(status: int, detail: str) -> HeartbeatResult:
 
 
 def cache_token(key_hash: str) -> bool:
-    """Load an active token into the Redis token cache; False if there is no such token."""
+    """Load an active token into the Redis token cache; False if there is no such token.
+
+    A revocation (or a change of staff) that commits between the read and the write here has already
+    forgotten the cache entry (registry.signals) before this writes the old row into it: the row is read
+    again after the write, and the entry dropped if it changed. Either that second read sees the change,
+    or the change commits after it, and its own forgetting comes after the write."""
     token = ApiToken.objects.filter(key_hash=key_hash, is_active=True).first()
     if token is None:
         return False
-    lease_store.cache_token(get_redis(), key_hash, token.pk, token.is_staff)
+    r = get_redis()
+    lease_store.cache_token(r, key_hash, token.pk, token.is_staff)
+    if not ApiToken.objects.filter(pk=token.pk, key_hash=key_hash, is_active=True, is_staff=token.is_staff).exists():
+        lease_store.forget_token(r, key_hash)
+        return False
     return True
 
 
