@@ -22,8 +22,8 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
-from django.db.models import AutoField, Max, Model
+from django.db import IntegrityError, connection, connections, transaction
+from django.db.models import AutoField, JSONField, Max, Model
 from django.utils import timezone
 
 from . import events, lease_store, lifecycle, reregister, revisions
@@ -317,12 +317,26 @@ def _insert_rows(model: type[Model], rows: list[Any]) -> None:
         f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
         f"VALUES {', '.join([row] * len(rows))}"
     )
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in rows for f in fields]
-    with connection.cursor() as cursor:
+    db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
+    params = []
+    for obj in rows:
+        for f in fields:
+            value = f.pre_save(obj, True)
+            params.append(value if _is_plain(f, value) else f.get_db_prep_save(value, db))
+    with db.cursor() as cursor:
         cursor.execute(sql, params)
     for obj in rows:
         obj._state.adding = False
-        obj._state.db = connection.alias
+        obj._state.db = db.alias
+
+
+def _is_plain(field: Any, value: Any) -> bool:
+    """A value Django would hand the driver unchanged: None, a plain str, int or bool, an aware datetime;
+    never a JSON field's (Django wraps those for PostgreSQL)."""
+    kind = type(value)
+    if kind in (str, int, bool) or value is None:
+        return not isinstance(field, JSONField)
+    return kind is datetime and value.tzinfo is not None
 
 
 # The row fields a registration sets (``_fields``).

@@ -253,3 +253,35 @@ def test_answers_not_remembered_after_the_commit_are_still_the_registrations_ans
     third, _ = _storm([_post(key, body) for body in bodies])
     assert [a.status_code for a in third] == [200] * 6
     assert ServiceEvent.objects.filter(service_id__startswith="svc-").count() == 12  # no write
+
+
+def test_rows_written_by_a_batch_read_back_as_given(make_token):
+    """The batch's own INSERT statements (PostgreSQL) store each field as the ORM would: enum members as
+    their values, JSON as JSON, datetimes as instants, None as NULL, the owner's id."""
+    from django.utils import timezone
+
+    from registry.models import Health, ServiceLabel
+
+    owner, _ = make_token("owner")
+    now = timezone.now()
+    quoted = {"env": "prod", "note": 'it\'s "quoted" ; -- and \\ back'}
+    data = _valid(service_body("rows", labels=quoted, group_id="g-1", weight=7, lease_duration=42))
+    data["health"] = Health.DEGRADED  # an enum member, not a plain str
+    leases.register_many([(data, owner), (_valid(service_body("plain")), owner)], now)
+
+    row = Service.objects.get(pk="rows")
+    assert (row.health, type(row.health)) == ("degraded", str)
+    assert row.labels == quoted and row.group_id == "g-1" and row.owner_id == owner.pk
+    assert (row.registered_weight, row.weight, row.lease_duration) == (7, 7, 42)
+    assert abs((row.registered_at - now).total_seconds()) < 0.002
+    assert row.lease_expires_at == row.registered_at + timezone.timedelta(seconds=42)
+    assert Service.objects.get(pk="plain").group_id is None
+    assert dict(ServiceLabel.objects.filter(service_id="rows").values_list("key", "value")) == quoted
+    event = ServiceEvent.objects.get(service_id="rows")
+    assert (event.kind, event.actor_kind, event.actor, event.revision) == (
+        "registered",
+        "token",
+        "owner",
+        row.effective_revision(now),
+    )
+    assert event.change["labels"] == [None, quoted] and event.change["health"] == [None, "degraded"]
