@@ -157,7 +157,7 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
     if path_identifier_error("service_id", data["service_id"]) is not None:
         return None  # never registered: Django names the field
     health = data.get("health", Health.HEALTHY)
-    if health not in HEALTHS:
+    if not isinstance(health, str) or health not in HEALTHS:  # (a set: a list or object is no member)
         return None
     try:
         request_digest = reregister.digest(data)
