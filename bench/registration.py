@@ -26,12 +26,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import WRK_DONE, Stack, run_wrk
+from bench.common import WRK_DONE, Stack, cpu_seconds, run_wrk
 from bench.heartbeat import WRK_SCRIPT as HEARTBEAT_SCRIPT
 
 CONNECTIONS = 16
@@ -151,10 +151,13 @@ def run(database_url: str | None, n: int, heartbeat_seconds: int, workers: int =
     try:
         with Stack(workers=workers) as stack:
             out = {
-                "register": _pass(stack.url, stack.token, n, 201),
-                "unchanged": _pass(stack.url, stack.token, n, 200),
-                "heartbeat": run_wrk(
-                    stack.url, HEARTBEAT_SCRIPT.format(n=n, token=stack.token), heartbeat_seconds, CONNECTIONS
+                "register": _cpu(stack, lambda: _pass(stack.url, stack.token, n, 201)),
+                "unchanged": _cpu(stack, lambda: _pass(stack.url, stack.token, n, 200)),
+                "heartbeat": _cpu(
+                    stack,
+                    lambda: run_wrk(
+                        stack.url, HEARTBEAT_SCRIPT.format(n=n, token=stack.token), heartbeat_seconds, CONNECTIONS
+                    ),
                 ),
             }
             counts = stack.manage("shell", "-c", _COUNT_CHECK).strip().splitlines()[-1]
@@ -167,6 +170,18 @@ def run(database_url: str | None, n: int, heartbeat_seconds: int, workers: int =
             os.environ["DATABASE_URL"] = saved
 
 
+def _cpu(stack: Stack, phase: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``phase``'s figures, with the CPU time per request of the server processes and of Redis (a figure
+    that other load on the machine disturbs far less than the rate)."""
+    server, store = stack.server_pids(), [stack.redis_pid()]
+    before = cpu_seconds(server), cpu_seconds(store)
+    out = phase()
+    requests = max(1.0, out["requests"])
+    out["server_cpu_us"] = (cpu_seconds(server) - before[0]) / requests * 1e6
+    out["redis_cpu_us"] = (cpu_seconds(store) - before[1]) / requests * 1e6
+    return out
+
+
 # What the run left in the database: every service registered once, and one history row per registration
 # (an unchanged re-registration writes none).
 _COUNT_CHECK = (
@@ -177,7 +192,8 @@ _COUNT_CHECK = (
 def _line(label: str, r: dict[str, float]) -> str:
     return (
         f"  {label:<24} {r['rps']:7.0f}/s   p50 {r['p50_ms']:6.2f} ms   p99 {r['p99_ms']:7.2f} ms   "
-        f"errors {r['errors']} of {r['requests']}"
+        f"errors {r['errors']} of {r['requests']}   CPU/request: server {r['server_cpu_us']:.0f} us, "
+        f"Redis {r['redis_cpu_us']:.0f} us"
     )
 
 

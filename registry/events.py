@@ -90,11 +90,17 @@ def collect() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
 
 async def send_collected(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged."""
+    """Send collected messages from the event loop, in order; as ``push.send_now``, a failed push is logged.
+    With a layer that queues publishes in order (``publish_soon``), all but the last are queued and go out
+    together with it, in one round trip; returns once the last is sent."""
     layer = get_channel_layer()
-    for group, payload in messages:
+    queue = getattr(layer, "publish_soon", None)
+    for index, (group, payload) in enumerate(messages):
         try:
-            await layer.group_send(group, push_message(payload))
+            if queue is not None and index < len(messages) - 1:
+                queue(group, push_message(payload))
+            else:
+                await layer.group_send(group, push_message(payload))
         except Exception:
             log.exception("push to %s failed", group)
 
@@ -105,67 +111,79 @@ def name_version_key(service_name: str) -> str:
     return f"{settings.REGISTRY_REDIS_PREFIX}name-version:{service_name}"
 
 
+def services_version_key() -> str:
+    """Redis key of the registry's change counter: bumped with every name's counter, so a cache of service
+    list pages (registry.listing) knows it is stale."""
+    return f"{settings.REGISTRY_REDIS_PREFIX}services-version"
+
+
 # A counter Redis lost starts again at a random value, never at one a reader may have cached.
+# KEYS: the names' counters, then the registry's. ARGV: a random start for each.
 _BUMP_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
-return redis.call('INCR', KEYS[1])
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then redis.call('SET', key, ARGV[i]) end
+  redis.call('INCR', key)
+end
 """
 
 
-def _bump_name_version(service_name: str) -> None:
-    get_redis().eval(_BUMP_LUA, 1, name_version_key(service_name), secrets.randbits(52))
+def _bump_name_versions(service_names: list[str]) -> None:
+    """Bump each name's counter and the registry's, all in one script call."""
+    keys = [name_version_key(name) for name in service_names] + [services_version_key()]
+    get_redis().eval(_BUMP_LUA, len(keys), *keys, *(secrets.randbits(52) for _ in keys))
 
 
 # Names whose bump after commit failed (Redis unreachable at that moment), retried until it succeeds or
 # until every list a reader may have cached then has aged out (RETRY_FOR_SECONDS outlasts
-# balancer.selection.MAX_AGE_SECONDS, a test checks).
+# balancer.selection.MAX_AGE_SECONDS and registry.listing's, a test checks).
 RETRY_FOR_SECONDS = 60.0
+RETRY_INTERVAL_SECONDS = 0.2
 _retry_lock = threading.Lock()
 _retry_names: dict[str, float] = {}
-RETRY_INTERVAL_SECONDS = 0.2
 
 
-def _bump_after_commit(service_name: str) -> None:
+def _bump_after_commit(service_names: list[str]) -> None:
     try:
-        _bump_name_version(service_name)
+        _bump_name_versions(service_names)
     except (redis.RedisError, OSError):
-        log.warning("name counter of %r not bumped after commit; retrying", service_name, exc_info=True)
-        _retry_bump(service_name)
-
-
-def _retry_bump(service_name: str) -> None:
-    with _retry_lock:
-        first = not _retry_names
-        _retry_names.setdefault(service_name, time.monotonic() + RETRY_FOR_SECONDS)
-    if first:
-        threading.Thread(target=_retry_loop, name="name-counter-retry", daemon=True).start()
+        log.warning("name counters of %r not bumped after commit; retrying", service_names, exc_info=True)
+        with _retry_lock:
+            first = not _retry_names
+            for name in service_names:
+                _retry_names.setdefault(name, time.monotonic() + RETRY_FOR_SECONDS)
+        if first:
+            threading.Thread(target=_retry_loop, name="name-counter-retry", daemon=True).start()
 
 
 def _retry_loop() -> None:
-    """Bump every pending name until Redis answers; a name whose cached lists have all expired is dropped."""
+    """Bump the pending names until Redis answers; names whose cached lists have all expired are dropped."""
     while True:
         time.sleep(RETRY_INTERVAL_SECONDS)
         with _retry_lock:
             pending = dict(_retry_names)
-        for name, give_up_at in pending.items():
-            try:
-                _bump_name_version(name)
-            except (redis.RedisError, OSError):
-                if time.monotonic() < give_up_at:
-                    continue
-            with _retry_lock:
-                _retry_names.pop(name, None)
+        try:
+            _bump_name_versions(sorted(pending))
+            done = list(pending)
+        except (redis.RedisError, OSError):
+            done = [name for name, give_up_at in pending.items() if time.monotonic() >= give_up_at]
         with _retry_lock:
+            for name in done:
+                _retry_names.pop(name, None)
             if not _retry_names:
                 return
 
 
-def name_changed(service_name: str) -> None:
-    """Bump the name's counter now (inside the transaction) and again once it commits: a reader that
+def names_changed(service_names: list[str]) -> None:
+    """Bump the names' counters now (inside the transaction) and again once it commits: a reader that
     reloaded in between, still seeing the old rows, reloads once more. A bump after commit that fails is
     retried in the background, so a list cached in between cannot outlive Redis's return by much."""
-    _bump_name_version(service_name)
-    after_commit(lambda: _bump_after_commit(service_name))
+    if service_names:
+        _bump_name_versions(service_names)
+        after_commit(lambda: _bump_after_commit(service_names))
+
+
+def name_changed(service_name: str) -> None:
+    names_changed([service_name])
 
 
 def service_registered(service: Any, previous_name: str | None = None) -> None:
@@ -178,8 +196,7 @@ def services_registered(registered: list[tuple[Any, str | None]]) -> None:
     is bumped once for the whole batch."""
     names = {service.service_name for service, _ in registered}
     names |= {previous for _, previous in registered if previous}
-    for name in sorted(names):
-        name_changed(name)
+    names_changed(sorted(names))
     for service, _ in registered:
         body = service_payload(service)
         after_commit(lambda name=service.service_name, body=body: _publish("service.registered", name, body))

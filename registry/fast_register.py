@@ -1,18 +1,24 @@
 """The registration fast path: an ASGI route in front of Django for POST /api/v1/services/.
 
 A fleet that restarts re-registers mostly what it registered before. Here such a request is a body parse,
-a digest and one Redis script call on the event loop (registry.reregister), as a heartbeat is: no Django
-request cycle, no database. It answers so only when it is sure the registration would change nothing and
-would be answered 200 with the remembered body.
+a digest and its share of one Redis script call on the event loop (registry.reregister; the checks of one
+event-loop turn go together, as heartbeats do): no Django request cycle, no database. It answers so only
+when it is sure the registration would change nothing and would be answered 200 with the remembered body.
 
 Every other valid JSON registration (new, or changed) is validated on the event loop by the view's own
 ``RegisterSerializer`` and handed to the process's ``RegistrationBatcher``: registrations that arrive while
 a batch is in the database join the next one, and a batch is one transaction in Django's sync thread
-(``leases.register_many``: one locking read, bulk writes, one Redis step for revisions and one for
-leases), a token lookup for all of its tokens, and one Redis round trip remembering the answers. Each
+(``leases.register_many``: one locking read, one INSERT per table, one Redis step for revisions and one
+for leases), a token lookup for all of its tokens, and one Redis round trip remembering the answers. Each
 request is answered exactly what the view answers (201/200 and the same body, 403 for another token's
 service, 503 when the database or the lease store failed the batch, nothing of it written); the
 batch's events are sent from the event loop after the answers.
+
+The answers are remembered after the commit. If that step fails (Redis went away in between), the
+requests are still answered 201/200: the registrations did commit, and their events are sent. Only the
+shortcut is missing: the next unchanged re-registration of those services is written through the
+database as a re-registration (a history row, a new revision), which remembers it again
+(tests/test_register_batch.py).
 
 Anything else (a body that does not validate, a token it does not find, another content type or Accept,
 a query string, a throttled deployment, an unexpected error) goes on to Django untouched, its body
@@ -53,6 +59,7 @@ REGISTER_PATH = "/api/v1/services/"
 MAX_BODY = 64 * 1024  # a registration with 64 labels of the longest keys and values is about 21 KiB
 JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 ACCEPT_JSON = (b"", b"*/*", b"application/json")
+HEALTHS = frozenset(Health.values)  # Health.values builds its list anew at each use
 
 
 class UnchangedRegistrationFastPath:
@@ -150,33 +157,97 @@ async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | 
     if path_identifier_error("service_id", data["service_id"]) is not None:
         return None  # never registered: Django names the field
     health = data.get("health", Health.HEALTHY)
-    if health not in Health.values:
+    if not isinstance(health, str) or health not in HEALTHS:  # (a set: a list or object is no member)
         return None
     try:
         request_digest = reregister.digest(data)
     except (TypeError, ValueError):
         return None
     key_hash = hash_token(key)
-    now_ms = lease_store.to_ms(timezone.now())
-    r = get_async_redis()
-    keys = reregister.renew_keys(key_hash)
-    args = reregister.renew_args(data["service_id"], request_digest, now_ms, health)
+    check = (reregister.token_key(key_hash), data["service_id"], request_digest, health)
     try:
         for _attempt in range(2):
-            try:
-                reply = await r.evalsha(reregister.RENEW_UNCHANGED_SHA, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                reply = await r.eval(reregister.RENEW_UNCHANGED_LUA, len(keys), *keys, *args)
-            code = reply[0].decode()
-            if code == "OK":
-                return reregister.unchanged_body(reply[2], int(reply[1]))
-            if code != "TOKEN_MISS":
+            code, deadline, snapshot = await unchanged_checker().run(check)
+            if code == b"OK":
+                return reregister.unchanged_body(snapshot, int(deadline))
+            if code != b"TOKEN_MISS":
                 return None
             if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
                 return None  # not a token: Django answers 401
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
     return None
+
+
+# A renewal check: the token's key, service id, request digest, reported health (RENEW_UNCHANGED_MANY_LUA).
+Check = tuple[str, str, str, str]
+Reply = tuple[bytes, bytes, bytes]
+
+
+class UnchangedChecker:
+    """Sends the unchanged re-registration checks of one event-loop turn as one script call, as
+    ``fastpath.HeartbeatBatcher`` sends heartbeats: a storm of registrations (new, changed or unchanged)
+    costs the lease store one round trip per turn, not one per request. Each waiter gets its own reply;
+    a Redis error reaches every waiter of that call."""
+
+    MAX_BATCH = 256
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Check, asyncio.Future[Reply]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    def run(self, check: Check) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending.append((check, future))
+        if len(self.pending) == 1:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self) -> None:
+        batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
+        if self.pending:
+            self._start()
+        keys = reregister.renew_keys() + [check[0] for check, _ in batch]
+        args: list[str | int] = [lease_store.to_ms(timezone.now())]
+        for (_token, service_id, request_digest, health), _future in batch:
+            args += [service_id, request_digest, health]
+        r = get_async_redis()
+        try:
+            try:
+                reply = await r.evalsha(reregister.RENEW_UNCHANGED_MANY_SHA, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                reply = await r.eval(reregister.RENEW_UNCHANGED_MANY_LUA, len(keys), *keys, *args)
+            if len(reply) != 3 * len(batch):
+                raise redis.RedisError(f"{len(reply) // 3} replies to a batch of {len(batch)} checks")
+        except Exception as exc:  # noqa: BLE001 (handed to each waiter, which answers for it)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled with its loop: so are its waiters
+            for _, future in batch:
+                future.cancel()
+            raise
+        for i, (_check, future) in enumerate(batch):
+            if not future.done():
+                future.set_result((reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]))
+
+
+_checkers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, UnchangedChecker] = weakref.WeakKeyDictionary()
+
+
+def unchanged_checker() -> UnchangedChecker:
+    """The running event loop's checker."""
+    loop = asyncio.get_running_loop()
+    found = _checkers.get(loop)
+    if found is None:
+        found = _checkers[loop] = UnchangedChecker()
+    return found
 
 
 @dataclass
@@ -292,11 +363,11 @@ class RegistrationBatcher:
     async def _finish(self, batch: list[tuple[Job, asyncio.Future[Answer | None]]], done: Done) -> None:
         """Remember the answers (registry.reregister), answer, then send the events after the batch before's."""
         if done.remembered:
-            args = reregister.remember_many_args(done.remembered)
             try:
+                args = reregister.remember_many_args(done.remembered)
                 await get_async_redis().eval(reregister.REMEMBER_MANY_LUA, 2, *args)
-            except redis.RedisError as exc:  # committed: the next unchanged re-registration goes the long way
-                log.warning("registrations not remembered: Redis unavailable: %s", exc)
+            except Exception as exc:  # noqa: BLE001 (committed: answered as such; see the module docstring)
+                log.warning("registrations not remembered: %s", exc)
         for (_job, future), answer in zip(batch, done.answers, strict=True):
             if not future.done():  # the client may have gone
                 future.set_result(answer)
@@ -335,10 +406,20 @@ class Done:
     messages: list[tuple[str, dict[str, Any]]]
 
 
+def _active_tokens(key_hashes: set[str]) -> list[ApiToken]:
+    """``ApiToken.objects.filter(key_hash__in=key_hashes, is_active=True)`` as a raw query (cheaper to build)."""
+    quote = db.connection.ops.quote_name
+    sql = (
+        f"SELECT * FROM {quote(ApiToken._meta.db_table)} WHERE {quote('is_active')} "
+        f"AND {quote('key_hash')} IN ({', '.join(['%s'] * len(key_hashes))})"
+    )
+    return list(ApiToken.objects.raw(sql, sorted(key_hashes)))
+
+
 def run_batch(jobs: list[Job], now: datetime) -> Done:
     """Register a batch (ids distinct) in one transaction."""
     answers: list[Answer | None] = [None] * len(jobs)
-    tokens = {t.key_hash: t for t in ApiToken.objects.filter(key_hash__in={j.key_hash for j in jobs}, is_active=True)}
+    tokens = {t.key_hash: t for t in _active_tokens({j.key_hash for j in jobs})}
     taken = [i for i, job in enumerate(jobs) if job.key_hash in tokens]  # no token: the view's 401
     if not taken:
         return Done(answers, [], [])

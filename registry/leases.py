@@ -22,14 +22,14 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
-from django.db.models import Max
+from django.db import IntegrityError, connection, connections, transaction
+from django.db.models import AutoField, JSONField, Max, Model
 from django.utils import timezone
 
 from . import events, lease_store, lifecycle, reregister, revisions
 from .errors import Forbidden, NotFound
 from .lifecycle import Actor, Kind
-from .models import ApiToken, Health, Service, ServiceLabel, hash_token
+from .models import ApiToken, Health, Service, ServiceEvent, ServiceLabel, hash_token
 from .redis_client import get_redis
 from .signals import services_removed
 
@@ -91,7 +91,8 @@ def renew_unchanged(
     r = get_redis()
     args = reregister.renew_args(service_id, request_digest, lease_store.to_ms(now), health)
     for _attempt in range(2):
-        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, 7, *reregister.renew_keys(token.key_hash), *args)
+        keys = [*reregister.renew_keys(), reregister.token_key(token.key_hash)]
+        reply = r.eval(reregister.RENEW_UNCHANGED_LUA, len(keys), *keys, *args)
         code = reply[0].decode()
         if code == "OK":
             return reregister.unchanged_body(reply[2], int(reply[1]))
@@ -212,7 +213,7 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
     with transaction.atomic():
         ids = [p.data["service_id"] for p in batch]
         # In key order, as every multi-row lock here is taken: two batches never wait on each other in a cycle.
-        rows = {s.service_id: s for s in Service.objects.select_for_update().filter(pk__in=ids).order_by("pk")}
+        rows = {s.service_id: s for s in _locked_rows(ids)}
         work: list[_Pending] = []
         for index, p in enumerate(batch):
             service = rows.get(p.data["service_id"])
@@ -246,20 +247,22 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
         created = [p.service for p in work if p.created and p.service is not None]
         replaced = [p.service for p in work if not p.created and p.service is not None]
         if created:
-            Service.objects.bulk_create(created)
+            _insert_rows(Service, created)
         if replaced:
             Service.objects.bulk_update(replaced, [*_FIELDS, "weight", "revision", "recoveries_seen"])
         relabelled = [p.service for p in work if p.labels_changed and p.service is not None]
         if relabelled:
             ServiceLabel.objects.filter(service__in=[s.service_id for s in relabelled]).delete()
-        ServiceLabel.objects.bulk_create(
-            ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()
+        _insert_rows(
+            ServiceLabel,
+            [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
         )
         # After the inserts: a first registration that loses a race must not touch the winner's entry.
         _put_leases(r, [(p.service, p.deadline_ms) for p in work if p.service is not None])
         counts = {"registrations": len(created), "reregistrations": len(replaced)}
         transaction.on_commit(lambda: _count(r, counts))
-        lifecycle.record_many(
+        _insert_rows(
+            ServiceEvent,
             [
                 lifecycle.event(
                     p.service,
@@ -274,13 +277,66 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
                 )
                 for p in work
                 if p.service is not None
-            ]
+            ],
         )
         events.services_registered([(p.service, (p.before or {}).get("service_name")) for p in work if p.service])
     for index, p in enumerate(batch):
         if outcomes[index] is None and p.service is not None:
             outcomes[index] = (p.service, p.created)
     return [o for o in outcomes if o is not None]
+
+
+def _locked_rows(ids: list[str]) -> list[Service]:
+    """``Service.objects.select_for_update().filter(pk__in=ids).order_by("pk")``, as a raw query: the ORM's
+    compilation of that statement cost more than the database's answer to it."""
+    if not ids:
+        return []
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    sql = (
+        f"SELECT * FROM {connection.ops.quote_name(Service._meta.db_table)} "
+        f"WHERE {connection.ops.quote_name('service_id')} IN ({', '.join(['%s'] * len(ids))}) "
+        f"ORDER BY {connection.ops.quote_name('service_id')}{lock}"
+    )
+    return list(Service.objects.raw(sql, ids))
+
+
+def _insert_rows(model: type[Model], rows: list[Any]) -> None:
+    """``bulk_create`` of ``rows`` (new ``model`` instances; an auto id is not read back). On PostgreSQL one
+    plain multi-row INSERT with the values Django prepares for each field: Django's own statement there
+    (INSERT ... SELECT * FROM UNNEST of one array per column) costs several times more to build and
+    bind for the few dozen rows of a batch."""
+    if not rows:
+        return
+    if connection.vendor != "postgresql":
+        model.objects.bulk_create(rows)
+        return
+    fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
+    quote = connection.ops.quote_name
+    row = f"({', '.join(['%s'] * len(fields))})"
+    sql = (
+        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+        f"VALUES {', '.join([row] * len(rows))}"
+    )
+    db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
+    params = []
+    for obj in rows:
+        for f in fields:
+            value = f.pre_save(obj, True)
+            params.append(value if _is_plain(f, value) else f.get_db_prep_save(value, db))
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+    for obj in rows:
+        obj._state.adding = False
+        obj._state.db = db.alias
+
+
+def _is_plain(field: Any, value: Any) -> bool:
+    """A value Django would hand the driver unchanged: None, a plain str, int or bool, an aware datetime;
+    never a JSON field's (Django wraps those for PostgreSQL)."""
+    kind = type(value)
+    if kind in (str, int, bool) or value is None:
+        return not isinstance(field, JSONField)
+    return kind is datetime and value.tzinfo is not None
 
 
 # The row fields a registration sets (``_fields``).
@@ -509,11 +565,20 @@ def _error(status: int, detail: str) -> HeartbeatResult:
 
 
 def cache_token(key_hash: str) -> bool:
-    """Load an active token into the Redis token cache; False if there is no such token."""
+    """Load an active token into the Redis token cache; False if there is no such token.
+
+    A revocation (or a change of staff) that commits between the read and the write here has already
+    forgotten the cache entry (registry.signals) before this writes the old row into it: the row is read
+    again after the write, and the entry dropped if it changed. Either that second read sees the change,
+    or the change commits after it, and its own forgetting comes after the write."""
     token = ApiToken.objects.filter(key_hash=key_hash, is_active=True).first()
     if token is None:
         return False
-    lease_store.cache_token(get_redis(), key_hash, token.pk, token.is_staff)
+    r = get_redis()
+    lease_store.cache_token(r, key_hash, token.pk, token.is_staff)
+    if not ApiToken.objects.filter(pk=token.pk, key_hash=key_hash, is_active=True, is_staff=token.is_staff).exists():
+        lease_store.forget_token(r, key_hash)
+        return False
     return True
 
 

@@ -55,5 +55,4 @@ def owned_names_changed(sender, instance: ApiToken, created: bool = False, **kwa
     if created:
         return
     names = Service.objects.filter(owner=instance).values_list("service_name", flat=True).distinct()
-    for name in sorted(names):
-        events.name_changed(name)
+    events.names_changed(sorted(names))

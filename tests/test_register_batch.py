@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.signals import request_finished, request_started
@@ -19,6 +20,7 @@ from django.db import close_old_connections
 from registry import leases
 from registry.events import watch_groups
 from registry.models import Service, ServiceEvent
+from registry.redis_client import get_redis
 from registry.serializers import RegisterSerializer
 
 from .conftest import client_for, service_body
@@ -206,3 +208,80 @@ def test_a_batch_that_fails_fails_every_request_in_it_as_the_view_does_and_write
     assert all(a.headers["retry-after"] == "1" for a in answers)
     assert not Service.objects.exists()
     assert not ServiceEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_answers_not_remembered_after_the_commit_are_still_the_registrations_answers(make_token, monkeypatch):
+    """The Redis step after the commit fails: the registrations committed, so they are answered 201 and
+    their events sent; the next unchanged re-registration is written through the database (no snapshot),
+    and the one after that renews without a write again."""
+    from registry import fast_register, reregister
+
+    _owner, key = make_token("owner")
+    real = fast_register.get_async_redis
+    failed: list[int] = []
+
+    class RememberFails:
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.client, name)
+
+        async def eval(self, script: str, *args: Any) -> Any:
+            if script == reregister.REMEMBER_MANY_LUA:
+                failed.append(1)
+                raise redis.ConnectionError("lost after the commit")
+            return await self.client.eval(script, *args)
+
+    monkeypatch.setattr(fast_register, "get_async_redis", lambda: RememberFails(real()))
+    bodies = [service_body(f"svc-{i}", endpoint=f"10.0.3.{i + 1}:9000") for i in range(6)]
+    answers, received = _storm([_post(key, body) for body in bodies])
+    monkeypatch.undo()
+    assert failed
+    assert [a.status_code for a in answers] == [201] * 6
+    assert Service.objects.filter(pk__startswith="svc-").count() == 6
+    assert len([m for m in received if m["type"] == "service.registered"]) == 6
+    assert not get_redis().hget(reregister.snap_key(), "svc-0")
+
+    again, _ = _storm([_post(key, body) for body in bodies])
+    assert [a.status_code for a in again] == [200] * 6
+    assert all(a.json()["endpoint"] == body["endpoint"] for a, body in zip(again, bodies, strict=True))
+    kinds = ServiceEvent.objects.filter(service_id="svc-0").order_by("id").values_list("kind", flat=True)
+    assert list(kinds) == ["registered", "re-registered"]  # the long way: written, and remembered this time
+
+    third, _ = _storm([_post(key, body) for body in bodies])
+    assert [a.status_code for a in third] == [200] * 6
+    assert ServiceEvent.objects.filter(service_id__startswith="svc-").count() == 12  # no write
+
+
+def test_rows_written_by_a_batch_read_back_as_given(make_token):
+    """The batch's own INSERT statements (PostgreSQL) store each field as the ORM would: enum members as
+    their values, JSON as JSON, datetimes as instants, None as NULL, the owner's id."""
+    from django.utils import timezone
+
+    from registry.models import Health, ServiceLabel
+
+    owner, _ = make_token("owner")
+    now = timezone.now()
+    quoted = {"env": "prod", "note": 'it\'s "quoted" ; -- and \\ back'}
+    data = _valid(service_body("rows", labels=quoted, group_id="g-1", weight=7, lease_duration=42))
+    data["health"] = Health.DEGRADED  # an enum member, not a plain str
+    leases.register_many([(data, owner), (_valid(service_body("plain")), owner)], now)
+
+    row = Service.objects.get(pk="rows")
+    assert (row.health, type(row.health)) == ("degraded", str)
+    assert row.labels == quoted and row.group_id == "g-1" and row.owner_id == owner.pk
+    assert (row.registered_weight, row.weight, row.lease_duration) == (7, 7, 42)
+    assert abs((row.registered_at - now).total_seconds()) < 0.002
+    assert row.lease_expires_at == row.registered_at + timezone.timedelta(seconds=42)
+    assert Service.objects.get(pk="plain").group_id is None
+    assert dict(ServiceLabel.objects.filter(service_id="rows").values_list("key", "value")) == quoted
+    event = ServiceEvent.objects.get(service_id="rows")
+    assert (event.kind, event.actor_kind, event.actor, event.revision) == (
+        "registered",
+        "token",
+        "owner",
+        row.effective_revision(now),
+    )
+    assert event.change["labels"] == [None, quoted] and event.change["health"] == [None, "degraded"]

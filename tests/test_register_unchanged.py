@@ -13,7 +13,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from registry import lease_store, leases, reregister
-from registry.models import Service, ServiceEvent
+from registry.models import ApiToken, Service, ServiceEvent
 from registry.redis_client import get_redis
 
 from .conftest import asgi_request, client_for, service_body
@@ -233,3 +233,29 @@ def test_the_direct_answer_is_the_serializers(owner, make_token):
             expected = RegisteredServiceSerializer(service, context={"now": at}).data
             owner_name = service.owner.name if service.owner else None
             assert json.dumps(registered_body(service, at, owner_name)) == json.dumps(expected)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_token_revoked_while_it_is_being_cached_is_not_cached(make_token, monkeypatch):
+    """cache_token read the row before the revocation committed and writes the cache after the revocation
+    forgot it: the entry is dropped again, and the token refused."""
+    token, key = make_token("racing")
+    real = lease_store.cache_token
+
+    def revoked_meanwhile(r: Any, key_hash: str, token_id: int, is_staff: bool) -> None:
+        ApiToken.objects.filter(pk=token.pk).update(is_active=False)
+        lease_store.forget_token(r, key_hash)  # what the revocation's signal does after its commit
+        real(r, key_hash, token_id, is_staff)
+
+    monkeypatch.setattr(lease_store, "cache_token", revoked_meanwhile)
+    assert leases.cache_token(token.key_hash) is False
+    monkeypatch.undo()
+    assert get_redis().get(lease_store.keys().token(token.key_hash)) is None
+    answer = asgi_request(
+        "POST",
+        "/api/v1/services/",
+        content=json.dumps(service_body()).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert answer.status_code == 401
+    assert not Service.objects.exists()
