@@ -61,10 +61,14 @@ class DirectSend:
     extension (compression) is negotiated, nothing else is queued, and the transport is not paused by
     backpressure. ``write`` returns False, and writes nothing, otherwise."""
 
-    __slots__ = ("protocol",)
+    __slots__ = ("conn", "protocol", "transport", "writable")
 
     def __init__(self, protocol: Any) -> None:
         self.protocol = protocol
+        # Fixed for the connection's life (the transport is set before the application is called).
+        self.conn = protocol.conn
+        self.transport = protocol.transport
+        self.writable = protocol.writable
 
     @classmethod
     def of(cls, send: Any) -> DirectSend | None:
@@ -78,30 +82,32 @@ class DirectSend:
                 and isinstance(protocol, WebSocketsSansIOProtocol)
                 and getattr(send, "__func__", None) is WebSocketsSansIOProtocol.send
             ):
-                return cls(protocol)
+                try:
+                    return cls(protocol)
+                except AttributeError:  # not connected yet, or another version of the protocol
+                    return None
             send = getattr(send, "__wrapped__", None)
             if send is None:
                 break
         return None
 
     def write(self, frame: bytes) -> bool:
-        protocol = self.protocol
-        conn = protocol.conn
+        protocol, conn, transport = self.protocol, self.conn, self.transport
         if (
-            not protocol.writable.is_set()
-            or protocol.disconnected
-            or protocol.close_sent
-            or not protocol.handshake_complete
-            or protocol.initial_response is not None
-            or conn.state is not OPEN
-            or conn.expect_continuation_frame
-            or conn.extensions
-            or conn.writes
-            or protocol.transport.is_closing()
+            self.writable.is_set()
+            and conn.state is OPEN
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and protocol.handshake_complete
+            and protocol.initial_response is None
+            and not conn.writes
+            and not conn.extensions
+            and not conn.expect_continuation_frame
+            and not transport.is_closing()
         ):
-            return False
-        protocol.transport.write(frame)
-        return True
+            transport.write(frame)
+            return True
+        return False
 
 
 _last_frame: tuple[Any, bytes] = (None, b"")
@@ -246,7 +252,7 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         self.closed = True
         self.backlog = deque()
         if self.socket is not None:
-            self.socket.protocol.transport.abort()
+            self.socket.transport.abort()
         elif self.pushing is not None:
             self.pushing.cancel()
             self.pushing = asyncio.get_running_loop().create_task(self.close(code=TRY_AGAIN_LATER))

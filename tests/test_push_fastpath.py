@@ -113,6 +113,9 @@ def test_direct_send_is_found_through_wrappers_and_only_for_uvicorns_protocol() 
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     protocol = WebSocketsSansIOProtocol.__new__(WebSocketsSansIOProtocol)
+    assert DirectSend.of(protocol.send) is None  # not connected
+    stand_in = FakeProtocol()
+    protocol.conn, protocol.transport, protocol.writable = stand_in.conn, stand_in.transport, stand_in.writable
 
     async def wrapper(message: dict[str, Any]) -> None:
         await protocol.send(message)
@@ -165,7 +168,9 @@ def test_a_socket_that_would_make_the_send_wait_takes_the_task_path_in_order(blo
         block(protocol)
         c.deliver(group_push(1))
         assert protocol.transport.frames == [] and c.backlog is not None
-        protocol.__init__()  # unblocked: later pushes still queue behind the running task
+        protocol.writable.set()  # unblocked: later pushes still queue behind the running task
+        protocol.close_sent = False
+        protocol.conn.__init__()
         c.deliver(group_push(2))
         assert protocol.transport.frames == []
         await settle()
