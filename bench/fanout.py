@@ -6,26 +6,37 @@ In one launch:
     server RSS per idle websocket = (RSS with N idle sockets - RSS with none) / N over the server processes;
   - the same leaves with every socket subscribed: leave sent -> the last subscriber has the new generation
     (p50/p99), and the leave's own response time, to compare with the figure without subscribers;
+  - the server processes' CPU time per leave (from /proc, so the machine's load does not blur it), with
+    and without subscribers: the difference is the CPU cost of one fan-out to every socket;
   - the bench client's own floor: the same sockets on a minimal `websockets` server in another process
-    that broadcasts a message of the same size, trigger sent -> last socket has it. The client (one
-    asyncio loop, uvloop when installed, a substring check per message) shares the 2 cores with the
-    servers, so it bounds what the figure above can show.
+    that broadcasts a message of the same size, trigger sent -> last socket has it.
+
+The subscribers are one asyncio loop (uvloop when installed) of plain protocol objects that parse RFC 6455
+frames themselves (``RawSocket``: handshake checked, frames reassembled, pings answered) and stamp the
+arrival of a frame that holds the awaited generation; ``--client websockets`` uses the `websockets`
+library instead (a task and a queue per socket: several times the client's CPU per message). The client
+shares the 2 cores with the servers, so its floor bounds what the figures above can show.
 
     SECRET_KEY=dev .venv/bin/python bench/fanout.py [--subscribers 1000] [--rounds 30] [--workers 2]
+        [--client raw|websockets]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import websockets
@@ -54,35 +65,173 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(values), "p99": percentile(values, 99), "max": max(values)}
 
 
-class Subscribers:
-    """N websockets with a listener each that stamps the arrival of the awaited generation, nothing more."""
+def cpu_ms(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far, in ms."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, sockets: list[Any]) -> None:
-        self.sockets = sockets
-        self.arrived = [0.0] * len(sockets)
-        self.marker = ""
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class RawSocket(asyncio.Protocol):
+    """A websocket client connection that parses frames itself and hands each whole text message, with
+    the time its last bytes arrived, to ``on_message``; pings are answered, a close ends it."""
+
+    def __init__(self, key: bytes, on_message: Any) -> None:
+        self.key = key
+        self.on_message = on_message
+        self.buffer = b""
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: Any = None
+        self.fragments: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(exc or ConnectionError("closed during the handshake"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buffer = self.buffer + data if self.buffer else data
+        if not self.upgraded.done():
+            head, sep, buffer = buffer.partition(b"\r\n\r\n")
+            if not sep:
+                self.buffer = head
+                return
+            accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
+            if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+                self.upgraded.set_exception(ConnectionError(head.split(b"\r\n")[0].decode("latin-1")))
+                self.transport.close()
+                return
+            self.upgraded.set_result(None)
+        while len(buffer) >= 2:
+            first, second = buffer[0], buffer[1]
+            length, start = second & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    break
+                length, start = struct.unpack_from("!H", buffer, 2)[0], 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    break
+                length, start = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if second & 0x80:
+                raise ConnectionError("a server frame must not be masked")
+            if len(buffer) < start + length:
+                break
+            payload, buffer = buffer[start : start + length], buffer[start + length :]
+            opcode = first & 0x0F
+            if opcode in (1, 0):  # text, continuation
+                if first & 0x80:
+                    self.on_message(b"".join([*self.fragments, payload]) if self.fragments else payload, now)
+                    self.fragments = []
+                else:
+                    self.fragments.append(payload)
+            elif opcode == 9:  # ping
+                self.send_frame(0xA, payload)
+            elif opcode == 8:  # close
+                self.send_frame(0x8, payload[:2])
+                self.transport.close()
+        self.buffer = buffer
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.transport.write(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def close(self) -> None:
+        if not self.transport.is_closing():
+            self.send_frame(0x8, struct.pack("!H", 1000))
+            self.transport.close()
+
+
+async def raw_connect(url: str, on_message: Any, headers: dict[str, str] | None = None) -> RawSocket:
+    parts = urlsplit(url)
+    key = base64.b64encode(os.urandom(16))
+    _, protocol = await asyncio.get_running_loop().create_connection(
+        lambda: RawSocket(key, on_message), parts.hostname, parts.port
+    )
+    lines = [
+        f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key.decode()}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    protocol.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await asyncio.wait_for(protocol.upgraded, 30)
+    return protocol
+
+
+class Subscribers:
+    """N websockets that stamp the arrival of the awaited generation, nothing more: the `websockets`
+    library's (a listener task each) or ``RawSocket``s (see the module docstring)."""
+
+    def __init__(self, n: int) -> None:
+        self.sockets: list[Any] = []
+        self.raw = True
+        self.arrived = [0.0] * n
+        self.marker = b""
         self.remaining = 0
         self.done = asyncio.Event()
-        self.first = [asyncio.get_running_loop().create_future() for _ in sockets]
-        self.tasks = [asyncio.create_task(self.listen(i, ws)) for i, ws in enumerate(sockets)]
+        self.first = [asyncio.get_running_loop().create_future() for _ in range(n)]
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self, url: str, client: str, headers: dict[str, str] | None = None) -> Subscribers:
+        n = len(self.first)
+        for start in range(0, n, 50):  # in batches, as a fleet would
+            batch = range(start, min(start + 50, n))
+            if client == "raw":
+                self.sockets += await asyncio.gather(*(raw_connect(url, self.receiver(i), headers) for i in batch))
+            else:
+                self.raw = False
+                sockets = await asyncio.gather(
+                    *(
+                        websockets.connect(url, max_queue=None, ping_interval=None, additional_headers=headers)
+                        for _ in batch
+                    )
+                )
+                self.tasks += [asyncio.create_task(self.listen(i, ws)) for i, ws in zip(batch, sockets, strict=True)]
+                self.sockets += sockets
+        return self
+
+    def receiver(self, i: int) -> Any:
+        def received(raw: bytes, now: float) -> None:
+            self.arrival(i, raw, now)
+
+        return received
+
+    def arrival(self, i: int, raw: bytes, now: float) -> None:
+        if not self.first[i].done():
+            self.first[i].set_result(raw)
+        if self.marker and not self.arrived[i] and self.marker in raw:
+            self.arrived[i] = now
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.done.set()
 
     async def listen(self, i: int, ws: Any) -> None:
         try:
             async for raw in ws:
-                now = time.perf_counter()
-                if not self.first[i].done():
-                    self.first[i].set_result(raw)
-                if self.marker and not self.arrived[i] and self.marker in raw:
-                    self.arrived[i] = now
-                    self.remaining -= 1
-                    if self.remaining == 0:
-                        self.done.set()
+                self.arrival(i, raw.encode() if isinstance(raw, str) else raw, time.perf_counter())
         except websockets.ConnectionClosed:
             pass
 
     def expect(self, marker: str) -> None:
         self.arrived = [0.0] * len(self.sockets)
-        self.marker = marker
+        self.marker = marker.encode()
         self.remaining = len(self.sockets)
         self.done.clear()
 
@@ -92,19 +241,14 @@ class Subscribers:
         return max(self.arrived)
 
     async def close(self) -> None:
+        if self.raw:
+            for ws in self.sockets:
+                ws.close()
+            await asyncio.wait_for(asyncio.gather(*(ws.closed for ws in self.sockets)), 30)
+            return
         await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
         for task in self.tasks:
             task.cancel()
-
-
-async def connect_all(url: str, n: int, **kwargs: Any) -> list[Any]:
-    sockets: list[Any] = []
-    for i in range(0, n, 50):  # in batches, as a fleet would
-        batch = await asyncio.gather(
-            *(websockets.connect(url, max_queue=None, ping_interval=None, **kwargs) for _ in range(i, min(i + 50, n)))
-        )
-        sockets.extend(batch)
-    return sockets
 
 
 async def leaves(rest: httpx.AsyncClient, epochs: dict[str, int], rounds: int, subs: Subscribers | None) -> dict:
@@ -166,32 +310,34 @@ asyncio.run(main())
 """
 
 
-async def client_floor(n: int, rounds: int, size: int) -> list[float]:
+async def client_floor(n: int, rounds: int, size: int, client: str) -> dict[str, list[float]]:
     """Trigger sent -> last of ``n`` sockets has a ``size``-byte broadcast from a minimal server."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port)], stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None
         await asyncio.to_thread(server.stdout.readline)
-        subs = Subscribers(await connect_all(f"ws://127.0.0.1:{port}/", n))
+        subs = await Subscribers(n).connect(f"ws://127.0.0.1:{port}/", client)
         control = await websockets.connect(f"ws://127.0.0.1:{port}/control")
         await asyncio.sleep(0.5)
-        samples = []
+        samples, client_cpu = [], []
         for _ in range(rounds):
             subs.expect("x" * 8)
+            cpu = time.process_time()
             sent = time.perf_counter()
             await control.send(str(size))
             samples.append((await subs.wait() - sent) * 1000)
+            client_cpu.append((time.process_time() - cpu) * 1000)
             await asyncio.sleep(0.05)
         await control.close()
         await subs.close()
-        return samples
+        return {"to_last": samples, "client_cpu": client_cpu}
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
-async def run(stack: Stack, subscribers: int, rounds: int) -> dict[str, Any]:
+async def run(stack: Stack, subscribers: int, rounds: int, client: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {stack.token}"}
     ws_url = stack.url.replace("http", "ws") + f"/ws/groups/{GROUP}/"
     async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=30) as rest:
@@ -205,14 +351,16 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> dict[str, Any]:
             r.raise_for_status()
             epochs[m] = r.json()["member_epoch"]
 
-        await leaves(rest, epochs, 3, None)  # warm up
-        alone = await leaves(rest, epochs, rounds, None)
-
         pids = [p for p in stack.server_pids() if p != stack.server.pid] or stack.server_pids()
+        await leaves(rest, epochs, 3, None)  # warm up
+        cpu = cpu_ms(pids)
+        alone = await leaves(rest, epochs, rounds, None)
+        cpu_alone = (cpu_ms(pids) - cpu) / rounds / 2  # a leave and a join per round
+
         await asyncio.sleep(0.5)
         rss_before = rss_kib(pids)
         sockets_before = {pid: socket_count(pid) for pid in pids}
-        subs = Subscribers(await connect_all(ws_url, subscribers, additional_headers=headers))
+        subs = await Subscribers(subscribers).connect(ws_url, client, headers)
         first = await asyncio.wait_for(asyncio.gather(*subs.first), 60)
         message_size = len(first[0])
         await asyncio.sleep(1.0)
@@ -220,21 +368,26 @@ async def run(stack: Stack, subscribers: int, rounds: int) -> dict[str, Any]:
         spread = [socket_count(pid) - sockets_before[pid] for pid in pids]
 
         await leaves(rest, epochs, 2, subs)  # warm up
+        cpu = cpu_ms(pids)
         loaded = await leaves(rest, epochs, rounds, subs)
+        cpu_loaded = (cpu_ms(pids) - cpu) / rounds / 2
         await subs.close()
-    floor = await client_floor(subscribers, rounds, message_size)
+    floor = await client_floor(subscribers, rounds, message_size, client)
     return {
         "alone": stats(alone["response"]),
         "response": stats(loaded["response"]),
         "to_last": stats(loaded["to_last"]),
-        "floor": stats(floor),
+        "floor": stats(floor["to_last"]),
+        "floor_client_cpu": stats(floor["client_cpu"]),
+        "cpu_alone": cpu_alone,
+        "cpu_loaded": cpu_loaded,
         "kib_per_socket": (rss_idle - rss_before) / subscribers,
         "spread": spread,
         "message_size": message_size,
     }
 
 
-def measure(subscribers: int, rounds: int, workers: int) -> dict[str, Any]:
+def measure(subscribers: int, rounds: int, workers: int, client: str = "raw") -> dict[str, Any]:
     try:
         import uvloop
 
@@ -242,7 +395,7 @@ def measure(subscribers: int, rounds: int, workers: int) -> dict[str, Any]:
     except ImportError:
         pass
     with Stack(workers=workers) as stack:
-        return asyncio.run(run(stack, subscribers, rounds))
+        return asyncio.run(run(stack, subscribers, rounds, client))
 
 
 def ms(s: dict[str, float]) -> str:
@@ -268,6 +421,13 @@ def results(quick: bool = False) -> list[dict]:
             "target": "not delayed by the fan-out",
         },
         {
+            "figure": f"pushes: server CPU for one fan-out to {subscribers:,} subscribers (both processes)",
+            "ours": f"{r['cpu_loaded'] - r['cpu_alone']:.1f} ms",
+            "anchor": f"{r['floor_client_cpu']['p50']:.1f} ms: the bench client's CPU to receive one broadcast",
+            "ratio": None,
+            "target": "stated",
+        },
+        {
             "figure": "pushes: server RSS per idle websocket",
             "ours": f"{r['kib_per_socket']:.1f} KiB",
             "anchor": f"{BEFORE_KIB_PER_SOCKET} KiB (before)",
@@ -282,8 +442,9 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--client", choices=["raw", "websockets"], default="raw")
     args = parser.parse_args()
-    r = measure(args.subscribers, args.rounds, args.workers)
+    r = measure(args.subscribers, args.rounds, args.workers, args.client)
     print(
         f"{args.subscribers} websocket subscribers to one group, {args.workers} server processes "
         f"(sockets per process: {'/'.join(map(str, r['spread']))}), {args.rounds} leaves, "
@@ -293,6 +454,11 @@ def main() -> None:
     print(f"  leave response, {args.subscribers} subscribers:             {ms(r['response'])}")
     print(f"  leave response, no subscribers:                   {ms(r['alone'])}")
     print(f"  bench client floor (minimal broadcast server):    {ms(r['floor'])}")
+    print(f"  bench client CPU per broadcast ({args.client} client):  {ms(r['floor_client_cpu'])}")
+    print(
+        f"  server CPU per leave or join (both processes): {r['cpu_loaded']:.1f} ms with "
+        f"{args.subscribers} subscribers, {r['cpu_alone']:.1f} ms without"
+    )
     print(f"  server RSS per idle websocket: {r['kib_per_socket']:.1f} KiB")
 
 

@@ -4,6 +4,15 @@ service.health and service.deregistered events.
 On connect, every current service of that name (all services without ``name``) is sent as a
 ``service.registered`` event; every event carries the service's ``revision`` (``registry.revisions``).
 
+Pushes take the fast path when they can: the layer calls ``deliver`` for each local socket in one loop, and
+a socket with nothing of its own in flight is written the push's frame (encoded once per process) straight
+to its transport, with no task and no ASGI send per socket (``DirectSend``). Everything else (a socket
+answering one of its own messages, a socket whose transport is paused by backpressure, a push that closes
+the socket or reads the database) goes through one task per socket that sends through the ASGI server, in
+arrival order. A socket that falls more than PUSH_BACKLOG_LIMIT pushes behind is closed with 1013 (its
+pushes dropped; under uvicorn its connection is aborted, as its buffer may never drain): it holds no
+unbounded memory, delays no other socket, and gets the current state again when it reconnects.
+
 Bad input never drops a socket without a word: a bad identifier in the path or query is an ``error``
 message naming the field and close code 4400, an unknown path 4404, a message over
 REGISTRY_MAX_WS_MESSAGE_BYTES 1009, and malformed JSON (too deeply nested included) an ``error`` message.
@@ -14,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -22,6 +31,13 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN
+
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+except ImportError:  # pragma: no cover - another ASGI server: every push goes through its send
+    WebSocketsSansIOProtocol = None
 
 from registry_project import limits
 
@@ -35,6 +51,75 @@ log = logging.getLogger(__name__)
 
 BAD_REQUEST = 4400
 MESSAGE_TOO_BIG = 1009  # RFC 6455
+TRY_AGAIN_LATER = 1013  # RFC 6455: a socket too far behind its pushes
+PUSH_BACKLOG_LIMIT = 1000  # pushes a socket may have waiting before it is closed
+
+
+class DirectSend:
+    """Writes a text frame straight to the transport of uvicorn's websockets (sans-I/O) protocol, as its
+    ``websocket.send`` would, when that send would not wait: the connection is open and not closing, no
+    extension (compression) is negotiated, nothing else is queued, and the transport is not paused by
+    backpressure. ``write`` returns False, and writes nothing, otherwise."""
+
+    __slots__ = ("conn", "protocol", "transport", "writable")
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        # Fixed for the connection's life (the transport is set before the application is called).
+        self.conn = protocol.conn
+        self.transport = protocol.transport
+        self.writable = protocol.writable
+
+    @classmethod
+    def of(cls, send: Any) -> DirectSend | None:
+        """For the ASGI ``send`` a consumer was given, or None when it is not uvicorn's sans-I/O protocol's
+        (another server, a test communicator): wrappers that pass ``websocket.send`` through unchanged
+        name the send they wrap as ``__wrapped__``."""
+        for _ in range(8):
+            protocol = getattr(send, "__self__", None)
+            if (
+                WebSocketsSansIOProtocol is not None
+                and isinstance(protocol, WebSocketsSansIOProtocol)
+                and getattr(send, "__func__", None) is WebSocketsSansIOProtocol.send
+            ):
+                try:
+                    return cls(protocol)
+                except AttributeError:  # not connected yet, or another version of the protocol
+                    return None
+            send = getattr(send, "__wrapped__", None)
+            if send is None:
+                break
+        return None
+
+    def write(self, frame: bytes) -> bool:
+        protocol, conn, transport = self.protocol, self.conn, self.transport
+        if (
+            self.writable.is_set()
+            and conn.state is OPEN
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and protocol.handshake_complete
+            and protocol.initial_response is None
+            and not conn.writes
+            and not conn.extensions
+            and not conn.expect_continuation_frame
+            and not transport.is_closing()
+        ):
+            transport.write(frame)
+            return True
+        return False
+
+
+_last_frame: tuple[Any, bytes] = (None, b"")
+
+
+def push_frame(event: dict[str, Any]) -> bytes:
+    """The unmasked text frame of a push's JSON, encoded once for all the sockets it is handed to."""
+    global _last_frame
+    if _last_frame[0] is not event:
+        frame = Frame(Opcode.TEXT, event["text"].encode()).serialize(mask=False, extensions=[])
+        _last_frame = (event, frame)
+    return _last_frame[1]
 
 
 def identifier_problem(field: str, value: str) -> dict[str, Any] | None:
@@ -53,13 +138,21 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
     every local socket. Pushes and the socket's own messages (connect, acks) are handled one at a time, in
     the order they arrived, as Channels' own dispatch loop would: a push that arrives while an ack is
     answered waits for the answer, so the answer decides whether the push is still news.
+
+    ``news`` and ``sent`` hold the rules ``forward`` applies to a push, for the fast path (see the module
+    docstring); a subclass that changes ``forward``, ``push`` or ``send_payload`` without them keeps every
+    push on the task path.
     """
+
+    direct_pushes: ClassVar[bool] = True
 
     last_order: tuple[int, int] = (-1, -1)  # (generation, version) of the newest message sent
     missing = "not found"
     stream: str | None = None
     closed = False
     pushing: asyncio.Task[None] | None = None
+    socket: DirectSend | None = None
+    direct: DirectSend | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope = scope
@@ -67,6 +160,8 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         self.base_send = send
         self.turn = asyncio.Lock()  # one handler at a time: the socket's messages and pushes, in order
         self.backlog: deque[dict[str, Any]] | None = None  # pushes waiting for the running push task
+        self.socket = DirectSend.of(send)  # uvicorn's connection, when it is one
+        self.direct = self.socket if self.direct_pushes else None  # pushes written straight to it
         try:
             while True:
                 message = await receive()
@@ -111,15 +206,56 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
             stream, self.stream = self.stream, None
             await self.channel_layer.group_unsubscribe(stream, self.deliver)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+        def owner(name: str) -> type:
+            return next(k for k in cls.__mro__ if name in k.__dict__)
+
+        rules = owner("news")
+        cls.direct_pushes = all(issubclass(rules, owner(name)) for name in ("forward", "push", "send_payload"))
+
     def deliver(self, event: dict[str, Any]) -> None:
         """Called by the layer for each push (shared with every other socket: read, never changed)."""
         if self.closed:
             return
         if self.backlog is not None:  # a push task is running: it takes this one next
+            if len(self.backlog) >= PUSH_BACKLOG_LIMIT:
+                self.fall_behind()
+                return
             self.backlog.append(event)
+            return
+        if self.direct is not None and not self.turn.locked() and self.push_now(event):
             return
         self.backlog = deque()
         self.pushing = asyncio.get_running_loop().create_task(self.push_in_turn(event))  # held: not collected
+
+    def push_now(self, event: dict[str, Any]) -> bool:
+        """Send (or drop, when not news) a push at once, without a task: False when it must take the task
+        path (``news`` cannot tell, the push has no encoded text, or the socket would make a send wait)."""
+        assert self.direct is not None
+        payload, text = event["payload"], event.get("text")
+        verdict = self.news(payload)
+        if verdict is None or text is None:
+            return False
+        if not verdict:
+            return True
+        if not self.direct.write(push_frame(event)):
+            return False
+        self.sent(payload)
+        return True
+
+    def fall_behind(self) -> None:
+        """Close a socket that is PUSH_BACKLOG_LIMIT pushes behind and drop what it was waiting for: the
+        client reconnects and is sent the current state."""
+        log.info("websocket closed: more than %d pushes behind", PUSH_BACKLOG_LIMIT)
+        self.closed = True
+        self.backlog = deque()
+        if self.socket is not None:
+            self.socket.transport.abort()
+        elif self.pushing is not None:
+            self.pushing.cancel()
+            self.pushing = asyncio.get_running_loop().create_task(self.close(code=TRY_AGAIN_LATER))
 
     async def push_in_turn(self, event: dict[str, Any]) -> None:
         try:
@@ -136,11 +272,19 @@ class PushConsumer(AsyncJsonWebsocketConsumer):
         if not self.closed:
             await self.forward(event["payload"], event.get("text"))
 
+    def news(self, payload: dict[str, Any]) -> bool | None:
+        """Whether ``forward`` sends ``payload`` (True) or drops it (False: the subscriber already has
+        something newer); None when only ``forward`` can tell."""
+        return (payload.get("generation", 0), payload.get("version") or 0) >= self.last_order
+
+    def sent(self, payload: dict[str, Any]) -> None:
+        """Note that ``payload``, which ``news`` said to send, is being sent."""
+        self.last_order = (payload.get("generation", 0), payload.get("version") or 0)
+
     async def forward(self, payload: dict[str, Any], text: str | None = None) -> None:
-        order = (payload.get("generation", 0), payload.get("version") or 0)
-        if order < self.last_order:
+        if not self.news(payload):
             return  # out of order: the subscriber already has something newer
-        self.last_order = order
+        self.sent(payload)
         await self.send_payload(payload, text)
 
     async def send_payload(self, payload: dict[str, Any], text: str | None = None) -> None:
@@ -212,11 +356,18 @@ class ServicesConsumer(PushConsumer):
             return
         await self.send_once(payload, text)
 
+    def news(self, payload: dict[str, Any]) -> bool | None:
+        if payload.get("type") == "snapshot":
+            return None  # read from the database by forward
+        return payload.get("revision", 0) > self.revisions.get(payload.get("service_id", ""), -1)
+
+    def sent(self, payload: dict[str, Any]) -> None:
+        self.revisions[payload.get("service_id", "")] = payload.get("revision", 0)
+
     async def send_once(self, payload: dict[str, Any], text: str | None = None) -> None:
-        service_id, revision = payload.get("service_id", ""), payload.get("revision", 0)
-        if revision <= self.revisions.get(service_id, -1):
+        if not self.news(payload):
             return  # this subscriber has that state of the service, or a newer one
-        self.revisions[service_id] = revision
+        self.sent(payload)
         await self.send_payload(payload, text)
 
     def snapshot(self) -> list[dict[str, Any]]:

@@ -66,6 +66,7 @@ def _answering_subprotocol(scope: dict[str, Any], send: Any) -> Any:
             message = {**message, "subprotocol": SUBPROTOCOL}
         await send(message)
 
+    send_with_subprotocol.__wrapped__ = send  # type: ignore[attr-defined]  # websocket.send passes unchanged
     return send_with_subprotocol
 
 

@@ -126,3 +126,44 @@ def test_member_streams_on_one_server_get_changes_made_through_the_other_in_orde
         assert orders == sorted(set(orders))  # strictly increasing: nothing repeated, nothing older after newer
         assert [g for g, _ in orders] == list(range(2, 8))  # each change made through b, once
     assert seen[0] == seen[1] == seen[2]
+
+
+def test_a_services_watch_with_the_client_librarys_handshake_gets_changes_made_through_the_other_server(servers, key):
+    """The client library's handshake (token and ``conveyor.v1`` as subprotocols) on server a, changes made
+    through server b: every event once, in order, with rising revisions, through the push fast path."""
+    a, b = servers
+    rest_b = httpx.Client(base_url=b, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    body = {"service_name": "kafka-source", "service_type": "source", "endpoint": "10.0.0.1:50051"}
+    rest_b.post("/api/v1/services/", json={**body, "service_id": "s1"}).raise_for_status()
+
+    async def scenario() -> list[tuple[str, str, int]]:
+        ws = await websockets.connect(
+            f"{a.replace('http', 'ws')}/ws/services/?name=kafka-source", subprotocols=["conveyor.v1", f"token.{key}"]
+        )
+        assert ws.subprotocol == "conveyor.v1"
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        seen = [(first["type"], first["service_id"], first["revision"])]
+        steps = [
+            ("post", "/api/v1/services/", {**body, "service_id": "s2"}),
+            ("post", "/api/v1/services/s2/heartbeat/", {"health": "degraded"}),
+            ("post", "/api/v1/services/", {**body, "service_id": "x", "service_name": "other"}),
+            ("delete", "/api/v1/services/s1/", None),
+        ]
+        for method, path, payload in steps:
+            kwargs = {"json": payload} if payload is not None else {}
+            (await asyncio.to_thread(getattr(rest_b, method), path, **kwargs)).raise_for_status()
+        while len(seen) < 4:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            seen.append((message["type"], message["service_id"], message["revision"]))
+        await ws.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [(kind, service) for kind, service, _ in seen] == [
+        ("service.registered", "s1"),
+        ("service.registered", "s2"),
+        ("service.health", "s2"),
+        ("service.deregistered", "s1"),
+    ]
+    revisions = [revision for _, _, revision in seen]
+    assert revisions[1:] == sorted(revisions[1:]) and len(set(revisions)) == 4
