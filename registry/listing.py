@@ -12,6 +12,14 @@ count per pair, as a planner would, pairs taken as independent).
 Only a page past the end (or an empty result) has no row to carry the total; then the total comes from
 a plain count, as Django's paginator takes it.
 
+Pages read from the database are remembered per process (``PageCache``), keyed by the list's filters
+and the registry's change counter (``registry.events.services_version_key``), which every registry event
+bumps inside its transaction and again after commit, as the select caches' name counters are: a page
+is served from memory only while no service changed since it was read, and for at most
+PAGE_CACHE_SECONDS. What is live in Redis (each lease's deadline, hence the effective health) is read
+for every answer, so only database rows are remembered; a health filter, which depends on the lapsed
+leases of the moment, is never served from memory.
+
 The rows are ``values_list`` tuples of exactly the columns the list shows, the owner's name joined in:
 no model instance per service. ``representation`` writes each as ``registry.serializers
 .read_representation`` writes a Service (the same keys, order and values; tests compare them).
@@ -19,20 +27,28 @@ no model instance per service. ``representation`` writes each as ``registry.seri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from django.core.paginator import Page, Paginator
 from django.db import connection
 from django.db.models import Count, F, QuerySet, Window
 from django.utils import timezone
 from django.utils.functional import cached_property
 
-from . import lease_store
+from . import events, lease_store
 from .models import Health, Service, ServiceLabel
 from .pagination import RegistryPagination
 from .redis_client import get_redis
+
+log = logging.getLogger(__name__)
 
 # The columns a listed service is written from, in the order ``representation`` reads them.
 COLUMNS = (
@@ -87,6 +103,63 @@ def fuse_selector(selector: dict[str, str]) -> bool:
     return estimate <= FUSE_AT_MOST
 
 
+# How long a remembered page may be served (while the registry's counter is unchanged): a bound for a change
+# whose counter bump was lost, as the select caches have (balancer.selection.MAX_AGE_SECONDS).
+PAGE_CACHE_SECONDS = 10.0
+PAGE_CACHE_ENTRIES = 256  # filter combinations remembered per process
+PAGES_PER_ENTRY = 64  # (page, page size) pairs remembered per filter combination
+
+
+@dataclass
+class Remembered:
+    """What the database said for one combination of filters at one value of the registry's counter."""
+
+    version: int
+    born: float
+    count: int | None = None
+    pages: dict[tuple[int, int], list[tuple[Any, ...]]] = field(default_factory=dict)
+
+    def fresh(self, version: int) -> bool:
+        return self.version == version and time.monotonic() - self.born < PAGE_CACHE_SECONDS
+
+
+class PageCache:
+    """Service list pages and counts per (filters, registry counter), least recently used dropped first."""
+
+    def __init__(self, entries: int = PAGE_CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self.lock = threading.Lock()
+        self.remembered: OrderedDict[tuple[Any, ...], Remembered] = OrderedDict()
+
+    def entry(self, filters: tuple[Any, ...]) -> Remembered | None:
+        """The entry to read and fill for ``filters`` at the registry's current counter; None (read the
+        database, remember nothing) when the counter cannot be read."""
+        try:
+            raw = get_redis().get(events.services_version_key())
+        except (redis.RedisError, OSError):
+            log.debug("registry counter unreadable: list pages not remembered", exc_info=True)
+            return None
+        if raw is None:
+            return None  # no change counted since Redis started: nothing to key on
+        version = int(raw)
+        key = (connection.alias, *filters)
+        with self.lock:
+            found = self.remembered.get(key)
+            if found is None or not found.fresh(version):
+                found = self.remembered[key] = Remembered(version, time.monotonic())
+            self.remembered.move_to_end(key)
+            while len(self.remembered) > self.entries:
+                self.remembered.popitem(last=False)
+        return found
+
+    def clear(self) -> None:
+        with self.lock:
+            self.remembered.clear()
+
+
+PAGES = PageCache()
+
+
 def page_rows(
     queryset: QuerySet[Any], offset: int, limit: int, with_total: bool = True
 ) -> tuple[list[tuple[Any, ...]], int | None]:
@@ -105,31 +178,58 @@ def page_rows(
 
 class CountingPaginator(Paginator):
     """A Django paginator over ``queryset`` whose pages are ``COLUMNS`` tuples (``page_rows``). With
-    ``fuse`` the page query also counts; ``count`` alone (without ``fuse``, a page past the end,
-    ``?page=last``) is ``queryset.count()``."""
+    ``fuse`` (a callable, asked only when the database is read) the page query also counts; ``count``
+    alone (without ``fuse``, a page past the end, ``?page=last``) is ``queryset.count()``. With
+    ``remembered``, the count and pages come from it when it has them and go to it when read."""
 
-    def __init__(self, queryset: QuerySet[Any], per_page: int, fuse: bool = False) -> None:
+    def __init__(
+        self,
+        queryset: QuerySet[Any],
+        per_page: int,
+        fuse: Callable[[], bool] | None = None,
+        remembered: Remembered | None = None,
+    ) -> None:
         super().__init__(queryset, per_page)
         self.queryset = queryset
         self.fuse = fuse
+        self.remembered = remembered
 
     @cached_property
     def count(self) -> int:
-        return self.queryset.count()
+        if self.remembered is not None and self.remembered.count is not None:
+            return self.remembered.count
+        count = self.queryset.count()
+        if self.remembered is not None:
+            self.remembered.count = count
+        return count
 
     def page(self, number: Any) -> Page:
-        if self.fuse and "count" not in self.__dict__:
-            wanted = _page_number(number)
-            if wanted is not None and wanted >= 1:
-                rows, total = page_rows(self.queryset, (wanted - 1) * self.per_page, self.per_page)
-                if total is not None:
-                    self.__dict__["count"] = total
-                    return self._get_page(rows, self.validate_number(number), self)
+        wanted = _page_number(number)
+        memo = self.remembered
+        if memo is not None and memo.count is not None and wanted is not None:
+            rows = memo.pages.get((wanted, self.per_page))
+            if rows is not None:
+                return self._get_page(rows, self.validate_number(number), self)
+        counted = "count" in self.__dict__ or (memo is not None and memo.count is not None)
+        if self.fuse is not None and not counted and wanted is not None and wanted >= 1 and self.fuse():
+            rows, total = page_rows(self.queryset, (wanted - 1) * self.per_page, self.per_page)
+            if total is not None:
+                self.__dict__["count"] = total
+                self._remember(wanted, rows, total)
+                return self._get_page(rows, self.validate_number(number), self)
         number = self.validate_number(number)  # Django's rules and messages (and the count query)
         bottom = (number - 1) * self.per_page
         top = min(bottom + self.per_page, self.count)  # as Django slices (no orphans): no query for none
         rows = page_rows(self.queryset, bottom, top - bottom, with_total=False)[0] if top > bottom else []
+        self._remember(number, rows, self.count)
         return self._get_page(rows, number, self)
+
+    def _remember(self, number: int, rows: list[tuple[Any, ...]], count: int) -> None:
+        memo = self.remembered
+        if memo is not None:
+            memo.count = count
+            if len(memo.pages) < PAGES_PER_ENTRY:
+                memo.pages[(number, self.per_page)] = rows
 
 
 def _page_number(number: Any) -> int | None:
@@ -143,13 +243,14 @@ def _page_number(number: Any) -> int | None:
 
 
 class ServiceListPagination(RegistryPagination):
-    """RegistryPagination, each page a list of ``COLUMNS`` tuples from ``CountingPaginator``; ``fuse``
-    (set by the view per request) makes the page carry the count."""
+    """RegistryPagination, each page a list of ``COLUMNS`` tuples from ``CountingPaginator``; ``fuse`` and
+    ``remembered`` are set by the view per request."""
 
-    fuse = False
+    fuse: Callable[[], bool] | None = None
+    remembered: Remembered | None = None
 
     def django_paginator_class(self, object_list: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
-        return CountingPaginator(object_list, per_page, self.fuse)
+        return CountingPaginator(object_list, per_page, self.fuse, self.remembered)
 
 
 def representation(rows: Sequence[tuple[Any, ...]], now: datetime) -> list[dict[str, Any]]:

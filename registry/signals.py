@@ -8,7 +8,7 @@ import logging
 
 import redis
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_save, pre_delete
 from django.dispatch import Signal, receiver
 
 from . import events, lease_store
@@ -49,9 +49,11 @@ def forget_cached_token(sender, instance: ApiToken, created: bool = False, **kwa
 
 
 @receiver(post_save, sender=ApiToken)
+@receiver(pre_delete, sender=ApiToken)
 def owned_names_changed(sender, instance: ApiToken, created: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
-    """A saved token (renamed, say) changes the ``owner`` its services show: the select caches of their
-    names (balancer.selection) reload, as for any change of those services."""
+    """A saved token (renamed, say) or a deleted one (its services keep no owner) changes the ``owner`` its
+    services show: the caches of their names' instances (balancer.selection) and of list pages
+    (registry.listing) reload, as for any change of those services."""
     if created:
         return
     names = Service.objects.filter(owner=instance).values_list("service_name", flat=True).distinct()

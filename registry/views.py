@@ -101,14 +101,17 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             qs = qs.filter(group_id=params["group_id"])
         if "selector" in params:
             qs = qs.matching(params["selector"])
-            self.paginator.fuse = listing.fuse_selector(params["selector"])
+            self.paginator.fuse = lambda: listing.fuse_selector(params["selector"])
         if "health" in params:
             qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
+        else:  # what the database holds for these filters may be remembered (not lapsed leases)
+            filters = tuple(sorted((k, repr(v)) for k, v in params.items()))
+            self.paginator.remembered = listing.PAGES.entry(filters)
         return qs
 
     def list(self, request: Request, *args, **kwargs) -> Response:  # type: ignore[no-untyped-def]
-        # A page of tuples written straight to JSON; for a selective selector the page query also counts
-        # (registry.listing).
+        # A page of tuples written straight to JSON; for a selective selector the page query also counts;
+        # pages and counts read are remembered until a service changes (registry.listing).
         rows = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(listing.representation(rows, self.now))
 
