@@ -177,22 +177,27 @@ def page_rows(
 
 
 class CountingPaginator(Paginator):
-    """A Django paginator over ``queryset`` whose pages are ``COLUMNS`` tuples (``page_rows``). With
-    ``fuse`` (a callable, asked only when the database is read) the page query also counts; ``count``
-    alone (without ``fuse``, a page past the end, ``?page=last``) is ``queryset.count()``. With
-    ``remembered``, the count and pages come from it when it has them and go to it when read."""
+    """A Django paginator over a queryset, built by ``build`` only when the database is read, whose pages
+    are ``COLUMNS`` tuples (``page_rows``). With ``fuse`` (a callable, asked only when the database is
+    read) the page query also counts; ``count`` alone (without ``fuse``, a page past the end,
+    ``?page=last``) is ``queryset.count()``. With ``remembered``, the count and pages come from it when it
+    has them and go to it when read."""
 
     def __init__(
         self,
-        queryset: QuerySet[Any],
+        build: Callable[[], QuerySet[Any]],
         per_page: int,
         fuse: Callable[[], bool] | None = None,
         remembered: Remembered | None = None,
     ) -> None:
-        super().__init__(queryset, per_page)
-        self.queryset = queryset
+        super().__init__(build, per_page)  # type: ignore[arg-type]
+        self.build = build
         self.fuse = fuse
         self.remembered = remembered
+
+    @cached_property
+    def queryset(self) -> QuerySet[Any]:
+        return self.build()
 
     @cached_property
     def count(self) -> int:
@@ -249,8 +254,8 @@ class ServiceListPagination(RegistryPagination):
     fuse: Callable[[], bool] | None = None
     remembered: Remembered | None = None
 
-    def django_paginator_class(self, object_list: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
-        return CountingPaginator(object_list, per_page, self.fuse, self.remembered)
+    def django_paginator_class(self, build: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
+        return CountingPaginator(build, per_page, self.fuse, self.remembered)
 
 
 def representation(rows: Sequence[tuple[Any, ...]], now: datetime) -> list[dict[str, Any]]:
@@ -302,7 +307,18 @@ def representation(rows: Sequence[tuple[Any, ...]], now: datetime) -> list[dict[
     return body
 
 
+_ISO_MEMO_ENTRIES = 65536
+_iso_memo: dict[tuple[datetime, Any], str] = {}
+
+
 def _iso(moment: datetime, tz: Any) -> str:
-    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as Z."""
-    text = moment.astimezone(tz).isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
+    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as Z (remembered: a page
+    shows the same registration times and lease deadlines again and again)."""
+    found = _iso_memo.get((moment, tz))
+    if found is None:
+        text = moment.astimezone(tz).isoformat()
+        found = text[:-6] + "Z" if text.endswith("+00:00") else text
+        if len(_iso_memo) >= _ISO_MEMO_ENTRIES:
+            _iso_memo.clear()
+        _iso_memo[(moment, tz)] = found
+    return found

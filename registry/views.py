@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from django.db import connection
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.defaults import page_not_found
@@ -89,30 +90,40 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def get_queryset(self):  # type: ignore[no-untyped-def]
         if self.action != "list":
             return super().get_queryset()
-        qs = Service.objects.all()
+        return self.list_queryset()()
+
+    def list_queryset(self) -> Callable[[], QuerySet[Service]]:
+        """Check the list's query parameters now (a 400 naming the field) and return what builds its
+        queryset, called only when the database is read (a remembered page needs none)."""
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
-        if "name" in params:
-            qs = qs.filter(service_name=params["name"])
-        if "type" in params:
-            qs = qs.filter(service_type=params["type"])
-        if "group_id" in params:
-            qs = qs.filter(group_id=params["group_id"])
         if "selector" in params:
-            qs = qs.matching(params["selector"])
             self.paginator.fuse = lambda: listing.fuse_selector(params["selector"])
-        if "health" in params:
-            qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
-        else:  # what the database holds for these filters may be remembered (not lapsed leases)
+        if "health" not in params:  # what the database holds for these filters may be remembered
             filters = tuple(sorted((k, repr(v)) for k, v in params.items()))
             self.paginator.remembered = listing.PAGES.entry(filters)
-        return qs
+
+        def build() -> QuerySet[Service]:
+            qs = Service.objects.all()
+            if "name" in params:
+                qs = qs.filter(service_name=params["name"])
+            if "type" in params:
+                qs = qs.filter(service_type=params["type"])
+            if "group_id" in params:
+                qs = qs.filter(group_id=params["group_id"])
+            if "selector" in params:
+                qs = qs.matching(params["selector"])
+            if "health" in params:
+                qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
+            return qs
+
+        return build
 
     def list(self, request: Request, *args, **kwargs) -> Response:  # type: ignore[no-untyped-def]
         # A page of tuples written straight to JSON; for a selective selector the page query also counts;
         # pages and counts read are remembered until a service changes (registry.listing).
-        rows = self.paginate_queryset(self.get_queryset())
+        rows = self.paginate_queryset(self.list_queryset())  # type: ignore[arg-type]
         return self.get_paginated_response(listing.representation(rows, self.now))
 
     @extend_schema(
