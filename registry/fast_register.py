@@ -48,6 +48,7 @@ from . import events, lease_store, leases, outage, reregister
 from .auth import token_from_header
 from .fastpath import host_allowed, with_fresh_connection
 from .leases import cache_token
+from .loop_batch import LoopBatcher
 from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
@@ -184,70 +185,31 @@ Check = tuple[str, str, str, str]
 Reply = tuple[bytes, bytes, bytes]
 
 
-class UnchangedChecker:
-    """Sends the unchanged re-registration checks of one event-loop turn as one script call, as
-    ``fastpath.HeartbeatBatcher`` sends heartbeats: a storm of registrations (new, changed or unchanged)
-    costs the lease store one round trip per turn, not one per request. Each waiter gets its own reply;
-    a Redis error reaches every waiter of that call."""
+class UnchangedChecker(LoopBatcher[Check, Reply]):
+    """Sends the unchanged re-registration checks of one event-loop turn as one RENEW_UNCHANGED_MANY_LUA
+    call (``registry.loop_batch``), as heartbeats are sent: a storm of registrations (new, changed or
+    unchanged) costs the lease store one round trip per turn, not one per request."""
 
-    MAX_BATCH = 256
+    what = "checks"
 
-    def __init__(self) -> None:
-        self.pending: list[tuple[Check, asyncio.Future[Reply]]] = []
-        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
-
-    def run(self, check: Check) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.pending.append((check, future))
-        if len(self.pending) == 1:
-            self._start()
-        return future
-
-    def _start(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._send())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _send(self) -> None:
-        batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
-        if self.pending:
-            self._start()
-        keys = reregister.renew_keys() + [check[0] for check, _ in batch]
+    async def call(self, items: list[Check]) -> list[Reply | Exception]:
+        keys = reregister.renew_keys() + [token for token, _service_id, _digest, _health in items]
         args: list[str | int] = [lease_store.to_ms(timezone.now())]
-        for (_token, service_id, request_digest, health), _future in batch:
+        for _token, service_id, request_digest, health in items:
             args += [service_id, request_digest, health]
         r = get_async_redis()
         try:
-            try:
-                reply = await r.evalsha(reregister.RENEW_UNCHANGED_MANY_SHA, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                reply = await r.eval(reregister.RENEW_UNCHANGED_MANY_LUA, len(keys), *keys, *args)
-            if len(reply) != 3 * len(batch):
-                raise redis.RedisError(f"{len(reply) // 3} replies to a batch of {len(batch)} checks")
-        except Exception as exc:  # noqa: BLE001 (handed to each waiter, which answers for it)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:  # cancelled with its loop: so are its waiters
-            for _, future in batch:
-                future.cancel()
-            raise
-        for i, (_check, future) in enumerate(batch):
-            if not future.done():
-                future.set_result((reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]))
-
-
-_checkers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, UnchangedChecker] = weakref.WeakKeyDictionary()
+            reply = await r.evalsha(reregister.RENEW_UNCHANGED_MANY_SHA, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            reply = await r.eval(reregister.RENEW_UNCHANGED_MANY_LUA, len(keys), *keys, *args)
+        if len(reply) != 3 * len(items):
+            raise redis.RedisError(f"{len(reply) // 3} replies to a batch of {len(items)} checks")
+        return [(reply[i], reply[i + 1], reply[i + 2]) for i in range(0, len(reply), 3)]
 
 
 def unchanged_checker() -> UnchangedChecker:
     """The running event loop's checker."""
-    loop = asyncio.get_running_loop()
-    found = _checkers.get(loop)
-    if found is None:
-        found = _checkers[loop] = UnchangedChecker()
-    return found
+    return UnchangedChecker.of_loop()  # type: ignore[return-value]
 
 
 @dataclass

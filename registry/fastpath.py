@@ -9,11 +9,9 @@ the database, through a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import re
-import weakref
 from typing import Any
 
 import redis
@@ -28,6 +26,7 @@ from registry_project import limits
 from . import lease_store, outage
 from .auth import token_from_header
 from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
+from .loop_batch import LoopBatcher
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
 from .serializers import parse_heartbeat_body
@@ -47,70 +46,20 @@ def with_fresh_connection(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-class HeartbeatBatcher:
-    """Sends the heartbeats that reach the lease store in the same event-loop turn as one script call.
+class HeartbeatBatcher(LoopBatcher[lease_store.Beat, list[str]]):
+    """Sends the heartbeats that reach the lease store in the same event-loop turn as one HEARTBEAT_LUA
+    call (``registry.loop_batch``). Each waiter gets its own entry of the reply; a heartbeat that failed
+    in Redis fails alone (503 for it); a Redis error of the call reaches every waiter of it."""
 
-    The first heartbeat of a turn starts a task; it runs on the next turn, when every request whose
-    bytes arrived with it has queued its heartbeat too, and sends them all (at most ``MAX_BATCH``) in
-    one HEARTBEAT_LUA call, one round trip. Each waiter gets its own entry of the reply; a Redis error
-    reaches every waiter of that call.
-    """
+    what = "heartbeats"
 
-    MAX_BATCH = 256
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[lease_store.Beat, asyncio.Future[list[str]]]] = []
-        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
-
-    def run(self, beat: lease_store.Beat) -> asyncio.Future[list[str]]:
-        """Queue ``beat``; the future is its reply entry (or the Redis error of its call)."""
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((beat, future))
-        if len(self.pending) == 1:
-            self._start()
-        return future
-
-    def _start(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._send())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _send(self) -> None:
-        batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
-        if self.pending:
-            self._start()
-        try:
-            replies = await lease_store.heartbeat_many_async(get_async_redis(), [beat for beat, _ in batch])
-            if len(replies) != len(batch):
-                raise RuntimeError(f"{len(replies)} replies to a batch of {len(batch)} heartbeats")
-        except Exception as exc:  # noqa: BLE001 (handed to each waiter, which answers for it)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:  # cancelled with its loop: so are its waiters
-            for _, future in batch:
-                future.cancel()
-            raise
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, redis.ResponseError):
-                future.set_exception(reply)  # this heartbeat's own failure: 503 for it alone
-            else:
-                future.set_result(reply)
-
-
-# One batcher per event loop (a server process has one; tests run each request in a loop of its own).
-_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HeartbeatBatcher] = weakref.WeakKeyDictionary()
+    async def call(self, items: list[lease_store.Beat]) -> list[list[str] | Exception]:
+        return await lease_store.heartbeat_many_async(get_async_redis(), items)  # a ResponseError fails one
 
 
 def batcher() -> HeartbeatBatcher:
-    loop = asyncio.get_running_loop()
-    found = _batchers.get(loop)
-    if found is None:
-        found = _batchers[loop] = HeartbeatBatcher()
-    return found
+    """The running event loop's heartbeat batcher."""
+    return HeartbeatBatcher.of_loop()  # type: ignore[return-value]
 
 
 async def run_flow_async(flow: Any) -> HeartbeatResult:

@@ -1,0 +1,84 @@
+"""Batching on an event loop: what the requests of one loop turn send to Redis goes as one call.
+
+``LoopBatcher`` holds the mechanics the fast paths share (heartbeats in ``registry.fastpath``, unchanged
+re-registration checks in ``registry.fast_register``): the first item of a turn starts a task; it runs on
+the next turn, when every request whose bytes arrived with it has queued its item too, and sends them all
+(at most ``MAX_BATCH``; the rest start the next call) through ``call``. Each waiter gets its own reply; a
+reply that is an exception fails that waiter alone; an error of the call reaches every waiter of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Reply = TypeVar("Reply")
+
+
+class LoopBatcher(Generic[Item, Reply]):
+    """One per event loop (``of_loop``); subclasses say how a batch is sent (``call``)."""
+
+    MAX_BATCH = 256
+    what = "items"  # for the error a short reply raises
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Item, asyncio.Future[Reply]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    @classmethod
+    def of_loop(cls) -> LoopBatcher[Item, Reply]:
+        """The running event loop's batcher of this class (a server process has one loop; tests run each
+        request in a loop of its own)."""
+        loop = asyncio.get_running_loop()
+        found = _per_loop.setdefault(cls, weakref.WeakKeyDictionary()).get(loop)
+        if found is None:
+            found = _per_loop[cls][loop] = cls()
+        return found
+
+    async def call(self, items: list[Item]) -> list[Reply | Exception]:
+        """Send ``items`` in one round trip: a reply per item, in order (an exception for an item that
+        failed alone)."""
+        raise NotImplementedError
+
+    def run(self, item: Item) -> asyncio.Future[Reply]:
+        """Queue ``item``; the future is its reply (or the error of its call)."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if len(self.pending) == 1:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self) -> None:
+        batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
+        if self.pending:
+            self._start()
+        try:
+            replies = await self.call([item for item, _ in batch])
+            if len(replies) != len(batch):
+                raise RuntimeError(f"{len(replies)} replies to a batch of {len(batch)} {self.what}")
+        except Exception as exc:  # noqa: BLE001 (handed to each waiter, which answers for it)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled with its loop: so are its waiters
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+_per_loop: dict[type, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBatcher]] = {}  # type: ignore[type-arg]
