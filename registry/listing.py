@@ -152,6 +152,15 @@ class PageCache:
                 self.remembered.popitem(last=False)
         return found
 
+    def remembered_now(self, filters: tuple[Any, ...]) -> Remembered | None:
+        """The entry for ``filters`` if it is not too old, without reading the counter: its ``version`` is
+        for the caller to compare with the counter's value (registry.list_fastpath does, in Redis)."""
+        with self.lock:
+            found = self.remembered.get((connection.alias, *filters))
+        if found is None or time.monotonic() - found.born >= PAGE_CACHE_SECONDS:
+            return None
+        return found
+
     def clear(self) -> None:
         with self.lock:
             self.remembered.clear()
@@ -258,10 +267,14 @@ class ServiceListPagination(RegistryPagination):
         return CountingPaginator(build, per_page, self.fuse, self.remembered)
 
 
-def representation(rows: Sequence[tuple[Any, ...]], now: datetime) -> list[dict[str, Any]]:
+def representation(
+    rows: Sequence[tuple[Any, ...]], now: datetime, live: dict[str, tuple[int | None, int | None]] | None = None
+) -> list[dict[str, Any]]:
     """The listed services' JSON shapes: ``read_representation``'s keys and values, with each lease's
-    deadline read from the lease store (one round trip for the page), else the database's."""
-    live = lease_store.live_entries(get_redis(), [row[0] for row in rows])
+    deadline from ``live`` or else read from the lease store (one round trip for the page), else the
+    database's."""
+    if live is None:
+        live = lease_store.live_entries(get_redis(), [row[0] for row in rows])
     tz = timezone.get_current_timezone()
     body = []
     for (

@@ -1,4 +1,5 @@
-"""ASGI entry point. HTTP: the fast paths (balancer select, heartbeats, unchanged re-registrations),
+"""ASGI entry point. HTTP: the fast paths (balancer select, heartbeats, unchanged re-registrations,
+remembered service list pages),
 then the request body cap, then static files, then Django. Websockets: origin check, token auth, then
 the Channels consumers of registry_project.routing."""
 
@@ -21,6 +22,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from balancer.fastpath import SelectFastPath  # noqa: E402
 from registry.fast_register import UnchangedRegistrationFastPath  # noqa: E402
 from registry.fastpath import HeartbeatFastPath  # noqa: E402
+from registry.list_fastpath import ServiceListFastPath  # noqa: E402
 from registry.ws_auth import OriginCheck, TokenAuthMiddleware  # noqa: E402
 from registry_project.limits import BodyLimit  # noqa: E402
 from registry_project.routing import websocket_urlpatterns  # noqa: E402
@@ -31,7 +33,9 @@ from registry_project.routing import websocket_urlpatterns  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": SelectFastPath(
-            HeartbeatFastPath(UnchangedRegistrationFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))))
+            HeartbeatFastPath(
+                UnchangedRegistrationFastPath(ServiceListFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))))
+            )
         ),
         "websocket": OriginCheck(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
     }

@@ -1,0 +1,92 @@
+"""The service list fast path (registry.list_fastpath) answers a remembered page byte for byte as the view
+does, with no database query, and leaves to the view everything it cannot answer so: a page not
+remembered or remembered before a change, a revoked token, a health filter, a page that is not a plain
+number."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from registry import lease_store, leases
+from registry.models import ApiToken
+from registry.redis_client import get_redis
+from tests.conftest import asgi_request, client_for, service_body
+
+QUERIES = [
+    "/api/v1/services/",
+    "/api/v1/services/?selector=env=prod",
+    "/api/v1/services/?selector=env=prod,zone=a&page_size=2",
+    "/api/v1/services/?selector=env=prod,zone=a&page_size=2&page=2",
+    "/api/v1/services/?page_size=2&page=3",
+    "/api/v1/services/?page_size=2&page=2&unknown=x%20y",
+    "/api/v1/services/?name=sink&type=sink",
+    "/api/v1/services/?name=nobody",
+    "/api/v1/services/?page_size=5000",
+    "/api/v1/services/?name=a&name=sink&page_size=1&page=2",
+]
+
+
+def register(api, sid: str, **extra) -> None:
+    labels = {"env": "prod", "zone": "a" if sid < "d" else "b", "note": "caf\u00e9\u2028x"}
+    body = service_body(sid, **{"service_name": "sink", "service_type": "sink", "labels": labels, **extra})
+    response = api.post("/api/v1/services/", body, format="json")
+    assert response.status_code in (200, 201), response.content
+
+
+def get(path: str, key: str) -> tuple[int, bytes, int]:
+    """(status, body, queries) of one request through the whole ASGI application."""
+    with CaptureQueriesContext(connection) as captured:
+        response = asgi_request("GET", path, headers={"Authorization": f"Bearer {key}"})
+    return response.status_code, response.content, len(captured)
+
+
+@pytest.mark.django_db
+def test_a_remembered_page_is_answered_as_the_view_answers_it_without_the_database(owner, api) -> None:
+    for sid in ("a", "b", "c", "d", "e"):
+        register(api, sid)
+    for path in QUERIES:
+        status, by_view, queries = get(path, owner[1])  # the view reads it and remembers it
+        assert status == 200 and queries >= 1, (path, by_view)
+        status, fast, queries = get(path, owner[1])
+        assert (status, queries) == (200, 0), path  # answered before Django, from memory
+        assert fast == by_view, path
+
+
+@pytest.mark.django_db
+def test_changes_lapses_and_revocations_are_never_answered_from_memory(owner, api) -> None:
+    register(api, "a", lease_duration=1)
+    register(api, "b")
+    path = "/api/v1/services/?selector=env=prod"
+    get(path, owner[1])
+    assert get(path, owner[1])[2] == 0  # remembered
+    leases.drain(["a"])
+    _, body, queries = get(path, owner[1])
+    assert queries >= 1 and b'"drained":true' in body  # read again after the change
+    assert get(path, owner[1])[2] == 0
+    deadline = lease_store.deadlines(get_redis(), ["a"])["a"] / 1000
+    time.sleep(max(0.0, deadline - time.time()) + 0.05)
+    _, body, queries = get(path, owner[1])
+    assert queries == 0 and b'"service_id":"a","service_name":"sink"' in body
+    assert body.count(b'"health":"unhealthy"') == 1  # a's lease lapsed: unhealthy at once, from memory too
+    token = ApiToken.objects.get(pk=owner[0].pk)
+    token.is_active = False
+    token.save()
+    assert get(path, owner[1])[0] == 401
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "query", ["?health=healthy", "?page=last", "?page=0", "?page=9", "?page_size=0&page=1", "?format=json"]
+)
+def test_what_the_view_reads_its_own_way_goes_to_the_view(owner, api, query) -> None:
+    register(api, "a")
+    path = "/api/v1/services/" + query
+    first = get(path, owner[1])
+    again = get(path, owner[1])
+    assert again[2] >= 1, query  # the view answered again
+    assert again[:2] == first[:2]
+    assert again[:2] == (client_for(owner[1]).get(path).status_code, again[1])
