@@ -22,9 +22,7 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from registry import outage
-from registry.auth import token_from_header
-from registry.fastpath import host_allowed, with_fresh_connection
-from registry.models import hash_token
+from registry.fastpath import authenticate, host_allowed, json_accepted, with_fresh_connection
 from registry.redis_client import get_async_redis
 from registry_project import limits
 
@@ -34,7 +32,6 @@ from .selection import SELECT_LUA, SELECT_SHA, Blocking, Deadline, Outcome, Scri
 log = logging.getLogger(__name__)
 
 SELECT_PATH = "/api/v1/balancer/select/"
-JSON_MEDIA = {"*/*", "application/*", "application/json"}
 MAX_KEY = 1024  # SelectQuerySerializer's key: max_length
 _MAX_VALIDATED = 4096
 _validated: dict[tuple[Any, ...], tuple[str, str, dict[str, str] | None] | dict[str, Any]] = {}
@@ -47,17 +44,6 @@ Query = tuple[str, str, dict[str, str] | None, str | None]
 _MAX_QUERY = 1200
 _MAX_QUERIES = 4096
 _queries: dict[bytes, Query | str] = {}
-
-
-def authenticate(authorization: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    """(the hash of the Bearer token, None), or (None, a 401 body) as DRF's BearerTokenAuthentication says it.
-    Whether the token is active is checked against the token cache in the select script."""
-    if not authorization:
-        return None, {"detail": "Authentication credentials were not provided."}
-    key = token_from_header(authorization.decode("latin-1"))
-    if key is None:
-        return None, {"detail": "Malformed Authorization header; expected 'Bearer <token>'."}
-    return hash_token(key), None
 
 
 def _key_is_plain(key: str) -> bool:
@@ -161,7 +147,7 @@ class SelectFastPath:
                 host = value
             elif name == b"authorization":
                 authorization = value
-            elif name == b"accept" and not _json_accepted(value):
+            elif name == b"accept" and not json_accepted(value):
                 return False
         query = read_query(scope["query_string"])
         if query == DJANGO:
@@ -190,15 +176,6 @@ class SelectFastPath:
             return True
         await _respond(send, outcome.status, outcome.body)
         return True
-
-
-def _json_accepted(accept: bytes) -> bool:
-    """Every media range in the Accept header is one the view would answer with JSON."""
-    for part in accept.decode("latin-1").split(","):
-        media = part.split(";", 1)[0].strip().lower()
-        if media and media not in JSON_MEDIA:
-            return False
-    return True
 
 
 async def _respond(send: Any, status: int, body: dict[str, Any], retry: bool = False) -> None:

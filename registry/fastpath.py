@@ -27,6 +27,7 @@ from . import lease_store, outage
 from .auth import token_from_header
 from .leases import Call, Eval, HeartbeatResult, heartbeat_flow
 from .loop_batch import LoopBatcher
+from .models import hash_token
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
 from .serializers import parse_heartbeat_body
@@ -36,6 +37,29 @@ log = logging.getLogger(__name__)
 # fullmatch: with `$`, ".../heartbeat/\n" (a percent-encoded newline) would renew the lease of svc.
 HEARTBEAT_PATH = re.compile(r"/api/v1/services/([^/]+)/heartbeat/")
 MAX_BODY = 64 * 1024  # a heartbeat body is {"health": ...}: far below REGISTRY_MAX_BODY_BYTES
+
+
+JSON_MEDIA = {"*/*", "application/*", "application/json"}
+
+
+def authenticate(authorization: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """(the hash of the Bearer token, None), or (None, a 401 body) as DRF's BearerTokenAuthentication says it.
+    Whether the token is active is for the caller to check, against the token cache."""
+    if not authorization:
+        return None, {"detail": "Authentication credentials were not provided."}
+    key = token_from_header(authorization.decode("latin-1"))
+    if key is None:
+        return None, {"detail": "Malformed Authorization header; expected 'Bearer <token>'."}
+    return hash_token(key), None
+
+
+def json_accepted(accept: bytes) -> bool:
+    """Every media range in the Accept header is one the view would answer with JSON."""
+    for part in accept.decode("latin-1").split(","):
+        media = part.split(";", 1)[0].strip().lower()
+        if media and media not in JSON_MEDIA:
+            return False
+    return True
 
 
 def with_fresh_connection(fn: Any, *args: Any) -> Any:

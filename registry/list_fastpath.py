@@ -33,14 +33,13 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from . import events, lease_store, listing
-from .fastpath import host_allowed, with_fresh_connection
+from .fastpath import authenticate, host_allowed, json_accepted, with_fresh_connection
 from .leases import cache_token
 from .redis_client import get_async_redis
 
 log = logging.getLogger(__name__)
 
 LIST_PATH = "/api/v1/services/"
-JSON_MEDIA = {"*/*", "application/*", "application/json"}
 PLAIN_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 PAGE_SIZE_DEFAULT = listing.ServiceListPagination.page_size
 PAGE_SIZE_MAX = listing.ServiceListPagination.max_page_size
@@ -118,15 +117,13 @@ class ServiceListFastPath:
 
     async def answer(self, scope: dict[str, Any], send: Any) -> bool:
         """Answer from a remembered page; False to leave the request to Django."""
-        from balancer.fastpath import _json_accepted, authenticate
-
         host = authorization = b""
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
             elif name == b"authorization":
                 authorization = value
-            elif name == b"accept" and not _json_accepted(value):
+            elif name == b"accept" and not json_accepted(value):
                 return False
         query = read_query(scope["query_string"])
         if query is None or not host_allowed(host):
