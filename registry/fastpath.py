@@ -5,6 +5,9 @@ the event loop: no Django request cycle, no database. It runs the same ``heartbe
 and ``parse_heartbeat_body`` as the DRF view, so validation, auth and answers are the same;
 only state changes (a new reported health, a missing lease entry, an uncached token) reach
 the database, through a worker thread.
+
+It also holds what every fast path (select, registrations, list pages) shares: the Host check, the
+Bearer token's hash, the Accept check and the fresh database connection for work in the sync thread.
 """
 
 from __future__ import annotations
