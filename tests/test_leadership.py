@@ -50,14 +50,18 @@ def test_fresh_masters_vote_only_after_one_ttl(masters):
 
 
 def test_leadership_survives_one_master_and_steps_down_without_a_majority(masters):
-    leader = contender(masters, "w1")
+    leader = contender(masters, "w1", ttl_ms=2 * TTL_MS)
     term = wait_for(leader.ensure, 3)
     job_write(term)
 
     masters[0].kill()
-    time.sleep(TTL_MS / 1000 * 0.6)  # past half the TTL: ensure() must renew on the two left
-    # (a busy machine can make one renewal miss a node's 50 ms timeout: ensure() tries again while valid)
-    renewed = wait_for(lambda: (t := leader.ensure()) and t.lock.valid_until > term.lock.valid_until and t, 0.3)
+    time.sleep(2 * TTL_MS / 1000 * 0.6)  # past half the TTL: ensure() must renew on the two left
+    # (a busy machine can make one renewal miss a node's 50 ms timeout: ensure() tries again, and must
+    # succeed while the lock is still valid)
+    renewed = wait_for(
+        lambda: (t := leader.ensure()) and t.lock.valid_until > term.lock.valid_until and t,
+        max(term.lock.remaining(), 0.05),
+    )
     assert renewed.number == term.number
     job_write(renewed)
     assert LeaderJobRun.objects.count() == 2
