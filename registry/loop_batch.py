@@ -32,9 +32,12 @@ class LoopBatcher(Generic[Item, Reply]):
         """The running event loop's batcher of this class (a server process has one loop; tests run each
         request in a loop of its own)."""
         loop = asyncio.get_running_loop()
-        found = _per_loop.setdefault(cls, weakref.WeakKeyDictionary()).get(loop)
+        batchers = _per_loop.get(cls)
+        if batchers is None:
+            batchers = _per_loop[cls] = weakref.WeakKeyDictionary()
+        found = batchers.get(loop)
         if found is None:
-            found = _per_loop[cls][loop] = cls()
+            found = batchers[loop] = cls()
         return found
 
     async def call(self, items: list[Item]) -> list[Reply | Exception]:
