@@ -107,27 +107,34 @@ def fuse_selector(selector: dict[str, str]) -> bool:
 # whose counter bump was lost, as the select caches have (balancer.selection.MAX_AGE_SECONDS).
 PAGE_CACHE_SECONDS = 10.0
 PAGE_CACHE_ENTRIES = 256  # filter combinations remembered per process
-PAGES_PER_ENTRY = 64  # (page, page size) pairs remembered per filter combination
+# Rows remembered per process, all entries together (a row is about 1 KiB in memory): the least recently
+# used entries are dropped to stay within it.
+PAGE_CACHE_ROWS = 20_000
 
 
 @dataclass
 class Remembered:
     """What the database said for one combination of filters at one value of the registry's counter."""
 
+    key: tuple[Any, ...]
     version: int
     born: float
     count: int | None = None
     pages: dict[tuple[int, int], list[tuple[Any, ...]]] = field(default_factory=dict)
+    rows: int = 0  # in ``pages``, counted in the cache's budget
 
     def fresh(self, version: int) -> bool:
         return self.version == version and time.monotonic() - self.born < PAGE_CACHE_SECONDS
 
 
 class PageCache:
-    """Service list pages and counts per (filters, registry counter), least recently used dropped first."""
+    """Service list pages and counts per (filters, registry counter), least recently used dropped first,
+    within PAGE_CACHE_ENTRIES entries and PAGE_CACHE_ROWS rows."""
 
-    def __init__(self, entries: int = PAGE_CACHE_ENTRIES) -> None:
+    def __init__(self, entries: int = PAGE_CACHE_ENTRIES, rows: int = PAGE_CACHE_ROWS) -> None:
         self.entries = entries
+        self.budget = rows
+        self.total = 0
         self.lock = threading.Lock()
         self.remembered: OrderedDict[tuple[Any, ...], Remembered] = OrderedDict()
 
@@ -146,11 +153,27 @@ class PageCache:
         with self.lock:
             found = self.remembered.get(key)
             if found is None or not found.fresh(version):
-                found = self.remembered[key] = Remembered(version, time.monotonic())
+                if found is not None:
+                    self.total -= found.rows
+                found = self.remembered[key] = Remembered(key, version, time.monotonic())
             self.remembered.move_to_end(key)
-            while len(self.remembered) > self.entries:
-                self.remembered.popitem(last=False)
+            self._shrink(self.entries)
         return found
+
+    def add_page(self, memo: Remembered, page: tuple[int, int], rows: list[tuple[Any, ...]]) -> None:
+        """Remember ``rows`` as ``page`` (number, size) of ``memo``, if it is still in the cache."""
+        with self.lock:
+            if self.remembered.get(memo.key) is not memo or page in memo.pages or len(rows) > self.budget:
+                return
+            memo.pages[page] = rows
+            memo.rows += len(rows)
+            self.total += len(rows)
+            self._shrink(self.entries)
+
+    def _shrink(self, entries: int) -> None:
+        while self.remembered and (len(self.remembered) > entries or self.total > self.budget):
+            _, dropped = self.remembered.popitem(last=False)
+            self.total -= dropped.rows
 
     def remembered_now(self, filters: tuple[Any, ...]) -> Remembered | None:
         """The entry for ``filters`` if it is not too old, without reading the counter: its ``version`` is
@@ -164,6 +187,7 @@ class PageCache:
     def clear(self) -> None:
         with self.lock:
             self.remembered.clear()
+            self.total = 0
 
 
 PAGES = PageCache()
@@ -242,8 +266,7 @@ class CountingPaginator(Paginator):
         memo = self.remembered
         if memo is not None:
             memo.count = count
-            if len(memo.pages) < PAGES_PER_ENTRY:
-                memo.pages[(number, self.per_page)] = rows
+            PAGES.add_page(memo, (number, self.per_page), rows)
 
 
 def _page_number(number: Any) -> int | None:

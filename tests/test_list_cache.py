@@ -124,3 +124,21 @@ def test_no_process_serves_a_page_a_change_in_another_made_stale(servers, owner)
     assert pages() == [[("b", False)]] * 2
     register(api, "c")
     assert pages() == [[("b", False), ("c", False)]] * 2
+
+
+@pytest.mark.django_db
+def test_remembered_rows_stay_within_the_budget_least_recently_used_dropped_first() -> None:
+    get_redis().set(events.services_version_key(), 7)
+    cache = listing.PageCache(entries=10, rows=5)
+    first = cache.entry(("first",))
+    cache.add_page(first, (1, 3), [("a",), ("b",), ("c",)])
+    second = cache.entry(("second",))
+    cache.add_page(second, (1, 2), [("d",), ("e",)])
+    assert cache.total == 5 and cache.remembered_now(("first",)) is first
+    cache.add_page(second, (2, 2), [("f",)])  # over the budget: the least recently used entry goes
+    assert cache.remembered_now(("first",)) is None
+    assert cache.remembered_now(("second",)) is second and cache.total == 3
+    cache.add_page(first, (2, 3), [("g",)])  # an entry already dropped is not filled again
+    assert cache.total == 3 and (2, 3) not in first.pages
+    cache.add_page(second, (3, 2), [("x",)] * 6)  # a page larger than the whole budget is not kept
+    assert cache.total == 3
