@@ -22,7 +22,7 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from registry import outage
-from registry.fastpath import authenticate, host_allowed, json_accepted, with_fresh_connection
+from registry.fastpath import authenticate, host_allowed, json_request_headers, with_fresh_connection
 from registry.redis_client import get_async_redis
 from registry_project import limits
 
@@ -141,14 +141,10 @@ class SelectFastPath:
 
     async def select(self, scope: dict[str, Any], send: Any) -> bool:
         """Answer the select; False to leave it to Django."""
-        host = authorization = b""
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"accept" and not json_accepted(value):
-                return False
+        headers = json_request_headers(scope)
+        if headers is None:
+            return False
+        host, authorization = headers
         query = read_query(scope["query_string"])
         if query == DJANGO:
             return False

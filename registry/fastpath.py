@@ -65,6 +65,20 @@ def json_accepted(accept: bytes) -> bool:
     return True
 
 
+def json_request_headers(scope: dict[str, Any]) -> tuple[bytes, bytes] | None:
+    """(Host, Authorization) of a request a fast path may answer with JSON; None when its Accept header
+    asks for something else (a browser's: the view's business)."""
+    host = authorization = b""
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+        elif name == b"authorization":
+            authorization = value
+        elif name == b"accept" and not json_accepted(value):
+            return None
+    return host, authorization
+
+
 def with_fresh_connection(fn: Any, *args: Any) -> Any:
     # Outside Django's request cycle nobody closes stale connections for us. (Inside an
     # atomic block, as under a test's transaction, the connection is in use: leave it.)

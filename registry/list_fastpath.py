@@ -33,7 +33,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from . import events, lease_store, listing
-from .fastpath import authenticate, host_allowed, json_accepted, with_fresh_connection
+from .fastpath import authenticate, host_allowed, json_request_headers, with_fresh_connection
 from .leases import cache_token
 from .redis_client import get_async_redis
 
@@ -117,14 +117,10 @@ class ServiceListFastPath:
 
     async def answer(self, scope: dict[str, Any], send: Any) -> bool:
         """Answer from a remembered page; False to leave the request to Django."""
-        host = authorization = b""
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"accept" and not json_accepted(value):
-                return False
+        headers = json_request_headers(scope)
+        if headers is None:
+            return False
+        host, authorization = headers
         query = read_query(scope["query_string"])
         if query is None or not host_allowed(host):
             return False
