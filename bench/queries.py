@@ -14,10 +14,12 @@ Latency is one wrk connection (a client waiting for each answer); throughput is 
 The server inherits this process's environment: ``REGISTRY_REQUEST_THREADS=0`` measures Django's
 thread (and database connection) per request, as before the request thread pool.
 
-The selector query is measured twice: ``selector`` with every page read from the database (the
-registry's change counter unset, so no page is remembered: a list read right after a change), and
-``selector-repeated`` with the counter set, as any registration sets it, so a repeated page is served
-from the server process's memory until a service changes.
+The selector query is measured three ways: ``selector`` with everything read from the database (the
+registry's change and membership counters unset, so nothing is remembered: a list read right after a
+registration or a removal); ``selector-after-change`` with only the membership counter set (a list read
+right after a change of health, drain or weight, which leaves the matches as they were: the matching ids
+are remembered, the page's rows read); and ``selector-repeated`` with both set, as any registration sets
+them, so a repeated page is served from the server process's memory until a service changes.
 
 Needs wrk (Debian: apt-get install wrk).
 """
@@ -45,6 +47,8 @@ SELECTOR = "env=prod,zone=a"
 QUERIES = {
     # every page read from the database (no change counted since Redis started, so nothing is remembered)
     "selector": f"/api/v1/services/?selector={SELECTOR}",
+    # as after a change of health: the matching ids remembered, the page's rows read from the database
+    "selector-after-change": f"/api/v1/services/?selector={SELECTOR}",
     # the same query repeated while no service changes: the page and count remembered (registry.listing)
     "selector-repeated": f"/api/v1/services/?selector={SELECTOR}",
     "health": "/api/v1/services/?health=unhealthy",
@@ -135,8 +139,13 @@ def seed(n: int) -> None:
             cursor.execute("VACUUM ANALYZE registry_servicelabel")
 
 
-def counter(on: bool) -> None:
-    """Set (as the first change after Redis started does) or delete the registry's change counter."""
+# For each measured selector query: whether the registry's change counter and its membership counter are set.
+COUNTERS = {"selector": "off,off", "selector-after-change": "off,on", "selector-repeated": "on,on"}
+
+
+def counter(changes: bool, membership: bool) -> None:
+    """Set (as the first registration after Redis started does) or delete the registry's change counter and
+    its membership counter."""
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "registry_project.settings")
@@ -144,10 +153,12 @@ def counter(on: bool) -> None:
     from registry import events
     from registry.redis_client import get_redis
 
-    if on:
-        get_redis().set(events.services_version_key(), uuid.uuid4().int % 2**52)
-    else:
-        get_redis().delete(events.services_version_key())
+    r = get_redis()
+    for key, on in ((events.services_version_key(), changes), (events.services_membership_key(), membership)):
+        if on:
+            r.set(key, uuid.uuid4().int % 2**52)
+        else:
+            r.delete(key)
 
 
 def lapse(n: int, lapsed: int) -> None:
@@ -224,8 +235,8 @@ def measure(
             child(stack, "--lapse", str(lapsed), "--services", str(n))
             check_answers(stack, n, lapsed)
             for query, path in QUERIES.items():
-                if query.startswith("selector"):
-                    child(stack, "--counter", "on" if query == "selector-repeated" else "off")
+                if query in COUNTERS:
+                    child(stack, "--counters", COUNTERS[query])
                 script = WRK_SCRIPT.format(token=stack.token, path=path)
                 one = run_wrk(stack.url + path, script, seconds, connections=1)
                 many = run_wrk(stack.url + path, script, seconds, connections=16) if throughput else None
@@ -241,7 +252,7 @@ def measure(
                 }
                 rows.append(row)
                 print(
-                    f"{database:10} {n} services, {lapsed:>5} lapsed  {query:8}  "
+                    f"{database:10} {n} services, {lapsed:>5} lapsed  {query:21}  "
                     f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  {row['rps']:6.0f} req/s (1 conn)"
                     + (f"  {row['rps16']:6.0f} req/s (16 conn)" if many else "")
                     + f"  errors {row['errors']}",
@@ -295,10 +306,11 @@ def main() -> None:
     parser.add_argument("--no-throughput", action="store_true", help="skip the 16-connection runs")
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--lapse", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--counter", choices=["on", "off"], help=argparse.SUPPRESS)
+    parser.add_argument("--counters", choices=sorted(set(COUNTERS.values())), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.counter is not None:
-        return counter(args.counter == "on")
+    if args.counters is not None:
+        changes, membership = (part == "on" for part in args.counters.split(","))
+        return counter(changes, membership)
     if args.seed is not None:
         return seed(args.seed)
     if args.lapse is not None:

@@ -117,6 +117,14 @@ def services_version_key() -> str:
     return f"{settings.REGISTRY_REDIS_PREFIX}services-version"
 
 
+def services_membership_key() -> str:
+    """Redis key of the registry's membership counter: bumped with the registry's counter by every change
+    that can change which services a list filter matches, or their order (a registration, new or changed,
+    and a removal), and not by a change of health, drain or weight; so registry.listing can keep which
+    services a selector matches across those."""
+    return f"{settings.REGISTRY_REDIS_PREFIX}services-membership"
+
+
 # A counter Redis lost starts again at a random value, never at one a reader may have cached.
 # KEYS: the names' counters, then the registry's. ARGV: a random start for each.
 _BUMP_LUA = """
@@ -127,9 +135,12 @@ end
 """
 
 
-def _bump_name_versions(service_names: list[str]) -> None:
-    """Bump each name's counter and the registry's, all in one script call."""
+def _bump_name_versions(service_names: list[str], membership: bool = False) -> None:
+    """Bump each name's counter and the registry's (and, with ``membership``, the membership counter), all
+    in one script call."""
     keys = [name_version_key(name) for name in service_names] + [services_version_key()]
+    if membership:
+        keys.append(services_membership_key())
     get_redis().eval(_BUMP_LUA, len(keys), *keys, *(secrets.randbits(52) for _ in keys))
 
 
@@ -140,46 +151,55 @@ RETRY_FOR_SECONDS = 60.0
 RETRY_INTERVAL_SECONDS = 0.2
 _retry_lock = threading.Lock()
 _retry_names: dict[str, float] = {}
+_retry_membership = 0  # failed bumps of the membership counter not yet retried
 
 
-def _bump_after_commit(service_names: list[str]) -> None:
+def _bump_after_commit(service_names: list[str], membership: bool = False) -> None:
+    global _retry_membership
     try:
-        _bump_name_versions(service_names)
+        _bump_name_versions(service_names, membership)
     except (redis.RedisError, OSError):
         log.warning("name counters of %r not bumped after commit; retrying", service_names, exc_info=True)
         with _retry_lock:
             first = not _retry_names
             for name in service_names:
                 _retry_names.setdefault(name, time.monotonic() + RETRY_FOR_SECONDS)
+            _retry_membership += membership
         if first:
             threading.Thread(target=_retry_loop, name="name-counter-retry", daemon=True).start()
 
 
 def _retry_loop() -> None:
     """Bump the pending names until Redis answers; names whose cached lists have all expired are dropped."""
+    global _retry_membership
     while True:
         time.sleep(RETRY_INTERVAL_SECONDS)
         with _retry_lock:
             pending = dict(_retry_names)
+            membership = _retry_membership
         try:
-            _bump_name_versions(sorted(pending))
+            _bump_name_versions(sorted(pending), membership > 0)
             done = list(pending)
+            with _retry_lock:
+                _retry_membership -= membership
         except (redis.RedisError, OSError):
             done = [name for name, give_up_at in pending.items() if time.monotonic() >= give_up_at]
         with _retry_lock:
             for name in done:
                 _retry_names.pop(name, None)
             if not _retry_names:
+                _retry_membership = 0  # given up with the names (or done)
                 return
 
 
-def names_changed(service_names: list[str]) -> None:
+def names_changed(service_names: list[str], membership: bool = False) -> None:
     """Bump the names' counters now (inside the transaction) and again once it commits: a reader that
     reloaded in between, still seeing the old rows, reloads once more. A bump after commit that fails is
-    retried in the background, so a list cached in between cannot outlive Redis's return by much."""
+    retried in the background, so a list cached in between cannot outlive Redis's return by much.
+    ``membership``: the change can change what a list filter matches (``services_membership_key``)."""
     if service_names:
-        _bump_name_versions(service_names)
-        after_commit(lambda: _bump_after_commit(service_names))
+        _bump_name_versions(service_names, membership)
+        after_commit(lambda: _bump_after_commit(service_names, membership))
 
 
 def name_changed(service_name: str) -> None:
@@ -196,7 +216,7 @@ def services_registered(registered: list[tuple[Any, str | None]]) -> None:
     is bumped once for the whole batch."""
     names = {service.service_name for service, _ in registered}
     names |= {previous for _, previous in registered if previous}
-    names_changed(sorted(names))
+    names_changed(sorted(names), membership=True)
     for service, _ in registered:
         body = service_payload(service)
         after_commit(lambda name=service.service_name, body=body: _publish("service.registered", name, body))
@@ -216,6 +236,6 @@ def service_health(service: Any) -> None:
 
 
 def service_deregistered(service_id: str, service_name: str, reason: str, revision: int) -> None:
-    name_changed(service_name)
+    names_changed([service_name], membership=True)
     body = {"revision": revision, "service_id": service_id, "service_name": service_name, "reason": reason}
     after_commit(lambda: _publish("service.deregistered", service_name, body))

@@ -103,6 +103,8 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         if "health" not in params:  # what the database holds for these filters may be remembered
             filters = tuple(sorted((k, repr(v)) for k, v in params.items()))
             self.paginator.remembered = listing.PAGES.entry(filters)
+            if "selector" in params:
+                self.paginator.matches = listing.MATCHES.entry(filters)
 
         def build() -> QuerySet[Service]:
             qs = Service.objects.all()

@@ -1,7 +1,8 @@
 """Service list pages remembered per process (registry.listing.PageCache) are never served once a change
 of any service committed: registrations, drains, weights, reported health, deregistrations, a renamed or
 deleted owner token, in this process or another; a lapsed lease reads unhealthy at once from a
-remembered page, and a health filter is always read from the database."""
+remembered page, and a health filter is always read from the database. A selector's matches are kept
+across changes of health, drain and weight, and read again after a registration or a removal."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from registry import events, lease_store, leases, listing
-from registry.models import ApiToken
+from registry.models import ApiToken, Service
 from registry.redis_client import get_redis
 from tests.conftest import client_for, service_body
 
@@ -104,6 +105,49 @@ def test_a_health_filter_and_an_unknown_counter_always_read_the_database(api) ->
     get_redis().delete(events.services_version_key())  # as after a Redis restart
     listed(api)
     assert queries_of(api) >= 2
+
+
+def label_reads(api, query: str = LIST) -> int:
+    """How many statements of the request read the label index (the matches' ids, or their estimate)."""
+    with CaptureQueriesContext(connection) as captured:
+        listed(api, query)
+    return sum("registry_servicelabel" in q["sql"] for q in captured.captured_queries)
+
+
+@pytest.mark.django_db
+def test_the_matches_are_kept_across_health_drain_and_weight_and_read_again_after_a_registration(api) -> None:
+    for sid in ("a", "b", "c"):
+        register(api, sid)
+    assert label_reads(api) >= 1  # the matches' ids read, and remembered
+    leases.drain(["a"])
+    assert label_reads(api) == 0  # only the page's rows read again
+    assert listed(api)["results"][0]["drained"] is True
+    leases.set_operator_weight(["b"], 7)
+    assert label_reads(api) == 0 and listed(api)["results"][1]["operator_weight"] == 7
+    assert api.post("/api/v1/services/b/heartbeat/", {"health": "degraded"}, format="json").status_code == 200
+    assert label_reads(api) == 0 and listed(api)["results"][1]["health"] == "degraded"
+
+    register(api, "aa")  # a registration can change the matches: read again
+    assert label_reads(api) >= 1
+    assert [s["service_id"] for s in listed(api)["results"]] == ["a", "aa"] and listed(api)["count"] == 4
+    register(api, "aa", labels={"env": "dev"})
+    assert label_reads(api) >= 1 and listed(api)["count"] == 3
+    register(api, "0", service_name="aardvark")  # a new name sorts first
+    assert [s["service_id"] for s in listed(api)["results"]] == ["0", "a"]
+    assert api.delete("/api/v1/services/a/").status_code == 204
+    assert label_reads(api) >= 1
+    assert [s["service_id"] for s in listed(api)["results"]] == ["0", "b"] and listed(api)["count"] == 3
+
+
+@pytest.mark.django_db
+def test_a_service_gone_without_its_count_is_never_listed_from_remembered_matches(api) -> None:
+    for sid in ("a", "b", "c"):
+        register(api, sid)
+    listed(api)
+    Service.objects.filter(pk="b").delete()  # no event, no counter: as if the bump were lost
+    get_redis().incr(events.services_version_key())  # some other change: the page is read again
+    body = listed(api)
+    assert body["count"] == 2 and [s["service_id"] for s in body["results"]] == ["a", "c"]
 
 
 @pytest.mark.django_db(transaction=True)

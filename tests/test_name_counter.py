@@ -29,6 +29,10 @@ def counter(name: str) -> int:
     return int(get_redis().get(events.name_version_key(name)) or 0)
 
 
+def membership() -> int:
+    return int(get_redis().get(events.services_membership_key()) or 0)
+
+
 def test_retries_outlast_every_cached_list() -> None:
     assert events.RETRY_FOR_SECONDS >= selection.MAX_AGE_SECONDS
 
@@ -50,6 +54,27 @@ def test_a_bump_after_commit_that_fails_is_retried_until_redis_answers(monkeypat
     time.sleep(0.3)
     assert counter("sink") == inside + 1  # bumped once, and the retry stopped
     assert not events._retry_names
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_membership_bump_after_commit_that_fails_is_retried_too(monkeypatch) -> None:
+    monkeypatch.setattr(events, "RETRY_INTERVAL_SECONDS", 0.05)
+    with transaction.atomic():
+        events.names_changed(["sink"], membership=True)
+        inside = membership()
+        monkeypatch.setattr(events, "get_redis", unreachable_redis)
+    with transaction.atomic():
+        monkeypatch.setattr(events, "get_redis", get_redis)
+        events.names_changed(["other"])  # a change of health, say: no membership bump of its own
+        monkeypatch.setattr(events, "get_redis", unreachable_redis)
+    time.sleep(0.3)
+    assert membership() == inside
+    monkeypatch.setattr(events, "get_redis", get_redis)
+    deadline = time.monotonic() + 10
+    while membership() == inside and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert membership() == inside + 1 and not events._retry_names and events._retry_membership == 0
 
 
 @pytest.mark.django_db(transaction=True)
