@@ -79,10 +79,23 @@ COLUMNS = (
 FUSE_AT_MOST = 2000
 
 
+# An estimate only chooses how a page is read (both ways answer the same), so it is kept a while per selector.
+ESTIMATE_SECONDS = 30.0
+ESTIMATES_KEPT = 1024
+_estimates: dict[tuple[Any, ...], tuple[float, float]] = {}  # (database, pairs) -> (estimate, when read)
+
+
 def fuse_selector(selector: dict[str, str]) -> bool:
-    """Whether a selector's matches are few enough (estimated) for the page to carry the count."""
-    if not selector:
-        return False
+    """Whether a selector's matches are few enough (estimated) to be read as ids (``CountingPaginator``)."""
+    return bool(selector) and estimated_matches(selector) <= FUSE_AT_MOST
+
+
+def estimated_matches(selector: dict[str, str]) -> float:
+    """How many services carry every pair of ``selector``, estimated; remembered for ESTIMATE_SECONDS."""
+    key = (connection.alias, *selector.items())
+    found = _estimates.get(key)
+    if found is not None and time.monotonic() - found[1] < ESTIMATE_SECONDS:
+        return found[0]
     quote = connection.ops.quote_name
     service = quote(Service._meta.db_table)
     total = f"(SELECT COUNT(*) FROM {service})"
@@ -104,7 +117,10 @@ def fuse_selector(selector: dict[str, str]) -> bool:
     estimate = float(services)
     for count in pairs:
         estimate = estimate * count / services if services else 0.0
-    return estimate <= FUSE_AT_MOST
+    if len(_estimates) >= ESTIMATES_KEPT:
+        _estimates.clear()
+    _estimates[key] = (estimate, time.monotonic())
+    return estimate
 
 
 # How long a remembered page may be served (while the registry's counter is unchanged): a bound for a change

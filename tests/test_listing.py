@@ -119,6 +119,7 @@ def test_a_selective_selector_reads_its_matches_ids_then_the_page_by_id(api: Any
         return [q["sql"] for q in captured.captured_queries if 'registry_apitoken"."key_hash' not in q["sql"]]
 
     listing.MATCHES.clear()
+    listing._estimates.clear()
     selective = queries("?selector=env=prod,zone=a,n=3")
     estimate, ids, rows = selective
     assert "registry_servicelabel" in estimate and "INTERSECT" in ids and "registry_servicelabel" not in rows
@@ -146,6 +147,7 @@ def test_rows_read_on_a_plain_cursor_are_the_orm_values(owner: tuple[ApiToken, s
 def test_the_selector_estimate_is_the_label_counts_taken_as_independent(
     owner: tuple[ApiToken, str], api: Any, fleet: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    listing._estimates.clear()  # another test's fleet may have been estimated
     # one pair: its count, whatever the service count (env=prod: 12 of 25)
     monkeypatch.setattr(listing, "FUSE_AT_MOST", 12)
     assert listing.fuse_selector({"env": "prod"})
