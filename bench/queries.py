@@ -15,11 +15,13 @@ The server inherits this process's environment: ``REGISTRY_REQUEST_THREADS=0`` m
 thread (and database connection) per request, as before the request thread pool.
 
 The selector query is measured three ways: ``selector`` with everything read from the database (the
-registry's change and membership counters unset, so nothing is remembered: a list read right after a
-registration or a removal); ``selector-after-change`` with only the membership counter set (a list read
-right after a change of health, drain or weight, which leaves the matches as they were: the matching ids
-are remembered, the page's rows read); and ``selector-repeated`` with both set, as any registration sets
-them, so a repeated page is served from the server process's memory until a service changes.
+registry's membership counter unset, so nothing is remembered: a list read right after a registration or
+a removal); ``selector-after-change`` where each read follows a change of health of a service on the page
+(a heartbeat that reports it, not timed), so the page's rows are read again but not its matches; and
+``selector-repeated`` with the counter set, as any registration sets it, so a repeated page is served
+from the server process's memory until one of its services changes. ``selector-after-change`` is timed by
+this script's own HTTP client (httpx, one connection), which adds its own overhead (compare its
+``selector-repeated-httpx`` row, the repeated page timed the same way); the others by wrk.
 
 Needs wrk (Debian: apt-get install wrk).
 """
@@ -32,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,15 +44,17 @@ import httpx
 
 BASE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE))
-from bench.common import Stack, run_wrk  # noqa: E402
+from bench.common import Stack, cpu_seconds, percentile, run_wrk  # noqa: E402
 
 SELECTOR = "env=prod,zone=a"
 QUERIES = {
     # every page read from the database (no change counted since Redis started, so nothing is remembered)
     "selector": f"/api/v1/services/?selector={SELECTOR}",
-    # as after a change of health: the matching ids remembered, the page's rows read from the database
+    # each read right after a change of health of a service on the page: the matches remembered, the page's
+    # rows read again (timed by httpx, as is the repeated page's row after it, for comparison)
     "selector-after-change": f"/api/v1/services/?selector={SELECTOR}",
-    # the same query repeated while no service changes: the page and count remembered (registry.listing)
+    "selector-repeated-httpx": f"/api/v1/services/?selector={SELECTOR}",
+    # the same query repeated while none of the page's services changes: served from memory (registry.listing)
     "selector-repeated": f"/api/v1/services/?selector={SELECTOR}",
     "health": "/api/v1/services/?health=unhealthy",
     "metrics": "/metrics",
@@ -139,13 +144,20 @@ def seed(n: int) -> None:
             cursor.execute("VACUUM ANALYZE registry_servicelabel")
 
 
-# For each measured selector query: whether the registry's change counter and its membership counter are set.
-COUNTERS = {"selector": "off,off", "selector-after-change": "off,on", "selector-repeated": "on,on"}
+# For each measured selector query: whether the registry's membership counter is set.
+COUNTERS = {
+    "selector": "off",
+    "selector-after-change": "on",
+    "selector-repeated": "on",
+    "selector-repeated-httpx": "on",
+}
+# Timed by this script's client, not wrk: each read after a change of a service on the page, or repeated.
+TIMED_HERE = {"selector-after-change": True, "selector-repeated-httpx": False}
+SETTLE_SECONDS = 0.02
 
 
-def counter(changes: bool, membership: bool) -> None:
-    """Set (as the first registration after Redis started does) or delete the registry's change counter and
-    its membership counter."""
+def counter(on: bool) -> None:
+    """Set (as the first registration after Redis started does) or delete the registry's membership counter."""
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "registry_project.settings")
@@ -153,12 +165,38 @@ def counter(changes: bool, membership: bool) -> None:
     from registry import events
     from registry.redis_client import get_redis
 
-    r = get_redis()
-    for key, on in ((events.services_version_key(), changes), (events.services_membership_key(), membership)):
-        if on:
-            r.set(key, uuid.uuid4().int % 2**52)
-        else:
-            r.delete(key)
+    if on:
+        get_redis().set(events.services_membership_key(), uuid.uuid4().int % 2**52)
+    else:
+        get_redis().delete(events.services_membership_key())
+
+
+def timed_reads(stack: Stack, path: str, seconds: float, change_first: bool) -> dict[str, float]:
+    """Read ``path`` over one connection for ``seconds``; with ``change_first``, each read follows a heartbeat
+    that flips the health of the first service on the page (not timed). Returns wrk's keys."""
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    took: list[float] = []
+    errors = 0
+    health = iter(("degraded", "healthy") * 10**7)
+    with httpx.Client(base_url=stack.url, headers=headers, timeout=30) as client:
+        first = client.get(path).json()["results"][0]["service_id"]
+        heartbeat = f"/api/v1/services/{first}/heartbeat/"
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if change_first:
+                client.post(heartbeat, json={"health": next(health)}).raise_for_status()
+                time.sleep(SETTLE_SECONDS)  # the change's own work after its answer (events) is not timed
+            started = time.perf_counter()
+            response = client.get(path)
+            took.append(time.perf_counter() - started)
+            errors += response.status_code != 200
+    return {
+        "rps": len(took) / sum(took),
+        "p50_ms": percentile(took, 50) * 1000,
+        "p99_ms": percentile(took, 99) * 1000,
+        "errors": errors,
+        "requests": len(took),
+    }
 
 
 def lapse(n: int, lapsed: int) -> None:
@@ -218,7 +256,8 @@ def check_answers(stack: Stack, n: int, lapsed: int) -> None:
 def measure(
     database: str, n: int, lapse_counts: list[int], seconds: int, throughput: bool, pg_url: str | None = None
 ) -> list[dict[str, object]]:
-    """Rows {database, lapsed, query, p50_ms, p99_ms, rps, rps16, errors} for each lapse count and query."""
+    """Rows {database, lapsed, query, p50_ms, p99_ms, rps, rps16, cpu_ms, errors} for each lapse count and query
+    (``cpu_ms``: the server processes' CPU per request of the one-connection run)."""
     rows: list[dict[str, object]] = []
     with contextlib.ExitStack() as stack_ctx:
         if database == "postgresql":
@@ -236,10 +275,20 @@ def measure(
             check_answers(stack, n, lapsed)
             for query, path in QUERIES.items():
                 if query in COUNTERS:
-                    child(stack, "--counters", COUNTERS[query])
+                    child(stack, "--counter", COUNTERS[query])
                 script = WRK_SCRIPT.format(token=stack.token, path=path)
-                one = run_wrk(stack.url + path, script, seconds, connections=1)
-                many = run_wrk(stack.url + path, script, seconds, connections=16) if throughput else None
+                servers = stack.server_pids()
+                cpu_before = cpu_seconds(servers)
+                if query in TIMED_HERE:
+                    one = timed_reads(stack, path, seconds, change_first=TIMED_HERE[query])
+                else:
+                    one = run_wrk(stack.url + path, script, seconds, connections=1)
+                # with the heartbeats' CPU for the reads after a change
+                cpu_ms = (cpu_seconds(servers) - cpu_before) * 1000 / max(1, one["requests"])
+                timed_by_wrk = query not in TIMED_HERE
+                many = (
+                    run_wrk(stack.url + path, script, seconds, connections=16) if throughput and timed_by_wrk else None
+                )
                 row = {
                     "database": database,
                     "lapsed": lapsed,
@@ -248,6 +297,7 @@ def measure(
                     "p99_ms": one["p99_ms"],
                     "rps": one["rps"],
                     "rps16": many["rps"] if many else None,
+                    "cpu_ms": cpu_ms,
                     "errors": one["errors"] + (many["errors"] if many else 0),
                 }
                 rows.append(row)
@@ -255,7 +305,7 @@ def measure(
                     f"{database:10} {n} services, {lapsed:>5} lapsed  {query:21}  "
                     f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  {row['rps']:6.0f} req/s (1 conn)"
                     + (f"  {row['rps16']:6.0f} req/s (16 conn)" if many else "")
-                    + f"  errors {row['errors']}",
+                    + f"  server CPU {cpu_ms:.2f} ms/req  errors {row['errors']}",
                     flush=True,
                 )
     return rows
@@ -286,7 +336,8 @@ def results(quick: bool = False) -> list[dict[str, str | None]]:
         table.append(
             {
                 "figure": f"query {row['query']}, {row['database']}, {n} services, {row['lapsed']} lapsed: p99",
-                "ours": f"{row['p99_ms']:.1f} ms (p50 {row['p50_ms']:.1f} ms{rps16}; errors {row['errors']})",
+                "ours": f"{row['p99_ms']:.1f} ms (p50 {row['p50_ms']:.1f} ms, server CPU {row['cpu_ms']:.1f} ms"
+                f"{rps16}; errors {row['errors']})",
                 "anchor": None,
                 "ratio": None,
                 "target": f"p99 < {TARGET_P99_MS:.0f} ms, no errors"
@@ -306,11 +357,10 @@ def main() -> None:
     parser.add_argument("--no-throughput", action="store_true", help="skip the 16-connection runs")
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--lapse", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--counters", choices=sorted(set(COUNTERS.values())), help=argparse.SUPPRESS)
+    parser.add_argument("--counter", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.counters is not None:
-        changes, membership = (part == "on" for part in args.counters.split(","))
-        return counter(changes, membership)
+    if args.counter is not None:
+        return counter(args.counter == "on")
     if args.seed is not None:
         return seed(args.seed)
     if args.lapse is not None:

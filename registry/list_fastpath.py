@@ -2,18 +2,19 @@
 asked for is one this process remembers (``registry.listing.PageCache``).
 
 Such a request is a query-string check, one Redis script call and a JSON encoding on the event loop: the
-script checks the token against the token cache, that the registry's change counter still has the value
-the page was read at, and reads the page's lease deadlines. The body is the view's: the same remembered
-rows and count, written by ``listing.representation`` with the live deadlines, the next and previous
-links built by DRF's own helpers from Django's own request object, encoded by DRF's JSON renderer.
+script checks the token against the token cache, that the registry's membership counter and the change
+counter of each service name on the page still have the values the page was read at, and reads the
+page's lease deadlines. The body is the view's: the same remembered rows and count, written by
+``listing.representation`` with the live deadlines, the next and previous links built by DRF's own
+helpers from Django's own request object, encoded by DRF's JSON renderer.
 
 Everything else goes on to Django untouched, where the view answers and remembers the page for the next
-time: a page not remembered (or remembered at an older counter, or too long ago), a token that is not
-active (one not yet in the token cache is loaded into it, as the other fast paths do), a ``health``
-filter, a query the view would refuse or read in its own way (``format``, a page or page size that is
-not a plain number), a browser's Accept header, a throttled deployment.
+time: a page not remembered (or remembered before a registration or removal, or before a change of one of
+its services, or too long ago), a token that is not active (one not yet in the token cache is loaded into
+it, as the other fast paths do), a ``health`` filter, a query the view would refuse or read in its own way
+(``format``, a page or page size that is not a plain number), a browser's Accept header, a throttled
+deployment.
 """
-
 from __future__ import annotations
 
 import io
@@ -44,14 +45,19 @@ PLAIN_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 PAGE_SIZE_DEFAULT = listing.ServiceListPagination.page_size
 PAGE_SIZE_MAX = listing.ServiceListPagination.max_page_size
 
-# KEYS: the token's cache entry, the registry's change counter, the lease deadlines. ARGV: the counter's
-# value the page was read at, then the page's service ids.
+# KEYS: the token's cache entry, the registry's membership counter, the lease deadlines, then the change
+# counter of each service name on the page. ARGV: the membership counter's value the entry was read at, each
+# name's counter as remembered ("" for unset), then the page's service ids.
 # Replies: {'TOKEN_MISS'} | {'STALE'} | {'OK', deadline or false, ...}.
 PAGE_LUA = """
 if not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'STALE'} end
-if #ARGV == 1 then return {'OK'} end
-local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, 2))
+local names = #KEYS - 3
+for i = 1, names do
+  if (redis.call('GET', KEYS[3 + i]) or '') ~= ARGV[1 + i] then return {'STALE'} end
+end
+if #ARGV == names + 1 then return {'OK'} end
+local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, names + 2))
 table.insert(reply, 1, 'OK')
 return reply
 """
@@ -131,20 +137,21 @@ class ServiceListFastPath:
         memo = listing.PAGES.remembered_now(filters)
         if memo is None or memo.count is None:
             return False
-        rows = memo.pages.get((number, per_page))
-        if rows is None:
+        page = memo.pages.get((number, per_page))
+        if page is None:
             return False
+        rows = page.rows
         k = lease_store.keys()
-        keys = [k.token(token_hash), events.services_version_key(), k.deadline]
-        args = [str(memo.version), *(row[0] for row in rows)]
+        keys = [k.token(token_hash), events.services_membership_key(), k.deadline, *listing.stamp_keys(page.stamps)]
+        args = [str(memo.version), *(stamp for _, stamp in page.stamps), *(row[0] for row in rows)]
         r = get_async_redis()
         try:
-            reply = await r.eval(PAGE_LUA, 3, *keys, *args)
+            reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
             if reply[0] == b"TOKEN_MISS":
                 # Load the token into the cache as the other fast paths do (none such, or inactive: the view's 401)
                 if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, token_hash):
                     return False
-                reply = await r.eval(PAGE_LUA, 3, *keys, *args)
+                reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
         except redis.RedisError:
             return False  # Django answers as it does when Redis is unreachable
         except (db.OperationalError, db.InterfaceError):

@@ -10,17 +10,17 @@ services carry) a page that stops after its rows plus a count that reads no row 
 ``fuse_selector`` estimates the matches from the label counts (one indexed count per pair, as a planner
 would, pairs taken as independent). Only a page past the end (or an empty result) reads no row.
 
-Pages read from the database are remembered per process (``PAGES``), keyed by the list's filters and the
-registry's change counter (``registry.events.services_version_key``), which every registry event bumps
-inside its transaction and again after commit, as the select caches' name counters are: a page is
-served from memory only while no service changed since it was read, and for at most PAGE_CACHE_SECONDS.
-A selector's ids (``MATCHES``) are keyed by the registry's membership counter instead
-(``services_membership_key``), which only registrations and removals bump: a change of health, drain or
-weight leaves them as they were, so the next list reads only its page's rows. Should a remembered id be
-gone all the same (its removal's bump lost), the page notices the missing row and reads afresh. What is
-live in Redis (each lease's deadline, hence the effective health) is read for every answer, so only
-database rows are remembered; a health filter, which depends on the lapsed leases of the moment, is never
-served from memory.
+Counts, a selector's ids and pages read from the database are remembered per process (``PAGES``), keyed
+by the list's filters and the registry's membership counter (``registry.events.services_membership_key``),
+which every registration and removal bumps inside its transaction and again after commit, as the select
+caches' name counters are: they hold while no service was registered or removed since they were read,
+and for at most PAGE_CACHE_SECONDS. A page also holds only while the change counter of every service name
+on it is unchanged (each registry event bumps its service's name's counter, ``stamps_after``): a change of
+health, drain or weight makes the next list read that page's rows again, not the matches, and leaves the
+other pages as they were. Should a remembered id be gone all the same (its removal's bump lost), the page
+notices the missing row and reads afresh. What is live in Redis (each lease's deadline, hence the effective
+health) is read for every answer, so only database rows are remembered; a health filter, which depends on
+the lapsed leases of the moment, is never served from memory.
 
 The rows are tuples of exactly the columns the list shows, the owner's name joined in: no model instance
 per service. ``representation`` writes each as ``registry.serializers.read_representation`` writes a
@@ -123,60 +123,75 @@ def estimated_matches(selector: dict[str, str]) -> float:
     return estimate
 
 
-# How long a remembered page may be served (while the registry's counter is unchanged): a bound for a change
-# whose counter bump was lost, as the select caches have (balancer.selection.MAX_AGE_SECONDS).
+# How long a remembered entry may be served: a bound for a change whose counter bump was lost, as the select
+# caches have (balancer.selection.MAX_AGE_SECONDS).
 PAGE_CACHE_SECONDS = 10.0
 PAGE_CACHE_ENTRIES = 256  # filter combinations remembered per process
-# Rows remembered per process, all entries together (a row is about 1 KiB in memory): the least recently
-# used entries are dropped to stay within it.
+# Rows remembered per process, all entries together (a row is about 1 KiB in memory, an id a tenth of that
+# and counted so): the least recently used entries are dropped to stay within it.
 PAGE_CACHE_ROWS = 20_000
+IDS_PER_ROW = 10
+
+# A name's change counter as remembered: its raw value, "" while it is unset (Redis lost it or never set it).
+Stamps = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class RememberedPage:
+    """A page's rows and, for each service name on it, its change counter before the rows were read."""
+
+    rows: list[tuple[Any, ...]]
+    stamps: Stamps
 
 
 @dataclass
 class Remembered:
-    """What the database said for one combination of filters at one value of the registry's counter."""
+    """What the database said for one combination of filters at one value of the membership counter: the
+    count, a selector's ids, and pages."""
 
     key: tuple[Any, ...]
     version: int
     born: float
     count: int | None = None
-    pages: dict[tuple[int, int], list[tuple[Any, ...]]] = field(default_factory=dict)
-    ids: list[str] | None = None  # every match's id, in the list's order (``MATCHES``)
-    rows: int = 0  # in ``pages`` and ``ids``, counted in the cache's budget
+    pages: dict[tuple[int, int], RememberedPage] = field(default_factory=dict)
+    ids: list[str] | None = None  # every match's id, in the list's order (a selective selector's)
+    rows: int = 0  # the size of ``pages`` and ``ids`` in the cache's budget
 
     def fresh(self, version: int) -> bool:
         return self.version == version and time.monotonic() - self.born < PAGE_CACHE_SECONDS
 
 
-class PageCache:
-    """Service list pages and counts (or ids of matches) per (filters, value of the counter at
-    ``counter_key()``), least recently used dropped first, within ``entries`` entries and ``rows`` rows
-    (or ids)."""
+@dataclass
+class Reading:
+    """One request's view of the cache: the entry for its filters, and the registry's change counter as it
+    was before anything was read from the database (``stamps_after``)."""
 
-    def __init__(
-        self,
-        entries: int = PAGE_CACHE_ENTRIES,
-        rows: int = PAGE_CACHE_ROWS,
-        counter_key: Callable[[], str] = events.services_version_key,
-    ) -> None:
+    memo: Remembered
+    changes: bytes | None
+
+
+class PageCache:
+    """Service list counts, ids and pages per (filters, membership counter), least recently used dropped
+    first, within ``entries`` entries and ``rows`` rows."""
+
+    def __init__(self, entries: int = PAGE_CACHE_ENTRIES, rows: int = PAGE_CACHE_ROWS) -> None:
         self.entries = entries
         self.budget = rows
-        self.counter_key = counter_key
         self.total = 0
         self.lock = threading.Lock()
         self.remembered: OrderedDict[tuple[Any, ...], Remembered] = OrderedDict()
 
-    def entry(self, filters: tuple[Any, ...]) -> Remembered | None:
-        """The entry to read and fill for ``filters`` at the registry's current counter; None (read the
-        database, remember nothing) when the counter cannot be read."""
+    def entry(self, filters: tuple[Any, ...]) -> Reading | None:
+        """The entry to read and fill for ``filters`` at the current membership counter; None (read the
+        database, remember nothing) when the counter cannot be read or is unset."""
         try:
-            raw = get_redis().get(self.counter_key())
+            membership, changes = get_redis().mget(events.services_membership_key(), events.services_version_key())
         except (redis.RedisError, OSError):
-            log.debug("registry counter unreadable: list pages not remembered", exc_info=True)
+            log.debug("registry counters unreadable: list pages not remembered", exc_info=True)
             return None
-        if raw is None:
-            return None  # no change counted since Redis started: nothing to key on
-        version = int(raw)
+        if membership is None:
+            return None  # no registration counted since Redis started: nothing to key on
+        version = int(membership)
         key = (connection.alias, *filters)
         with self.lock:
             found = self.remembered.get(key)
@@ -186,32 +201,35 @@ class PageCache:
                 found = self.remembered[key] = Remembered(key, version, time.monotonic())
             self.remembered.move_to_end(key)
             self._shrink(self.entries)
-        return found
+        return Reading(found, changes)
 
-    def add_page(self, memo: Remembered, page: tuple[int, int], rows: list[tuple[Any, ...]]) -> None:
+    def add_page(self, memo: Remembered, page: tuple[int, int], rows: list[tuple[Any, ...]], stamps: Stamps) -> None:
         """Remember ``rows`` as ``page`` (number, size) of ``memo``, if it is still in the cache."""
         with self.lock:
-            if self.remembered.get(memo.key) is not memo or page in memo.pages or len(rows) > self.budget:
+            if self.remembered.get(memo.key) is not memo or len(rows) > self.budget:
                 return
-            memo.pages[page] = rows
-            memo.rows += len(rows)
-            self.total += len(rows)
+            before = memo.pages.get(page)
+            memo.pages[page] = RememberedPage(rows, stamps)
+            grown = len(rows) - (len(before.rows) if before is not None else 0)
+            memo.rows += grown
+            self.total += grown
             self._shrink(self.entries)
 
     def add_ids(self, memo: Remembered, ids: list[str]) -> None:
         """Remember ``ids`` as every match of ``memo``, if it is still in the cache."""
+        size = len(ids) // IDS_PER_ROW + 1
         with self.lock:
-            if self.remembered.get(memo.key) is not memo or memo.ids is not None or len(ids) > self.budget:
+            if self.remembered.get(memo.key) is not memo or memo.ids is not None or size > self.budget:
                 return
             memo.ids = ids
-            memo.rows += len(ids)
-            self.total += len(ids)
+            memo.rows += size
+            self.total += size
             self._shrink(self.entries)
 
-    def forget(self, memo: Remembered | None) -> None:
+    def forget(self, memo: Remembered) -> None:
         """Drop ``memo`` (found stale by its reader)."""
         with self.lock:
-            if memo is not None and self.remembered.get(memo.key) is memo:
+            if self.remembered.get(memo.key) is memo:
                 del self.remembered[memo.key]
                 self.total -= memo.rows
 
@@ -236,10 +254,39 @@ class PageCache:
 
 
 PAGES = PageCache()
-# Which services a selector matches, in the list's order, per (filters, membership counter): kept across
-# changes of health, drain and weight, which leave the matches as they were. An id is about 150 bytes.
-MATCH_CACHE_IDS = 100_000
-MATCHES = PageCache(rows=MATCH_CACHE_IDS, counter_key=events.services_membership_key)
+
+
+def stamp_keys(stamps: Stamps) -> list[str]:
+    return [events.name_version_key(name) for name, _ in stamps]
+
+
+def stamps_hold(stamps: Stamps) -> bool:
+    """Whether every name's change counter still has the value of ``stamps``."""
+    if not stamps:
+        return True
+    try:
+        now = get_redis().mget(stamp_keys(stamps))
+    except (redis.RedisError, OSError):
+        return False
+    return all((value or b"").decode() == stamp for (_, stamp), value in zip(stamps, now, strict=True))
+
+
+def stamps_after(rows: list[tuple[Any, ...]], changes: bytes | None) -> Stamps | None:
+    """The change counters of the names on ``rows``, read after the rows were; None (do not remember the
+    rows) if the registry's change counter moved since ``changes``, read before them.
+
+    Any change of a service on the page that committed after the rows were read bumps its name's counter
+    after its commit: if that bump came before the counters were read here, the registry's counter moved
+    too (the same script bumps both) and the rows are not remembered; if after, the counter remembered
+    here is older than the name's and the page is read again next time."""
+    names = sorted({row[1] for row in rows})
+    try:
+        values = get_redis().mget([events.services_version_key(), *(events.name_version_key(n) for n in names)])
+    except (redis.RedisError, OSError):
+        return None
+    if values[0] != changes:
+        return None
+    return tuple((name, (value or b"").decode()) for name, value in zip(names, values[1:], strict=True))
 
 
 def page_rows(queryset: QuerySet[Any], offset: int, limit: int) -> list[tuple[Any, ...]]:
@@ -312,24 +359,22 @@ class CountingPaginator(Paginator):
     """A Django paginator over a queryset, built by ``build`` only when the database is read, whose pages
     are ``COLUMNS`` tuples (``page_rows``). With ``fuse`` (a callable, asked only when the database is
     read) saying the filters match few services, the ids of every match are read in the list's order (one
-    query of the label index, no row), which gives the count, and then the page's rows by id; the ids are
-    remembered in ``matches`` across changes that cannot change them (``MATCHES``). Otherwise ``count`` is
-    ``queryset.count()`` and a page is a walk of the list's index. With ``remembered``, the count and pages
-    come from it when it has them and go to it when read."""
+    query of the label index, no row), which gives the count, and then the page's rows by id. Otherwise
+    ``count`` is ``queryset.count()`` and a page is a walk of the list's index. With ``reading``, the count,
+    ids and pages come from its entry while they hold, and go to it when read."""
 
     def __init__(
         self,
         build: Callable[[], QuerySet[Any]],
         per_page: int,
         fuse: Callable[[], bool] | None = None,
-        remembered: Remembered | None = None,
-        matches: Remembered | None = None,
+        reading: Reading | None = None,
     ) -> None:
         super().__init__(build, per_page)  # type: ignore[arg-type]
         self.build = build
         self.fuse = fuse
-        self.remembered = remembered
-        self.matches = matches
+        self.reading = reading
+        self.memo = reading.memo if reading is not None else None
 
     @cached_property
     def queryset(self) -> QuerySet[Any]:
@@ -337,34 +382,35 @@ class CountingPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        if self.remembered is not None and self.remembered.count is not None:
-            return self.remembered.count
-        if self.matches is not None and self.matches.ids is not None:
-            return len(self.matches.ids)
+        memo = self.memo
+        if memo is not None and memo.count is not None:
+            return memo.count
+        if memo is not None and memo.ids is not None:
+            return len(memo.ids)
         count = self.queryset.count()
-        if self.remembered is not None:
-            self.remembered.count = count
+        if memo is not None:
+            memo.count = count
         return count
 
     def matching_ids(self) -> list[str] | None:
         """Every match's id in the list's order, remembered or read; None unless ``fuse`` says they are few."""
-        if self.matches is not None and self.matches.ids is not None:
-            return self.matches.ids
+        if self.memo is not None and self.memo.ids is not None:
+            return self.memo.ids
         if self.fuse is None or not self.fuse():
             return None
         ids = list(self.queryset.values_list("pk", flat=True))
-        if self.matches is not None:
-            MATCHES.add_ids(self.matches, ids)
+        if self.memo is not None:
+            PAGES.add_ids(self.memo, ids)
         return ids
 
     def page(self, number: Any) -> Page:
         wanted = _page_number(number)
-        memo = self.remembered
+        memo = self.memo
         if memo is not None and memo.count is not None and wanted is not None:
-            rows = memo.pages.get((wanted, self.per_page))
-            if rows is not None:
-                return self._get_page(rows, self.validate_number(number), self)
-        if wanted is not None and wanted >= 1 and (memo is None or memo.count is None):
+            remembered = memo.pages.get((wanted, self.per_page))
+            if remembered is not None and stamps_hold(remembered.stamps):
+                return self._get_page(remembered.rows, self.validate_number(number), self)
+        if wanted is not None and wanted >= 1 and "count" not in self.__dict__:
             ids = self.matching_ids()
             if ids is not None:
                 self.__dict__["count"] = len(ids)
@@ -374,8 +420,9 @@ class CountingPaginator(Paginator):
                     self._remember(number, rows, len(ids))
                     return self._get_page(rows, number, self)
                 # A service of the remembered ids is gone, its removal not yet counted: read afresh.
-                MATCHES.forget(self.matches)
-                self.matches = None
+                if memo is not None:
+                    PAGES.forget(memo)
+                self.memo = None
                 del self.__dict__["count"]
         number = self.validate_number(number)  # Django's rules and messages (and the count query)
         bottom = (number - 1) * self.per_page
@@ -385,10 +432,13 @@ class CountingPaginator(Paginator):
         return self._get_page(rows, number, self)
 
     def _remember(self, number: int, rows: list[tuple[Any, ...]], count: int) -> None:
-        memo = self.remembered
-        if memo is not None:
-            memo.count = count
-            PAGES.add_page(memo, (number, self.per_page), rows)
+        memo = self.memo
+        if memo is None or self.reading is None:
+            return
+        memo.count = count
+        stamps = stamps_after(rows, self.reading.changes)
+        if stamps is not None:
+            PAGES.add_page(memo, (number, self.per_page), rows, stamps)
 
 
 def _page_number(number: Any) -> int | None:
@@ -406,11 +456,10 @@ class ServiceListPagination(RegistryPagination):
     ``remembered`` are set by the view per request."""
 
     fuse: Callable[[], bool] | None = None
-    remembered: Remembered | None = None
-    matches: Remembered | None = None
+    reading: Reading | None = None
 
     def django_paginator_class(self, build: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
-        return CountingPaginator(build, per_page, self.fuse, self.remembered, self.matches)
+        return CountingPaginator(build, per_page, self.fuse, self.reading)
 
 
 def representation(

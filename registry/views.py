@@ -102,9 +102,7 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             self.paginator.fuse = lambda: listing.fuse_selector(params["selector"])
         if "health" not in params:  # what the database holds for these filters may be remembered
             filters = tuple(sorted((k, repr(v)) for k, v in params.items()))
-            self.paginator.remembered = listing.PAGES.entry(filters)
-            if "selector" in params:
-                self.paginator.matches = listing.MATCHES.entry(filters)
+            self.paginator.reading = listing.PAGES.entry(filters)
 
         def build() -> QuerySet[Service]:
             qs = Service.objects.all()

@@ -102,7 +102,7 @@ def test_a_health_filter_and_an_unknown_counter_always_read_the_database(api) ->
     health = "/api/v1/services/?health=healthy"
     listed(api, health)
     assert queries_of(api, health) >= 2  # count and page, every time
-    get_redis().delete(events.services_version_key())  # as after a Redis restart
+    get_redis().delete(events.services_membership_key())  # as after a Redis restart
     listed(api)
     assert queries_of(api) >= 2
 
@@ -145,9 +145,39 @@ def test_a_service_gone_without_its_count_is_never_listed_from_remembered_matche
         register(api, sid)
     listed(api)
     Service.objects.filter(pk="b").delete()  # no event, no counter: as if the bump were lost
-    get_redis().incr(events.services_version_key())  # some other change: the page is read again
+    get_redis().incr(events.name_version_key("sink"))  # a change of another service: the page is read again
     body = listed(api)
     assert body["count"] == 2 and [s["service_id"] for s in body["results"]] == ["a", "c"]
+
+
+@pytest.mark.django_db
+def test_a_change_of_a_service_on_another_page_leaves_this_page_remembered(api) -> None:
+    register(api, "a")
+    register(api, "b")
+    register(api, "z", service_name="zz-other")  # sorts last: alone on page 2
+    listed(api)
+    listed(api, LIST + "&page=2")
+    assert queries_of(api) <= 1 and queries_of(api, LIST + "&page=2") <= 1  # the token at most
+    leases.set_operator_weight(["z"], 3)
+    assert queries_of(api) <= 1  # none of page 1's services changed
+    assert queries_of(api, LIST + "&page=2") >= 2  # page 2's rows read again (not its matches)
+    assert listed(api, LIST + "&page=2")["results"][0]["operator_weight"] == 3
+    leases.set_operator_weight(["a"], 4)
+    assert listed(api)["results"][0]["operator_weight"] == 4
+
+
+@pytest.mark.django_db
+def test_rows_read_while_the_registry_changed_are_not_remembered() -> None:
+    r = get_redis()
+    r.set(events.services_version_key(), 5)
+    r.set(events.name_version_key("sink"), 11)
+    rows = [("a", "sink"), ("b", "sink"), ("c", "other")]
+    assert listing.stamps_after(rows, b"5") == (("other", ""), ("sink", "11"))
+    r.incr(events.services_version_key())  # a change committed (and counted) while the rows were read
+    assert listing.stamps_after(rows, b"5") is None
+    assert listing.stamps_hold((("other", ""), ("sink", "11")))
+    r.incr(events.name_version_key("other"))
+    assert not listing.stamps_hold((("other", ""), ("sink", "11")))
 
 
 @pytest.mark.django_db(transaction=True)
@@ -172,17 +202,19 @@ def test_no_process_serves_a_page_a_change_in_another_made_stale(servers, owner)
 
 @pytest.mark.django_db
 def test_remembered_rows_stay_within_the_budget_least_recently_used_dropped_first() -> None:
-    get_redis().set(events.services_version_key(), 7)
+    get_redis().set(events.services_membership_key(), 7)
     cache = listing.PageCache(entries=10, rows=5)
-    first = cache.entry(("first",))
-    cache.add_page(first, (1, 3), [("a",), ("b",), ("c",)])
-    second = cache.entry(("second",))
-    cache.add_page(second, (1, 2), [("d",), ("e",)])
+    first = cache.entry(("first",)).memo
+    cache.add_page(first, (1, 3), [("a",), ("b",), ("c",)], ())
+    second = cache.entry(("second",)).memo
+    cache.add_page(second, (1, 2), [("d",), ("e",)], ())
     assert cache.total == 5 and cache.remembered_now(("first",)) is first
-    cache.add_page(second, (2, 2), [("f",)])  # over the budget: the least recently used entry goes
+    cache.add_page(second, (2, 2), [("f",)], ())  # over the budget: the least recently used entry goes
     assert cache.remembered_now(("first",)) is None
     assert cache.remembered_now(("second",)) is second and cache.total == 3
-    cache.add_page(first, (2, 3), [("g",)])  # an entry already dropped is not filled again
-    assert cache.total == 3 and (2, 3) not in first.pages
-    cache.add_page(second, (3, 2), [("x",)] * 6)  # a page larger than the whole budget is not kept
-    assert cache.total == 3
+    cache.add_page(second, (2, 2), [("f",), ("g",)], ())  # a page read again replaces its rows
+    assert cache.total == 4
+    roomy = listing.PageCache(entries=10, rows=100)
+    matches = roomy.entry(("selector",)).memo
+    roomy.add_ids(matches, [str(i) for i in range(30)])  # ids weigh a tenth of a row
+    assert roomy.total == 30 // listing.IDS_PER_ROW + 1 and matches.ids is not None

@@ -1,7 +1,7 @@
 """The service list fast path (registry.list_fastpath) answers a remembered page byte for byte as the view
 does, with no database query, and leaves to the view everything it cannot answer so: a page not
-remembered or remembered before a change, a revoked token, a health filter, a page that is not a plain
-number."""
+remembered or remembered before a registration, a removal or a change of one of its services, a revoked
+token, a health filter, a page that is not a plain number."""
 
 from __future__ import annotations
 
@@ -76,6 +76,25 @@ def test_changes_lapses_and_revocations_are_never_answered_from_memory(owner, ap
     token.is_active = False
     token.save()
     assert get(path, owner[1])[0] == 401
+
+
+@pytest.mark.django_db
+def test_a_page_stays_on_the_fast_path_until_one_of_its_services_or_the_membership_changes(owner, api) -> None:
+    register(api, "a")
+    register(api, "b")
+    register(api, "z", service_name="zz-other")  # alone on page 2
+    first, second = "/api/v1/services/?page_size=2", "/api/v1/services/?page_size=2&page=2"
+    for path in (first, second):
+        get(path, owner[1])
+        assert get(path, owner[1])[2] == 0
+    leases.set_operator_weight(["z"], 3)  # a service on page 2 only
+    assert get(first, owner[1])[2] == 0  # page 1 is still answered from memory
+    _, body, queries = get(second, owner[1])
+    assert queries >= 1 and b'"operator_weight":3' in body
+    assert get(second, owner[1])[2] == 0
+    register(api, "c", service_name="zz-other")  # a registration: the count may change, every page is read
+    _, body, queries = get(first, owner[1])
+    assert queries >= 1 and b'"count":4' in body
 
 
 @pytest.mark.django_db
