@@ -15,6 +15,7 @@ it, as the other fast paths do), a ``health`` filter, a query the view would ref
 (``format``, a page or page size that is not a plain number), a browser's Accept header, a throttled
 deployment.
 """
+
 from __future__ import annotations
 
 import io
