@@ -112,8 +112,8 @@ def name_version_key(service_name: str) -> str:
 
 
 def services_version_key() -> str:
-    """Redis key of the registry's change counter: bumped with every name's counter, so a cache of service
-    list pages (registry.listing) knows it is stale."""
+    """Redis key of the registry's change counter: bumped with every name's counter, so a reader of service
+    list pages (registry.listing) knows whether anything changed while it read."""
     return f"{settings.REGISTRY_REDIS_PREFIX}services-version"
 
 
