@@ -8,7 +8,7 @@ import pytest
 import time_machine
 
 from registry import lease_store
-from registry.models import ApiToken, Service
+from registry.models import ApiToken, Service, ServiceEvent, ServiceEventKind
 from registry.redis_client import get_redis
 from tests.conftest import service_body
 
@@ -93,6 +93,18 @@ def test_deregister_action_removes_row_and_lease(operator, three_services):
     assert "Deregistered 2 service(s)." in response.content.decode()
     assert list(Service.objects.values_list("pk", flat=True)) == ["sink-1"]
     assert lease_store.deadlines(get_redis(), ["src-1", "src-2", "sink-1"]).keys() == {"sink-1"}
+
+
+def test_the_delete_page_deregisters_with_the_lease_history_and_events(operator, api, three_services):
+    listed = api.get("/api/v1/services/?selector=team=ingest").json()  # remembered by the list
+    assert [s["service_id"] for s in listed["results"]] == ["sink-1"]
+    assert operator.get("/admin/registry/service/sink-1/delete/").status_code == 200
+    response = operator.post("/admin/registry/service/sink-1/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Service.objects.filter(pk="sink-1").exists()
+    assert "sink-1" not in lease_store.deadlines(get_redis(), ["sink-1"])
+    assert ServiceEvent.objects.filter(service_id="sink-1", kind=ServiceEventKind.DEREGISTERED).exists()
+    assert api.get("/api/v1/services/?selector=team=ingest").json()["count"] == 0  # not remembered past it
 
 
 def test_drain_action_sets_weight_zero(operator, three_services):
