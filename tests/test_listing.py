@@ -181,6 +181,7 @@ def test_an_id_set_takes_any_text_as_data(owner: tuple[ApiToken, str]) -> None:
             lease_expires_at=T0,
             owner=owner[0],
         )
+    assert [row[0] for row in listing.rows_of(ODD_IDS[::-1])] == ODD_IDS[::-1]  # rows by id, in the order asked
     for chosen in (ODD_IDS, ODD_IDS[:1], ["plain-1", "nope", '"'], ["NULL"], [""], ["\\"]):
         found = set(Service.objects.filter(InIdSet("pk", chosen)).values_list("pk", flat=True))
         assert found == {sid for sid in chosen if sid in [*ODD_IDS, "plain-1", "plain-2"]}, chosen
