@@ -4,16 +4,19 @@ asked for is one this process remembers (``registry.listing.PageCache``).
 Such a request is a query-string check, one Redis script call and a JSON encoding on the event loop: the
 script checks the token against the token cache, that the registry's membership counter and the change
 counter of each service name on the page still have the values the page was read at, and reads the
-page's lease deadlines. The body is the view's: the same remembered rows and count, written by
-``listing.representation`` with the live deadlines, the next and previous links built by DRF's own
-helpers from Django's own request object, encoded by DRF's JSON renderer.
+page's lease deadlines. When only a name's counter moved (a service on the page changed), or the page
+was not read yet, and the selector's matching ids are remembered, the page's rows are read by id on one
+of Django's request threads (``listing.read_page``: one statement, remembered again) without the rest
+of the Django request, and the deadlines in a second call. The body is the view's: the same rows and
+count, written by ``listing.representation`` with the live deadlines, the next and previous links built
+by DRF's own helpers from Django's own request object, encoded by DRF's JSON renderer.
 
 Everything else goes on to Django untouched, where the view answers and remembers the page for the next
-time: a page not remembered (or remembered before a registration or removal, or before a change of one of
-its services, or too long ago), a token that is not active (one not yet in the token cache is loaded into
-it, as the other fast paths do), a ``health`` filter, a query the view would refuse or read in its own way
-(``format``, a page or page size that is not a plain number), a browser's Accept header, a throttled
-deployment.
+time: a page not remembered (or remembered before a registration or removal, or too long ago; or a page
+whose rows must be read that is a walk of the list's index, not of remembered ids), a token that is not
+active (one not yet in the token cache is loaded into it, as the other fast paths do), a ``health``
+filter, a query the view would refuse or read in its own way (``format``, a page or page size that is
+not a plain number), a browser's Accept header, a throttled deployment.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -39,6 +43,8 @@ from .fastpath import authenticate, host_allowed, json_request_headers, with_fre
 from .leases import cache_token
 from .redis_client import get_async_redis
 
+RunSync = Callable[..., Awaitable[Any]]
+
 log = logging.getLogger(__name__)
 
 LIST_PATH = "/api/v1/services/"
@@ -46,19 +52,23 @@ PLAIN_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 PAGE_SIZE_DEFAULT = listing.ServiceListPagination.page_size
 PAGE_SIZE_MAX = listing.ServiceListPagination.max_page_size
 
-# KEYS: the token's cache entry, the registry's membership counter, the lease deadlines, then the change
-# counter of each service name on the page. ARGV: the membership counter's value the entry was read at, each
-# name's counter as remembered ("" for unset), then the page's service ids.
-# Replies: {'TOKEN_MISS'} | {'STALE'} | {'OK', deadline or false, ...}.
+# KEYS: the token's cache entry, the registry's membership counter, the lease deadlines, the registry's change
+# counter, then the change counter of each service name on the page. ARGV: the membership counter's value the
+# entry was read at, whether the page is remembered ("1") or not ("0"), each name's counter as remembered
+# ("" for unset), then the page's service ids.
+# Replies: {'TOKEN_MISS'} | {'STALE'} (the count and ids no longer hold) | {'ROWS', the change counter or ""}
+# (they do, but the page's rows are to be read) | {'OK', deadline or false, ...}.
 PAGE_LUA = """
 if not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'STALE'} end
-local names = #KEYS - 3
+local names = #KEYS - 4
+local rows = ARGV[2] == '0'
 for i = 1, names do
-  if (redis.call('GET', KEYS[3 + i]) or '') ~= ARGV[1 + i] then return {'STALE'} end
+  if (redis.call('GET', KEYS[4 + i]) or '') ~= ARGV[2 + i] then rows = true end
 end
-if #ARGV == names + 1 then return {'OK'} end
-local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, names + 2))
+if rows then return {'ROWS', redis.call('GET', KEYS[4]) or ''} end
+if #ARGV == names + 2 then return {'OK'} end
+local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, names + 3))
 table.insert(reply, 1, 'OK')
 return reply
 """
@@ -106,9 +116,12 @@ def _read(query_string: bytes) -> Query | None:
 class ServiceListFastPath:
     """ASGI middleware: answers the list pages this process remembers and passes everything else to ``app``."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, run_sync: RunSync | None = None) -> None:
         self.app = app
         self.renderer = JSONRenderer()
+        # Where the page's rows are read when they must be (the request threads of Django's handler);
+        # without it, such a request goes to the view.
+        self.run_sync = run_sync
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (
@@ -139,12 +152,14 @@ class ServiceListFastPath:
         if memo is None or memo.count is None:
             return False
         page = memo.pages.get((number, per_page))
-        if page is None:
+        if page is None and (memo.ids is None or self.run_sync is None):
             return False
-        rows = page.rows
+        stamps = page.stamps if page is not None else ()
+        rows = page.rows if page is not None else []
         k = lease_store.keys()
-        keys = [k.token(token_hash), events.services_membership_key(), k.deadline, *listing.stamp_keys(page.stamps)]
-        args = [str(memo.version), *(stamp for _, stamp in page.stamps), *(row[0] for row in rows)]
+        keys = [k.token(token_hash), events.services_membership_key(), k.deadline, events.services_version_key()]
+        keys += listing.stamp_keys(stamps)
+        args = [str(memo.version), "1" if page is not None else "0", *(s for _, s in stamps), *(row[0] for row in rows)]
         r = get_async_redis()
         try:
             reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
@@ -153,6 +168,18 @@ class ServiceListFastPath:
                 if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, token_hash):
                     return False
                 reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
+            if reply[0] == b"ROWS":
+                if memo.ids is None or self.run_sync is None:
+                    return False  # a page that is a walk of the list's index: the view reads it
+                ids = memo.ids[(number - 1) * per_page : number * per_page]
+                if not ids and number > 1:
+                    return False  # past the end: the view's 404
+                changes = reply[1] or None  # the registry's change counter before the rows are read
+                read = await self.run_sync(listing.read_page, memo, (number, per_page), ids, changes)
+                if read is None:
+                    return False  # a remembered id is gone: the view reads afresh
+                rows = read
+                reply = [b"OK", *(await r.zmscore(k.deadline, ids))] if ids else [b"OK"]
         except redis.RedisError:
             return False  # Django answers as it does when Redis is unreachable
         except (db.OperationalError, db.InterfaceError):

@@ -371,6 +371,22 @@ def rows_of(service_ids: list[str]) -> list[tuple[Any, ...]] | None:
 _BY_ID: dict[str, str | None] = {}  # per database: the statement reading rows by id (or None: use the ORM)
 
 
+def read_page(
+    memo: Remembered, page: tuple[int, int], ids: list[str], changes: bytes | None
+) -> list[tuple[Any, ...]] | None:
+    """The rows of ``ids``, page ``page`` (number, size) of ``memo``'s remembered ids, remembered with it
+    (``changes``: the registry's change counter before they were read); None if one is gone, and then
+    ``memo`` is dropped."""
+    rows = rows_of(ids)
+    if rows is None:
+        PAGES.forget(memo)
+        return None
+    stamps = stamps_after(rows, changes)
+    if stamps is not None:
+        PAGES.add_page(memo, page, rows, stamps)
+    return rows
+
+
 class CountingPaginator(Paginator):
     """A Django paginator over a queryset, built by ``build`` only when the database is read, whose pages
     are ``COLUMNS`` tuples (``page_rows``). With ``fuse`` (a callable, asked only when the database is

@@ -34,7 +34,11 @@ application = ProtocolTypeRouter(
     {
         "http": SelectFastPath(
             HeartbeatFastPath(
-                UnchangedRegistrationFastPath(ServiceListFastPath(BodyLimit(ASGIStaticFilesHandler(django_asgi_app))))
+                UnchangedRegistrationFastPath(
+                    ServiceListFastPath(
+                        BodyLimit(ASGIStaticFilesHandler(django_asgi_app)), run_sync=django_asgi_app.run_sync
+                    )
+                )
             )
         ),
         "websocket": OriginCheck(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),

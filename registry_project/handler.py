@@ -21,14 +21,17 @@ connection (e.g. after a database restart) and reconnects instead of failing.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections, connections
 from django.http import HttpRequest, HttpResponseBase
+
+T = TypeVar("T")
 
 
 class SyncChainASGIHandler(ASGIHandler):
@@ -50,22 +53,28 @@ class SyncChainASGIHandler(ASGIHandler):
         return None
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
-        # Called from sync code through async_to_sync (a test, a management command), the request
-        # runs in that caller's thread, as thread-sensitive code always does, on its connection.
-        if self.executor is None or getattr(AsyncToSync.executors, "current", None) is not None:
-            return await sync_to_async(self.get_response, thread_sensitive=True)(request)
-        return await sync_to_async(self._respond, thread_sensitive=False, executor=self.executor)(request)
+        return await self.run_sync(self.get_response, request)
 
-    def _respond(self, request: HttpRequest) -> HttpResponseBase:
-        # request_started's close_old_connections ran on another thread: this one's connection is
-        # the one this request uses, so check it here (and again after, as request_finished would).
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` where a request's view runs: on a thread of the pool, its connection checked before
+        and after (an ASGI fast path that reads the database uses this too). Called from sync code through
+        async_to_sync (a test, a management command), it runs in that caller's thread, as thread-sensitive
+        code always does, on its connection."""
+        if self.executor is None or getattr(AsyncToSync.executors, "current", None) is not None:
+            return await sync_to_async(fn, thread_sensitive=True)(*args)
+        return await sync_to_async(_checked, thread_sensitive=False, executor=self.executor)(fn, *args)
+
+
+def _checked(fn: Callable[..., T], *args: Any) -> T:
+    # request_started's close_old_connections ran on another thread: this one's connection is the one
+    # this request uses, so check it here (and again after, as request_finished would).
+    drop_failed_sqlite_connections()
+    close_old_connections()
+    try:
+        return fn(*args)
+    finally:
         drop_failed_sqlite_connections()
         close_old_connections()
-        try:
-            return self.get_response(request)
-        finally:
-            drop_failed_sqlite_connections()
-            close_old_connections()
 
 
 def drop_failed_sqlite_connections() -> None:

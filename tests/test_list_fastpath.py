@@ -11,8 +11,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from registry import lease_store, leases
-from registry.models import ApiToken
+from registry import lease_store, leases, listing
+from registry.models import ApiToken, Service
 from registry.redis_client import get_redis
 from tests.conftest import asgi_request, client_for, service_body
 
@@ -95,6 +95,33 @@ def test_a_page_stays_on_the_fast_path_until_one_of_its_services_or_the_membersh
     register(api, "c", service_name="zz-other")  # a registration: the count may change, every page is read
     _, body, queries = get(first, owner[1])
     assert queries >= 1 and b'"count":4' in body
+
+
+@pytest.mark.django_db
+def test_after_a_change_of_a_listed_service_the_fast_path_reads_only_the_rows(owner, api) -> None:
+    for sid in ("a", "b", "c", "e"):
+        register(api, sid)
+    path = "/api/v1/services/?selector=env=prod,zone=a&page_size=2"
+    get(path, owner[1])  # the view reads the matches' ids and the page
+    assert get(path, owner[1])[2] == 0
+    leases.set_operator_weight(["a"], 3)
+    status, fast, queries = get(path, owner[1])
+    assert (status, queries) == (200, 1) and b'"operator_weight":3' in fast  # the rows alone: no token, no labels
+    assert get(path, owner[1])[2] == 0  # remembered again
+    listing.PAGES.clear()
+    assert get(path, owner[1])[1] == fast  # what the view answers
+    # a page not read yet, of remembered ids: its rows read by the fast path, as the view reads them
+    status, fast, queries = get(path + "&page=2", owner[1])
+    assert (status, queries) == (200, 1) and b'"service_id":"c"' in fast
+    listing.PAGES.clear()
+    assert get(path + "&page=2", owner[1])[1] == fast
+    get(path, owner[1])
+    assert get(path + "&page=3", owner[1])[0] == 404  # past the end: the view's answer
+    # a removal that was not counted: the rows read show it, and the view answers afresh
+    Service.objects.filter(pk="b").delete()
+    leases.set_operator_weight(["a"], 4)
+    status, body, _ = get(path, owner[1])
+    assert status == 200 and b'"count":2' in body and b'"service_id":"b"' not in body
 
 
 @pytest.mark.django_db
