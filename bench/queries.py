@@ -153,7 +153,7 @@ COUNTERS = {
 }
 # Timed by this script's client, not wrk: each read after a change of a service on the page, or repeated.
 TIMED_HERE = {"selector-after-change": True, "selector-repeated-httpx": False}
-SETTLE_SECONDS = 0.2
+SETTLE_SECONDS = 0.02
 
 
 def counter(on: bool) -> None:

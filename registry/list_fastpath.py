@@ -1,22 +1,23 @@
-"""The service list fast path: an ASGI route in front of Django for GET /api/v1/services/ when the page
-asked for is one this process remembers (``registry.listing.PageCache``).
+"""The service list fast path: an ASGI route in front of Django for GET /api/v1/services/, answering the
+pages of lists without a ``health`` filter without the Django request cycle.
 
-Such a request is a query-string check, one Redis script call and a JSON encoding on the event loop: the
-script checks the token against the token cache, that the registry's membership counter and the change
-counter of each service name on the page still have the values the page was read at, and reads the
-page's lease deadlines. When only a name's counter moved (a service on the page changed), or the page
-was not read yet, and the selector's matching ids are remembered, the page's rows are read by id on one
-of Django's request threads (``listing.read_page``: one statement, remembered again) without the rest
-of the Django request, and the deadlines in a second call. The body is the view's: the same rows and
-count, written by ``listing.representation`` with the live deadlines, the next and previous links built
-by DRF's own helpers from Django's own request object, encoded by DRF's JSON renderer.
+A page this process remembers (``registry.listing.PageCache``) is a query-string check, one Redis script
+call and a JSON encoding on the event loop: the script checks the token against the token cache, that the
+registry's membership counter and the change counter of each service name on the page still have the
+values the page was read at, and reads the page's lease deadlines. When only a name's counter moved (a
+service on the page changed), or the page was not read yet, and the selector's matching ids are
+remembered, the page's rows are read by id (``listing.read_page``: one statement); anything else not
+remembered is read as the view reads it (``listing.read_fresh``: the view's own paginator and queries).
+Both run on one of Django's request threads (``run_sync``), the token checked in Redis first, and are
+remembered for the next time. The body is the view's: the same rows and count, written by
+``listing.representation`` with the live deadlines, the next and previous links built by DRF's own
+helpers from Django's own request object, encoded by DRF's JSON renderer.
 
-Everything else goes on to Django untouched, where the view answers and remembers the page for the next
-time: a page not remembered (or remembered before a registration or removal, or too long ago; or a page
-whose rows must be read that is a walk of the list's index, not of remembered ids), a token that is not
-active (one not yet in the token cache is loaded into it, as the other fast paths do), a ``health``
-filter, a query the view would refuse or read in its own way (``format``, a page or page size that is
-not a plain number), a browser's Accept header, a throttled deployment.
+Everything else goes on to Django untouched, where the view answers: a token that is not active (one not
+yet in the token cache is loaded into it, as the other fast paths do), a ``health`` filter, a page that
+does not exist, a query the view would refuse or read in its own way (``format``, a page or page size
+that is not a plain number), a browser's Accept header, a throttled deployment, an error of Redis or of
+the database.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ table.insert(reply, 1, 'OK')
 return reply
 """
 
-# What a query string reads as: None (Django's business) or (filters, page number, page size). Remembered
-# by the exact bytes of the query, short ones only.
-Query = tuple[tuple[Any, ...], int, int]
+# What a query string reads as: None (Django's business) or (filters, page number, page size, the filters'
+# validated values). Remembered by the exact bytes of the query, short ones only.
+Query = tuple[tuple[Any, ...], int, int, dict[str, Any]]
 _MAX_QUERY = 1200
 _MAX_QUERIES = 4096
 _queries: dict[bytes, Query | None] = {}
@@ -110,17 +111,19 @@ def _read(query_string: bytes) -> Query | None:
     if not query.is_valid():
         return None  # the view's 400
     filters = tuple(sorted((k, repr(v)) for k, v in query.validated_data.items()))
-    return filters, int(page or 1), min(int(size), PAGE_SIZE_MAX) if size else PAGE_SIZE_DEFAULT
+    size_read = min(int(size), PAGE_SIZE_MAX) if size else PAGE_SIZE_DEFAULT
+    return filters, int(page or 1), size_read, dict(query.validated_data)
 
 
 class ServiceListFastPath:
-    """ASGI middleware: answers the list pages this process remembers and passes everything else to ``app``."""
+    """ASGI middleware: answers list pages (remembered, or read on Django's request threads) and passes
+    everything else to ``app``."""
 
     def __init__(self, app: Any, run_sync: RunSync | None = None) -> None:
         self.app = app
         self.renderer = JSONRenderer()
-        # Where the page's rows are read when they must be (the request threads of Django's handler);
-        # without it, such a request goes to the view.
+        # Where a page is read when it must be (the request threads of Django's handler); without it, only
+        # remembered pages are answered here.
         self.run_sync = run_sync
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -136,7 +139,7 @@ class ServiceListFastPath:
         await self.app(scope, receive, send)
 
     async def answer(self, scope: dict[str, Any], send: Any) -> bool:
-        """Answer from a remembered page; False to leave the request to Django."""
+        """Answer the page; False to leave the request to Django."""
         headers = json_request_headers(scope)
         if headers is None:
             return False
@@ -147,59 +150,25 @@ class ServiceListFastPath:
         token_hash, refused = authenticate(authorization)
         if refused is not None:
             return False  # the view's 401
-        filters, number, per_page = query
-        memo = listing.PAGES.remembered_now(filters)
-        if memo is None or memo.count is None:
+        filters, number, per_page, params = query
+        found = await self.page_of(token_hash, filters, params, number, per_page)
+        if found is None:
             return False
-        page = memo.pages.get((number, per_page))
-        if page is None and (memo.ids is None or self.run_sync is None):
-            return False
-        stamps = page.stamps if page is not None else ()
-        rows = page.rows if page is not None else []
-        k = lease_store.keys()
-        keys = [k.token(token_hash), events.services_membership_key(), k.deadline, events.services_version_key()]
-        keys += listing.stamp_keys(stamps)
-        args = [str(memo.version), "1" if page is not None else "0", *(s for _, s in stamps), *(row[0] for row in rows)]
-        r = get_async_redis()
-        try:
-            reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
-            if reply[0] == b"TOKEN_MISS":
-                # Load the token into the cache as the other fast paths do (none such, or inactive: the view's 401)
-                if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, token_hash):
-                    return False
-                reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
-            if reply[0] == b"ROWS":
-                if memo.ids is None or self.run_sync is None:
-                    return False  # a page that is a walk of the list's index: the view reads it
-                ids = memo.ids[(number - 1) * per_page : number * per_page]
-                if not ids and number > 1:
-                    return False  # past the end: the view's 404
-                changes = reply[1] or None  # the registry's change counter before the rows are read
-                read = await self.run_sync(listing.read_page, memo, (number, per_page), ids, changes)
-                if read is None:
-                    return False  # a remembered id is gone: the view reads afresh
-                rows = read
-                reply = [b"OK", *(await r.zmscore(k.deadline, ids))] if ids else [b"OK"]
-        except redis.RedisError:
-            return False  # Django answers as it does when Redis is unreachable
-        except (db.OperationalError, db.InterfaceError):
-            return False
-        if reply[0] != b"OK":
-            return False
+        count, rows, deadlines = found
         now = timezone.now()
         live = {
             row[0]: (int(score) if score is not None else None, None)
-            for row, score in zip(rows, reply[1:], strict=True)
+            for row, score in zip(rows, deadlines, strict=True)
         }
         results = listing.representation(rows, now, live)
         request = ASGIRequest(scope, io.BytesIO())
         url = request.build_absolute_uri()
-        pages = max(1, -(-memo.count // per_page))
+        pages = max(1, -(-count // per_page))
         previous = None
         if number > 1:
             previous = remove_query_param(url, "page") if number == 2 else replace_query_param(url, "page", number - 1)
         body = {
-            "count": memo.count,
+            "count": count,
             "next": replace_query_param(url, "page", number + 1) if number < pages else None,
             "previous": previous,
             "results": results,
@@ -214,3 +183,59 @@ class ServiceListFastPath:
         )
         await send({"type": "http.response.body", "body": payload})
         return True
+
+    async def page_of(
+        self, token_hash: str, filters: tuple[Any, ...], params: dict[str, Any], number: int, per_page: int
+    ) -> tuple[int, list[tuple[Any, ...]], list[Any]] | None:
+        """(count, rows, each row's lease deadline) of the page asked for, with the token checked; None to
+        leave the request to the view (a token not active, a page that does not exist, an error)."""
+        r = get_async_redis()
+        k = lease_store.keys()
+        try:
+            memo = listing.PAGES.remembered_now(filters)
+            if memo is not None and memo.count is not None:
+                page = memo.pages.get((number, per_page))
+                stamps = page.stamps if page is not None else ()
+                rows = page.rows if page is not None else []
+                keys = [k.token(token_hash), events.services_membership_key(), k.deadline]
+                keys += [events.services_version_key(), *listing.stamp_keys(stamps)]
+                args = [str(memo.version), "1" if page is not None else "0", *(v for _, v in stamps)]
+                args += [row[0] for row in rows]
+                reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
+                if reply[0] == b"TOKEN_MISS":
+                    if not await self.load_token(token_hash):
+                        return None
+                    reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
+                if reply[0] == b"OK":
+                    return memo.count, rows, reply[1:]
+                if reply[0] == b"ROWS" and memo.ids is not None and self.run_sync is not None:
+                    ids = memo.ids[(number - 1) * per_page : number * per_page]
+                    if not ids and number > 1:
+                        return None  # past the end: the view's 404
+                    changes = reply[1] or None  # the registry's change counter before the rows are read
+                    read = await self.run_sync(listing.read_page, memo, (number, per_page), ids, changes)
+                    if read is not None:
+                        return memo.count, read, await deadlines(r, ids)
+                # a registration or removal since, a page that is a walk of the index, or a gone id: read afresh
+            elif not await r.exists(k.token(token_hash)) and not await self.load_token(token_hash):
+                return None
+            if self.run_sync is None:
+                return None
+            fresh = await self.run_sync(listing.read_fresh, filters, params, number, per_page)
+            if fresh is None:
+                return None
+            count, rows = fresh
+            return count, rows, await deadlines(r, [row[0] for row in rows])
+        except redis.RedisError:
+            return None  # Django answers as it does when Redis is unreachable
+        except db.DatabaseError:
+            return None  # and as it does when the database fails
+
+    async def load_token(self, token_hash: str) -> bool:
+        """Load the token into the cache as the other fast paths do; False if there is no such active token
+        (the view's 401)."""
+        return bool(await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, token_hash))
+
+
+async def deadlines(r: Any, service_ids: list[str]) -> list[Any]:
+    return list(await r.zmscore(lease_store.keys().deadline, service_ids)) if service_ids else []

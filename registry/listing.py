@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.core.paginator import Page, Paginator
+from django.core.paginator import InvalidPage, Page, Paginator
 from django.db import connection
 from django.db.models import F, QuerySet
 from django.utils import timezone
@@ -369,6 +369,37 @@ def rows_of(service_ids: list[str]) -> list[tuple[Any, ...]] | None:
 
 
 _BY_ID: dict[str, str | None] = {}  # per database: the statement reading rows by id (or None: use the ORM)
+
+
+def filtered(params: dict[str, Any]) -> QuerySet[Service]:
+    """The services a list's filters (as ``ServiceQuerySerializer`` validates them) select, but ``health``,
+    which the view applies with the lapsed leases of the moment."""
+    qs = Service.objects.all()
+    if "name" in params:
+        qs = qs.filter(service_name=params["name"])
+    if "type" in params:
+        qs = qs.filter(service_type=params["type"])
+    if "group_id" in params:
+        qs = qs.filter(group_id=params["group_id"])
+    if "selector" in params:
+        qs = qs.matching(params["selector"])
+    return qs
+
+
+def read_fresh(
+    filters: tuple[Any, ...], params: dict[str, Any], number: int, per_page: int
+) -> tuple[int, list[tuple[Any, ...]]] | None:
+    """The count and page ``number`` of the list ``params`` selects (without a ``health`` filter), read and
+    remembered as the view reads and remembers them (``CountingPaginator``); None for a page that does not
+    exist (the view's 404)."""
+    selector = params.get("selector")
+    fuse = (lambda: fuse_selector(selector)) if selector else None
+    paginator = CountingPaginator(lambda: filtered(params), per_page, fuse, PAGES.entry(filters))
+    try:
+        rows = paginator.page(number).object_list
+    except InvalidPage:
+        return None
+    return paginator.count, list(rows)
 
 
 def read_page(

@@ -105,15 +105,7 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             self.paginator.reading = listing.PAGES.entry(filters)
 
         def build() -> QuerySet[Service]:
-            qs = Service.objects.all()
-            if "name" in params:
-                qs = qs.filter(service_name=params["name"])
-            if "type" in params:
-                qs = qs.filter(service_type=params["type"])
-            if "group_id" in params:
-                qs = qs.filter(group_id=params["group_id"])
-            if "selector" in params:
-                qs = qs.matching(params["selector"])
+            qs = listing.filtered(params)
             if "health" in params:
                 qs = qs.with_effective_health(params["health"], leases.lapsed_ids(self.now))
             return qs
