@@ -350,8 +350,8 @@ def rows_of(service_ids: list[str]) -> list[tuple[Any, ...]] | None:
     is the same for every page: it is compiled once per database."""
     if not service_ids:
         return []
-    statement = _BY_ID.get(connection.alias)
-    if statement is None:
+    statement = _BY_ID.get(connection.alias, "")
+    if statement == "":
         by_id = Service.objects.filter(InIdSet("pk", ["?"])).annotate(owner_name=F("owner__name"))
         sql, params = by_id.values_list(*COLUMNS).query.get_compiler(using=connection.alias).as_sql()
         statement = _BY_ID[connection.alias] = sql if len(params) == 1 else None
