@@ -285,7 +285,7 @@ def measure(
                 servers = stack.server_pids()
                 cpu_before = cpu_seconds(servers)
                 if query in TIMED_HERE:
-                    one = timed_reads(stack, path, seconds, change_first=TIMED_HERE[query])
+                    one = timed_reads(stack, path, 2 * seconds, change_first=TIMED_HERE[query])  # more samples
                 else:
                     one = run_wrk(stack.url + path, script, seconds, connections=1)
                 cpu_ms = one.get("cpu_ms") or (cpu_seconds(servers) - cpu_before) * 1000 / max(1, one["requests"])
