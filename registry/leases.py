@@ -25,6 +25,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import AutoField, JSONField, Max, Model
 from django.utils import timezone
+from psycopg.adapt import Transformer
 
 from . import events, lease_store, lifecycle, reregister, revisions
 from .errors import Forbidden, NotFound
@@ -246,39 +247,41 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
             service.live_expires_at = service.lease_expires_at
         created = [p.service for p in work if p.created and p.service is not None]
         replaced = [p.service for p in work if not p.created and p.service is not None]
-        if created:
-            _insert_rows(Service, created)
         if replaced:
             Service.objects.bulk_update(replaced, [*_FIELDS, "weight", "revision", "recoveries_seen"])
         relabelled = [p.service for p in work if p.labels_changed and p.service is not None]
         if relabelled:
             ServiceLabel.objects.filter(service__in=[s.service_id for s in relabelled]).delete()
+        # New rows, their labels and every registration's history row in one step.
         _insert_rows(
-            ServiceLabel,
-            [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
+            (Service, created),
+            (
+                ServiceLabel,
+                [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
+            ),
+            (
+                ServiceEvent,
+                [
+                    lifecycle.event(
+                        p.service,
+                        Kind.REGISTERED if p.created else Kind.REREGISTERED,
+                        Actor.token(p.token),
+                        {
+                            **lifecycle.diff(p.before or {}, lifecycle.snapshot(p.service)),
+                            "lease_expires_at": [None, _iso(p.deadline_ms)],
+                        },
+                        now,
+                        p.service.effective_revision(now),
+                    )
+                    for p in work
+                    if p.service is not None
+                ],
+            ),
         )
         # After the inserts: a first registration that loses a race must not touch the winner's entry.
         _put_leases(r, [(p.service, p.deadline_ms) for p in work if p.service is not None])
         counts = {"registrations": len(created), "reregistrations": len(replaced)}
         transaction.on_commit(lambda: _count(r, counts))
-        _insert_rows(
-            ServiceEvent,
-            [
-                lifecycle.event(
-                    p.service,
-                    Kind.REGISTERED if p.created else Kind.REREGISTERED,
-                    Actor.token(p.token),
-                    {
-                        **lifecycle.diff(p.before or {}, lifecycle.snapshot(p.service)),
-                        "lease_expires_at": [None, _iso(p.deadline_ms)],
-                    },
-                    now,
-                    p.service.effective_revision(now),
-                )
-                for p in work
-                if p.service is not None
-            ],
-        )
         events.services_registered([(p.service, (p.before or {}).get("service_name")) for p in work if p.service])
     for index, p in enumerate(batch):
         if outcomes[index] is None and p.service is not None:
@@ -300,34 +303,50 @@ def _locked_rows(ids: list[str]) -> list[Service]:
     return list(Service.objects.raw(sql, ids))
 
 
-def _insert_rows(model: type[Model], rows: list[Any]) -> None:
-    """``bulk_create`` of ``rows`` (new ``model`` instances; an auto id is not read back). On PostgreSQL one
-    plain multi-row INSERT with the values Django prepares for each field: Django's own statement there
-    (INSERT ... SELECT * FROM UNNEST of one array per column) costs several times more to build and
-    bind for the few dozen rows of a batch."""
-    if not rows:
+def _insert_rows(*groups: tuple[type[Model], list[Any]]) -> None:
+    """``bulk_create`` of each group's rows (new instances of its model; an auto id is not read back), in
+    the order given. On PostgreSQL ONE statement for all of them (each INSERT before the last a
+    data-modifying WITH query: PostgreSQL runs every one to completion, and checks the foreign keys, which
+    Django declares deferred, at commit), with the values Django prepares for each field written as the
+    literals psycopg's client-side binding writes. Django's own statement there (INSERT ... SELECT * FROM
+    UNNEST of one array per column) costs several times more to build and bind for the few dozen rows of
+    a batch, and psycopg splits a statement of more than 50 parameters anew at every call."""
+    groups = tuple((model, rows) for model, rows in groups if rows)
+    if not groups:
         return
     if connection.vendor != "postgresql":
-        model.objects.bulk_create(rows)
+        for model, rows in groups:
+            model.objects.bulk_create(rows)
         return
-    fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
-    quote = connection.ops.quote_name
-    row = f"({', '.join(['%s'] * len(fields))})"
-    sql = (
-        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-        f"VALUES {', '.join([row] * len(rows))}"
-    )
     db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
-    params = []
+    with db.cursor() as cursor:
+        literal = Transformer.from_context(cursor.cursor).as_literal
+        *first, last = [_insert_sql(model, rows, db, literal) for model, rows in groups]
+        sql = "".join([f"WITH {', '.join(f'i{n} AS ({s})' for n, s in enumerate(first))} " if first else "", last])
+        cursor.execute(sql)
+    for _model, rows in groups:
+        for obj in rows:
+            obj._state.adding = False
+            obj._state.db = db.alias
+
+
+def _insert_sql(model: type[Model], rows: list[Any], db: Any, literal: Callable[[Any], bytes]) -> str:
+    """A multi-row INSERT of ``rows`` with every value written as a literal (psycopg's ``as_literal``)."""
+    fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
+    quote = db.ops.quote_name
+    values = []
     for obj in rows:
+        row = []
         for f in fields:
             value = f.pre_save(obj, True)
-            params.append(value if _is_plain(f, value) else f.get_db_prep_save(value, db))
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
-    for obj in rows:
-        obj._state.adding = False
-        obj._state.db = db.alias
+            if not _is_plain(f, value):
+                value = f.get_db_prep_save(value, db)
+            row.append(b"NULL" if value is None else literal(value))
+        values.append(b"(" + b", ".join(row) + b")")
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+        f"VALUES {b', '.join(values).decode(db.connection.info.encoding)}"
+    )
 
 
 def _is_plain(field: Any, value: Any) -> bool:
