@@ -52,6 +52,7 @@ from .loop_batch import LoopBatcher
 from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
+from .registration_input import common_registration
 from .serializers import RegisterSerializer, registered_body
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,14 @@ class UnchangedRegistrationFastPath:
             return
         body, complete = await _read_body(receive)
         if complete:
-            authorization = headers.get(b"authorization", b"")
-            answer = await _try_unchanged(body, authorization)
+            key = token_from_header(headers.get(b"authorization", b"").decode("latin-1")) or ""
+            data = _parse(body) if key else None  # (no key, or not a JSON object: Django answers)
+            answer, request_digest = await _try_unchanged(data, key) if data is not None else (None, None)
             if answer is not None:
                 await limits.send_json(send, 200, answer)
                 return
             scope = {**scope, reregister.CHECKED: True}  # the view need not ask Redis again
-            job = _job(body, authorization)
+            job = _job(data, key, request_digest) if data is not None else None
             if job is not None:
                 result = await batcher().submit(job)
                 if result is not None:
@@ -144,40 +146,43 @@ def _replay(body: bytes, complete: bool, receive: Any) -> Any:
     return replayed
 
 
-async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | None:
-    """The answer to an unchanged re-registration, or None (let Django register it)."""
-    key = token_from_header(authorization.decode("latin-1"))
-    if not key:
-        return None
+def _parse(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of a body; None if it is not one (Django answers it)."""
     try:
         data = limits.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("service_id"), str):
-        return None
+    return data if isinstance(data, dict) else None
+
+
+async def _try_unchanged(data: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The answer to an unchanged re-registration, or None (let Django register it); and the request's
+    digest, if it was taken (None: it could not be)."""
+    if not isinstance(data.get("service_id"), str):
+        return None, None
     if path_identifier_error("service_id", data["service_id"]) is not None:
-        return None  # never registered: Django names the field
+        return None, None  # never registered: Django names the field
     health = data.get("health", Health.HEALTHY)
     if not isinstance(health, str) or health not in HEALTHS:  # (a set: a list or object is no member)
-        return None
+        return None, None
     try:
         request_digest = reregister.digest(data)
     except (TypeError, ValueError):
-        return None
+        return None, None
     key_hash = hash_token(key)
     check = (reregister.token_key(key_hash), data["service_id"], request_digest, health)
     try:
         for _attempt in range(2):
             code, deadline, snapshot = await unchanged_checker().run(check)
             if code == b"OK":
-                return reregister.unchanged_body(snapshot, int(deadline))
+                return reregister.unchanged_body(snapshot, int(deadline)), request_digest
             if code != b"TOKEN_MISS":
-                return None
+                return None, request_digest
             if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
-                return None  # not a token: Django answers 401
+                return None, request_digest  # not a token: Django answers 401
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
-    return None
+    return None, request_digest
 
 
 # A renewal check: the token's key, service id, request digest, reported health (RENEW_UNCHANGED_MANY_LUA).
@@ -232,22 +237,18 @@ class Answer:
     headers: list[tuple[bytes, bytes]]
 
 
-def _job(body: bytes, authorization: bytes) -> Job | None:
-    """The registration in a request, validated as the view validates it; None: let Django answer it."""
-    key = token_from_header(authorization.decode("latin-1"))
-    if not key:
-        return None
-    try:
-        data = limits.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    try:
-        validated = dict(_validator().run_validation(data))
-    except ValidationError:
-        return None  # Django authenticates first, then answers the same 400 naming the field
-    return Job(validated, hash_token(key), reregister.digest(validated))
+def _job(data: dict[str, Any], key: str, request_digest: str | None) -> Job | None:
+    """The registration in a request, validated as the view validates it; None: let Django answer it.
+    ``request_digest``: the digest of ``data`` as sent, if taken."""
+    validated = common_registration(data)
+    if validated is None:
+        try:
+            validated = dict(_validator().run_validation(data))
+        except ValidationError:
+            return None  # Django authenticates first, then answers the same 400 naming the field
+        request_digest = None
+    # A body in the common form validates to its own fields, values and types: the same digest.
+    return Job(validated, hash_token(key), request_digest or reregister.digest(validated))
 
 
 _validators = threading.local()
