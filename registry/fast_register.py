@@ -271,10 +271,21 @@ RETRY = [(b"retry-after", b"1")]
 MAX_UNSENT = 4096
 
 
+# How long a batch may wait for the registrations it expects (``RegistrationBatcher._gather``), and over
+# how long a window the number of registrations in flight at once is remembered.
+LINGER = 0.003
+PEAK_WINDOW = 1.0
+
+
 class RegistrationBatcher:
     """Group commit for registrations on one event loop: while a batch is in the database, new jobs wait
     and form the next batch, which takes each service id at most once (a second registration of an id
-    waits for the batch after: as if they came one after the other)."""
+    waits for the batch after: as if they came one after the other).
+
+    A batch costs about as much for one registration as for eight, and clients answered by one batch come
+    back while the next one runs: alone, a steady load splits into two alternating batches (one and seven
+    of eight clients, say). So a batch is started once as many registrations are pending as were lately
+    in flight at once, or after LINGER: the clients come back together, and a lone client never waits."""
 
     def __init__(self) -> None:
         self.pending: list[tuple[Job, asyncio.Future[Answer | None]]] = []
@@ -282,15 +293,45 @@ class RegistrationBatcher:
         self.publishing: asyncio.Task[None] | None = None
         self.unsent = 0  # events of committed batches not sent yet
         self.finishing: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # submitted and not answered yet
+        self.peak = self.peak_before = 0  # the most in flight at once in this window, and in the one before
+        self.window_ends = 0.0
+        self.arrival: asyncio.Future[None] | None = None  # what _gather waits on
 
     async def submit(self, job: Job) -> Answer | None:
         """The answer to ``job`` (None: let Django answer the request)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Answer | None] = loop.create_future()
         self.pending.append((job, future))
+        self.in_flight += 1
+        now = loop.time()
+        if now >= self.window_ends:
+            self.peak_before, self.peak, self.window_ends = self.peak, 0, now + PEAK_WINDOW
+        self.peak = max(self.peak, self.in_flight)
+        if self.arrival is not None and not self.arrival.done():
+            self.arrival.set_result(None)
         if self.running is None or self.running.done():
             self.running = loop.create_task(self._drain())
-        return await future
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
+
+    async def _gather(self) -> None:
+        """Wait, at most LINGER, until as many registrations are pending as were lately in flight at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER
+        while len(self.pending) < min(MAX_BATCH, max(self.peak, self.peak_before)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.arrival = loop.create_future()
+            timer = loop.call_later(remaining, _wake, self.arrival)
+            try:
+                await self.arrival
+            finally:
+                timer.cancel()
+                self.arrival = None
 
     def _next_batch(self) -> list[tuple[Job, asyncio.Future[Answer | None]]]:
         batch: list[tuple[Job, asyncio.Future[Answer | None]]] = []
@@ -310,6 +351,7 @@ class RegistrationBatcher:
             if self.unsent > MAX_UNSENT and self.publishing is not None:
                 # Watchers' events fell behind: let them catch up before writing more.
                 await asyncio.gather(self.publishing, return_exceptions=True)
+            await self._gather()
             batch = self._next_batch()
             try:
                 done = await sync_to_async(with_fresh_connection, thread_sensitive=True)(
@@ -345,6 +387,11 @@ class RegistrationBatcher:
             await events.send_collected(messages)
         finally:
             self.unsent -= len(messages)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RegistrationBatcher] = weakref.WeakKeyDictionary()

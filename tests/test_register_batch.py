@@ -285,3 +285,41 @@ def test_rows_written_by_a_batch_read_back_as_given(make_token):
         row.effective_revision(now),
     )
     assert event.change["labels"] == [None, quoted] and event.change["health"] == [None, "degraded"]
+
+
+def test_a_batch_waits_for_as_many_registrations_as_were_lately_in_flight_and_no_longer(monkeypatch):
+    """Clients answered by one batch come back while the next would start: it waits for them (up to
+    LINGER), so a steady load makes whole batches, not alternating small ones. Fewer than expected still
+    make their batch once LINGER is over, and a lone registration never waits."""
+    from registry import fast_register
+
+    sizes: list[int] = []
+
+    def run_batch(jobs: list[fast_register.Job], now: Any) -> fast_register.Done:
+        sizes.append(len(jobs))
+        return fast_register.Done([fast_register.Answer(201, {"id": j.service_id}, []) for j in jobs], [], [])
+
+    monkeypatch.setattr(fast_register, "run_batch", run_batch)
+
+    def job(i: int) -> fast_register.Job:
+        return fast_register.Job({"service_id": f"svc-{i}"}, "key-hash", "digest")
+
+    async def late(batcher: fast_register.RegistrationBatcher, i: int) -> Any:
+        for _turn in range(5):
+            await asyncio.sleep(0)
+        return await batcher.submit(job(i))
+
+    async def scenario() -> None:
+        alone = fast_register.RegistrationBatcher()
+        assert (await alone.submit(job(0))).body == {"id": "svc-0"}  # (LINGER is a minute here)
+        batcher = fast_register.RegistrationBatcher()
+        answers = await asyncio.gather(*(batcher.submit(job(i)) for i in range(4)))  # four in flight at once
+        assert [a.body["id"] for a in answers] == [f"svc-{i}" for i in range(4)]
+        await asyncio.gather(*(batcher.submit(job(i)) for i in range(10, 13)), late(batcher, 13))
+        assert batcher.in_flight == 0
+        fast_register.LINGER = 0.01
+        await asyncio.gather(*(batcher.submit(job(i)) for i in range(20, 23)))  # the fourth never comes
+
+    monkeypatch.setattr(fast_register, "LINGER", 60.0)
+    asyncio.run(scenario())
+    assert sizes == [1, 4, 4, 3]
