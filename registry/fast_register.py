@@ -419,11 +419,8 @@ class Done:
 def _active_tokens(key_hashes: set[str]) -> list[ApiToken]:
     """``ApiToken.objects.filter(key_hash__in=key_hashes, is_active=True)`` as a raw query (cheaper to build)."""
     quote = db.connection.ops.quote_name
-    sql = (
-        f"SELECT * FROM {quote(ApiToken._meta.db_table)} WHERE {quote('is_active')} "
-        f"AND {quote('key_hash')} IN ({', '.join(['%s'] * len(key_hashes))})"
-    )
-    return list(ApiToken.objects.raw(sql, sorted(key_hashes)))
+    where = f"WHERE {quote('is_active')} AND {quote('key_hash')} IN ({', '.join(['%s'] * len(key_hashes))})"
+    return leases.select_rows(ApiToken, where, sorted(key_hashes))
 
 
 def run_batch(jobs: list[Job], now: datetime) -> Done:

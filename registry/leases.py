@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -295,12 +296,46 @@ def _locked_rows(ids: list[str]) -> list[Service]:
     if not ids:
         return []
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    sql = (
-        f"SELECT * FROM {connection.ops.quote_name(Service._meta.db_table)} "
-        f"WHERE {connection.ops.quote_name('service_id')} IN ({', '.join(['%s'] * len(ids))}) "
-        f"ORDER BY {connection.ops.quote_name('service_id')}{lock}"
-    )
-    return list(Service.objects.raw(sql, ids))
+    quote = connection.ops.quote_name
+    where = f"WHERE {quote('service_id')} IN ({', '.join(['%s'] * len(ids))}) ORDER BY {quote('service_id')}{lock}"
+    return select_rows(Service, where, ids)
+
+
+# Per database connection and model: (index, converters, column) of each column whose value Django converts.
+_Converters = list[tuple[int, list[Callable[..., Any]], Any]]
+_converters: weakref.WeakKeyDictionary[Any, dict[type[Model], _Converters]] = weakref.WeakKeyDictionary()
+
+
+def select_rows(model: type[Model], where: str, params: Sequence[Any]) -> list[Any]:
+    """``model.objects.raw(f"SELECT * FROM <its table> {where}", params)``: the same instances, each value
+    through the same converters, without the raw queryset's machinery, which works out the columns, their
+    fields and their converters anew at every call (more than the database's answer costs, for a batch)."""
+    db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
+    fields = model._meta.concrete_fields
+    quote = db.ops.quote_name
+    sql = f"SELECT {', '.join(quote(f.column) for f in fields)} FROM {quote(model._meta.db_table)} {where}"
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    known = _converters.setdefault(db, {})
+    converters = known.get(model)
+    if converters is None:
+        converters = known[model] = []
+        for index, f in enumerate(fields):
+            column = f.get_col(model._meta.db_table)
+            functions = db.ops.get_db_converters(column) + column.get_db_converters(db)
+            if functions:
+                converters.append((index, functions, column))
+    out = []
+    for row in rows:
+        if converters:
+            values = list(row)
+            for index, functions, column in converters:
+                for convert in functions:
+                    values[index] = convert(values[index], column, db)
+            row = values
+        out.append(model.from_db(db.alias, None, row))
+    return out
 
 
 def _insert_rows(*groups: tuple[type[Model], list[Any]]) -> None:

@@ -323,3 +323,48 @@ def test_a_batch_waits_for_as_many_registrations_as_were_lately_in_flight_and_no
     monkeypatch.setattr(fast_register, "LINGER", 60.0)
     asyncio.run(scenario())
     assert sizes == [1, 4, 4, 3]
+
+
+def _fields_of(obj: Any) -> list[tuple[str, type, Any]]:
+    return [(f.attname, type(getattr(obj, f.attname)), getattr(obj, f.attname)) for f in obj._meta.concrete_fields]
+
+
+def test_rows_a_batch_reads_are_what_the_raw_queryset_reads(make_token):
+    """``leases.select_rows`` (the batch's locking read and token read) builds the same instances as
+    ``Model.objects.raw`` of the same statement: every field's value and type (JSON decoded, datetimes
+    aware, NULLs None), marked as loaded from the database."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from registry import fast_register
+    from registry.models import ApiToken
+
+    owner, _ = make_token("owner")
+    staff, _ = make_token("staff", staff=True)
+    gone, _ = make_token("gone")
+    gone.is_active = False
+    gone.save()
+    now = timezone.now()
+    labels = {"env": "prod", "note": 'ü "q" ;', "e": ""}
+    leases.register_many(
+        [
+            (_valid(service_body("read-1", labels=labels, group_id="g-1", weight=7, health="degraded")), owner),
+            (_valid(service_body("read-2", labels={})), staff),
+        ],
+        now,
+    )
+    Service.objects.filter(pk="read-2").update(owner=None, operator_weight=3, drained=True)
+    ids = ["read-1", "read-2", "absent"]
+
+    rows = leases._locked_rows(ids)
+    quote = connection.ops.quote_name
+    table = quote(Service._meta.db_table)
+    expected = list(Service.objects.raw(f"SELECT * FROM {table} WHERE service_id IN (%s, %s, %s) ORDER BY 1", ids))
+    assert [_fields_of(r) for r in rows] == [_fields_of(r) for r in expected]
+    assert rows[0].labels == labels and rows[1].owner_id is None and rows[1].drained is True
+    assert all(not r._state.adding and r._state.db == "default" for r in rows)
+
+    tokens = fast_register._active_tokens({owner.key_hash, staff.key_hash, gone.key_hash, "no-such-token"})
+    found = ApiToken.objects.filter(key_hash__in=[owner.key_hash, staff.key_hash, gone.key_hash], is_active=True)
+    assert sorted(map(_fields_of, tokens)) == sorted(map(_fields_of, found))
+    assert {t.name for t in tokens} == {"owner", "staff"}
