@@ -196,6 +196,7 @@ class UnchangedChecker(LoopBatcher[Check, Reply]):
     unchanged) costs the lease store one round trip per turn, not one per request."""
 
     what = "checks"
+    SERIAL = True  # a client answered by a batch comes back one turn after another: share a call
 
     async def call(self, items: list[Check]) -> list[Reply | Exception]:
         keys = reregister.renew_keys() + [token for token, _service_id, _digest, _health in items]
