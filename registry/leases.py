@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, transaction
-from django.db.models import AutoField, JSONField, Max, Model
+from django.db.models import AutoField, Field, JSONField, Max, Model
 from django.utils import timezone
 from psycopg.adapt import Transformer
 
@@ -365,32 +365,44 @@ def _insert_rows(*groups: tuple[type[Model], list[Any]]) -> None:
             obj._state.db = db.alias
 
 
+# Per model: its INSERT up to VALUES, and for each column its field, the attribute to read when the field's
+# ``pre_save`` is Field's own (the attribute as it is; None: call it), and whether it is a JSON field.
+_InsertPlan = tuple[str, list[tuple[Any, str | None, bool]]]
+_insert_plans: dict[type[Model], _InsertPlan] = {}
+
+
+def _insert_plan(model: type[Model], db: Any) -> _InsertPlan:
+    plan = _insert_plans.get(model)
+    if plan is None:
+        fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
+        quote = db.ops.quote_name
+        head = f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) VALUES "
+        columns = [
+            (f, f.attname if type(f).pre_save is Field.pre_save else None, isinstance(f, JSONField)) for f in fields
+        ]
+        plan = _insert_plans[model] = (head, columns)
+    return plan
+
+
 def _insert_sql(model: type[Model], rows: list[Any], db: Any, literal: Callable[[Any], bytes]) -> str:
-    """A multi-row INSERT of ``rows`` with every value written as a literal (psycopg's ``as_literal``)."""
-    fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
-    quote = db.ops.quote_name
+    """A multi-row INSERT of ``rows`` with every value written as a literal (psycopg's ``as_literal``): the
+    value Django prepares for the field, or the value itself where Django would hand the driver it unchanged
+    (None, a plain str, int or bool, an aware datetime; never a JSON field's: Django wraps those)."""
+    head, columns = _insert_plan(model, db)
     values = []
     for obj in rows:
         row = []
-        for f in fields:
-            value = f.pre_save(obj, True)
-            if not _is_plain(f, value):
+        for f, attname, is_json in columns:
+            value = getattr(obj, attname) if attname is not None else f.pre_save(obj, True)
+            kind = type(value)
+            if kind is str or kind is int or kind is bool or value is None:
+                if is_json:
+                    value = f.get_db_prep_save(value, db)
+            elif kind is not datetime or value.tzinfo is None:
                 value = f.get_db_prep_save(value, db)
             row.append(b"NULL" if value is None else literal(value))
         values.append(b"(" + b", ".join(row) + b")")
-    return (
-        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-        f"VALUES {b', '.join(values).decode(db.connection.info.encoding)}"
-    )
-
-
-def _is_plain(field: Any, value: Any) -> bool:
-    """A value Django would hand the driver unchanged: None, a plain str, int or bool, an aware datetime;
-    never a JSON field's (Django wraps those for PostgreSQL)."""
-    kind = type(value)
-    if kind in (str, int, bool) or value is None:
-        return not isinstance(field, JSONField)
-    return kind is datetime and value.tzinfo is not None
+    return head + b", ".join(values).decode(db.connection.info.encoding)
 
 
 # The row fields a registration sets (``_fields``).

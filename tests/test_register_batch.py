@@ -368,3 +368,92 @@ def test_rows_a_batch_reads_are_what_the_raw_queryset_reads(make_token):
     found = ApiToken.objects.filter(key_hash__in=[owner.key_hash, staff.key_hash, gone.key_hash], is_active=True)
     assert sorted(map(_fields_of, tokens)) == sorted(map(_fields_of, found))
     assert {t.name for t in tokens} == {"owner", "staff"}
+
+
+def test_the_batch_insert_stores_what_bulk_create_stores(make_token):
+    """``leases._insert_rows`` (on PostgreSQL one statement of literals) stores every column of every row
+    as the ORM's ``bulk_create`` of the same instances does: JSON, enum members, aware datetimes in any
+    zone, NULLs, quotes and backslashes, non-ASCII text."""
+    from datetime import timedelta
+    from datetime import timezone as dt_timezone
+
+    from django.utils import timezone
+
+    from registry.models import Health, ServiceLabel
+
+    owner, _ = make_token("owner")
+    at = timezone.now().astimezone(dt_timezone(timedelta(hours=5, minutes=30)))
+    odd = 'it\'s "q" \\ ; -- ü 日本 %s %(x)s'
+
+    def rows(prefix: str) -> tuple[list[Service], list[ServiceLabel], list[ServiceEvent]]:
+        services = [
+            Service(
+                service_id=f"{prefix}-a",
+                service_name="name",
+                service_type="source",
+                endpoint="[::1]:80",
+                labels={"k": odd, "e": "", "n": "1"},
+                health=Health.DEGRADED,
+                group_id=None,
+                registered_weight=0,
+                weight=0,
+                lease_duration=1,
+                deregister_after=0,
+                registered_at=at,
+                lease_expires_at=at + timedelta(seconds=1),
+                owner=owner,
+                revision=2**40,
+                recoveries_seen=3,
+            ),
+            Service(
+                service_id=f"{prefix}-b",
+                service_name="b",
+                service_type="sink",
+                endpoint="h:1",
+                labels={},
+                group_id="g.1:x",
+                registered_weight=1000,
+                lease_duration=3600,
+                deregister_after=86400,
+                registered_at=at,
+                lease_expires_at=at,
+                owner=None,
+            ),
+        ]
+        labels = [ServiceLabel(service=services[0], key=k, value=v) for k, v in services[0].labels.items()]
+        events = [
+            ServiceEvent(
+                service_id=s.service_id,
+                service_name=s.service_name,
+                kind="registered",
+                at=at,
+                actor_kind="token",
+                actor=odd,
+                change={"labels": [None, s.labels], "weight": [None, 0], "x": [True, None, 1.5, odd]},
+                revision=7,
+            )
+            for s in services
+        ]
+        events[1].change = odd  # a JSON string (Django writes it as JSON, not as text)
+        return services, labels, events
+
+    services, labels, events = rows("fast")
+    leases._insert_rows((Service, services), (ServiceLabel, labels), (ServiceEvent, events))
+    services, labels, events = rows("orm")
+    Service.objects.bulk_create(services)
+    ServiceLabel.objects.bulk_create(labels)
+    ServiceEvent.objects.bulk_create(events)
+
+    def stored(prefix: str) -> list[Any]:
+        out: list[Any] = []
+        for model, lookup, order in (
+            (Service, "service_id__startswith", "service_id"),
+            (ServiceLabel, "service__service_id__startswith", "key"),
+            (ServiceEvent, "service_id__startswith", "service_id"),
+        ):
+            for row in model.objects.filter(**{lookup: prefix}).order_by(order).values():
+                out.append({k: v.removeprefix(prefix) if k == "service_id" else v for k, v in row.items() if k != "id"})
+        return out
+
+    assert stored("fast") == stored("orm")
+    assert len(stored("fast")) == 2 + 3 + 2
