@@ -8,10 +8,11 @@ a callback with ``group_subscribe`` and hold no channel of their own; generic Ch
 stream) get a process-local channel, reached from other processes through the one Redis channel of the
 process that owns it.
 
-Publishes from one process leave in the order they were made (one writer per event loop, several in one script call), and
-``publish_soon`` lets a request enqueue a push without waiting for Redis. As with any pub/sub layer, a
-message published while a process is away from Redis is lost: every stream sends its current state on
-(re)connect and every message carries a generation or revision to order by.
+Publishes from one process leave in the order they were made (one writer per event loop; those queued
+together go in one script call), and ``publish_soon`` lets a request enqueue a push without waiting for
+Redis. As with any pub/sub layer, a message published while a process is away from Redis is lost: every
+stream sends its current state on (re)connect and every message carries a generation or revision to order
+by.
 """
 
 from __future__ import annotations
