@@ -1,15 +1,17 @@
 """The registration fast path: an ASGI route in front of Django for POST /api/v1/services/.
 
 A fleet that restarts re-registers mostly what it registered before. Here such a request is a body parse,
-a digest and its share of one Redis script call on the event loop (registry.reregister; the checks of one
-event-loop turn go together, as heartbeats do): no Django request cycle, no database. It answers so only
+a digest and its share of one Redis script call on the event loop (registry.reregister; the checks queued
+while a call is out go together in the next): no Django request cycle, no database. It answers so only
 when it is sure the registration would change nothing and would be answered 200 with the remembered body.
 
-Every other valid JSON registration (new, or changed) is validated on the event loop by the view's own
-``RegisterSerializer`` and handed to the process's ``RegistrationBatcher``: registrations that arrive while
-a batch is in the database join the next one, and a batch is one transaction in Django's sync thread
-(``leases.register_many``: one locking read, one INSERT per table, one Redis step for revisions and one
-for leases), a token lookup for all of its tokens, and one Redis round trip remembering the answers. Each
+Every other valid JSON registration (new, or changed) is validated on the event loop as the view validates
+it (registry.registration_input for a body in the common form, else the view's own ``RegisterSerializer``)
+and handed to the process's ``RegistrationBatcher``: registrations that arrive while a batch is in the
+database join the next one, and a batch is one transaction in Django's sync thread (``leases.register_many``:
+one locking read, the INSERTs of all three tables (one statement on PostgreSQL), one Redis step for
+revisions and one for leases), a token lookup for all of its tokens, and one Redis round trip remembering
+the answers. Each
 request is answered exactly what the view answers (201/200 and the same body, 403 for another token's
 service, 503 when the database or the lease store failed the batch, nothing of it written); the
 batch's events are sent from the event loop after the answers.
