@@ -1,15 +1,17 @@
 """The registration fast path: an ASGI route in front of Django for POST /api/v1/services/.
 
 A fleet that restarts re-registers mostly what it registered before. Here such a request is a body parse,
-a digest and its share of one Redis script call on the event loop (registry.reregister; the checks of one
-event-loop turn go together, as heartbeats do): no Django request cycle, no database. It answers so only
+a digest and its share of one Redis script call on the event loop (registry.reregister; the checks queued
+while a call is out go together in the next): no Django request cycle, no database. It answers so only
 when it is sure the registration would change nothing and would be answered 200 with the remembered body.
 
-Every other valid JSON registration (new, or changed) is validated on the event loop by the view's own
-``RegisterSerializer`` and handed to the process's ``RegistrationBatcher``: registrations that arrive while
-a batch is in the database join the next one, and a batch is one transaction in Django's sync thread
-(``leases.register_many``: one locking read, one INSERT per table, one Redis step for revisions and one
-for leases), a token lookup for all of its tokens, and one Redis round trip remembering the answers. Each
+Every other valid JSON registration (new, or changed) is validated on the event loop as the view validates
+it (registry.registration_input for a body in the common form, else the view's own ``RegisterSerializer``)
+and handed to the process's ``RegistrationBatcher``: registrations that arrive while a batch is in the
+database join the next one, and a batch is one transaction in Django's sync thread (``leases.register_many``:
+one locking read, the INSERTs of all three tables (one statement on PostgreSQL), one Redis step for
+revisions and one for leases), a token lookup for all of its tokens, and one Redis round trip remembering
+the answers. Each
 request is answered exactly what the view answers (201/200 and the same body, 403 for another token's
 service, 503 when the database or the lease store failed the batch, nothing of it written); the
 batch's events are sent from the event loop after the answers.
@@ -52,6 +54,7 @@ from .loop_batch import LoopBatcher
 from .models import ApiToken, Health, hash_token
 from .path_ids import path_identifier_error
 from .redis_client import get_async_redis
+from .registration_input import common_registration
 from .serializers import RegisterSerializer, registered_body
 
 log = logging.getLogger(__name__)
@@ -91,13 +94,14 @@ class UnchangedRegistrationFastPath:
             return
         body, complete = await _read_body(receive)
         if complete:
-            authorization = headers.get(b"authorization", b"")
-            answer = await _try_unchanged(body, authorization)
+            key = token_from_header(headers.get(b"authorization", b"").decode("latin-1")) or ""
+            data = _parse(body) if key else None  # (no key, or not a JSON object: Django answers)
+            answer, request_digest = await _try_unchanged(data, key) if data is not None else (None, None)
             if answer is not None:
                 await limits.send_json(send, 200, answer)
                 return
             scope = {**scope, reregister.CHECKED: True}  # the view need not ask Redis again
-            job = _job(body, authorization)
+            job = _job(data, key, request_digest) if data is not None else None
             if job is not None:
                 result = await batcher().submit(job)
                 if result is not None:
@@ -144,40 +148,43 @@ def _replay(body: bytes, complete: bool, receive: Any) -> Any:
     return replayed
 
 
-async def _try_unchanged(body: bytes, authorization: bytes) -> dict[str, Any] | None:
-    """The answer to an unchanged re-registration, or None (let Django register it)."""
-    key = token_from_header(authorization.decode("latin-1"))
-    if not key:
-        return None
+def _parse(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of a body; None if it is not one (Django answers it)."""
     try:
         data = limits.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("service_id"), str):
-        return None
+    return data if isinstance(data, dict) else None
+
+
+async def _try_unchanged(data: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The answer to an unchanged re-registration, or None (let Django register it); and the request's
+    digest, if it was taken (None: it could not be)."""
+    if not isinstance(data.get("service_id"), str):
+        return None, None
     if path_identifier_error("service_id", data["service_id"]) is not None:
-        return None  # never registered: Django names the field
+        return None, None  # never registered: Django names the field
     health = data.get("health", Health.HEALTHY)
     if not isinstance(health, str) or health not in HEALTHS:  # (a set: a list or object is no member)
-        return None
+        return None, None
     try:
         request_digest = reregister.digest(data)
     except (TypeError, ValueError):
-        return None
+        return None, None
     key_hash = hash_token(key)
     check = (reregister.token_key(key_hash), data["service_id"], request_digest, health)
     try:
         for _attempt in range(2):
             code, deadline, snapshot = await unchanged_checker().run(check)
             if code == b"OK":
-                return reregister.unchanged_body(snapshot, int(deadline))
+                return reregister.unchanged_body(snapshot, int(deadline)), request_digest
             if code != b"TOKEN_MISS":
-                return None
+                return None, request_digest
             if not await sync_to_async(with_fresh_connection, thread_sensitive=True)(cache_token, key_hash):
-                return None  # not a token: Django answers 401
+                return None, request_digest  # not a token: Django answers 401
     except redis.RedisError as exc:
         log.warning("unchanged re-registration check skipped: Redis unavailable: %s", exc)
-    return None
+    return None, request_digest
 
 
 # A renewal check: the token's key, service id, request digest, reported health (RENEW_UNCHANGED_MANY_LUA).
@@ -191,6 +198,7 @@ class UnchangedChecker(LoopBatcher[Check, Reply]):
     unchanged) costs the lease store one round trip per turn, not one per request."""
 
     what = "checks"
+    SERIAL = True  # a client answered by a batch comes back one turn after another: share a call
 
     async def call(self, items: list[Check]) -> list[Reply | Exception]:
         keys = reregister.renew_keys() + [token for token, _service_id, _digest, _health in items]
@@ -232,22 +240,18 @@ class Answer:
     headers: list[tuple[bytes, bytes]]
 
 
-def _job(body: bytes, authorization: bytes) -> Job | None:
-    """The registration in a request, validated as the view validates it; None: let Django answer it."""
-    key = token_from_header(authorization.decode("latin-1"))
-    if not key:
-        return None
-    try:
-        data = limits.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    try:
-        validated = dict(_validator().run_validation(data))
-    except ValidationError:
-        return None  # Django authenticates first, then answers the same 400 naming the field
-    return Job(validated, hash_token(key), reregister.digest(validated))
+def _job(data: dict[str, Any], key: str, request_digest: str | None) -> Job | None:
+    """The registration in a request, validated as the view validates it; None: let Django answer it.
+    ``request_digest``: the digest of ``data`` as sent, if taken."""
+    validated = common_registration(data)
+    if validated is None:
+        try:
+            validated = dict(_validator().run_validation(data))
+        except ValidationError:
+            return None  # Django authenticates first, then answers the same 400 naming the field
+        request_digest = None
+    # A body in the common form validates to its own fields, values and types: the same digest.
+    return Job(validated, hash_token(key), request_digest or reregister.digest(validated))
 
 
 _validators = threading.local()
@@ -270,10 +274,21 @@ RETRY = [(b"retry-after", b"1")]
 MAX_UNSENT = 4096
 
 
+# How long a batch may wait for the registrations it expects (``RegistrationBatcher._gather``), and over
+# how long a window the number of registrations in flight at once is remembered.
+LINGER = 0.003
+PEAK_WINDOW = 1.0
+
+
 class RegistrationBatcher:
     """Group commit for registrations on one event loop: while a batch is in the database, new jobs wait
     and form the next batch, which takes each service id at most once (a second registration of an id
-    waits for the batch after: as if they came one after the other)."""
+    waits for the batch after: as if they came one after the other).
+
+    A batch costs about as much for one registration as for eight, and clients answered by one batch come
+    back while the next one runs: alone, a steady load splits into two alternating batches (one and seven
+    of eight clients, say). So a batch is started once as many registrations are pending as were lately
+    in flight at once, or after LINGER: the clients come back together, and a lone client never waits."""
 
     def __init__(self) -> None:
         self.pending: list[tuple[Job, asyncio.Future[Answer | None]]] = []
@@ -281,15 +296,45 @@ class RegistrationBatcher:
         self.publishing: asyncio.Task[None] | None = None
         self.unsent = 0  # events of committed batches not sent yet
         self.finishing: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # submitted and not answered yet
+        self.peak = self.peak_before = 0  # the most in flight at once in this window, and in the one before
+        self.window_ends = 0.0
+        self.arrival: asyncio.Future[None] | None = None  # what _gather waits on
 
     async def submit(self, job: Job) -> Answer | None:
         """The answer to ``job`` (None: let Django answer the request)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Answer | None] = loop.create_future()
         self.pending.append((job, future))
+        self.in_flight += 1
+        now = loop.time()
+        if now >= self.window_ends:
+            self.peak_before, self.peak, self.window_ends = self.peak, 0, now + PEAK_WINDOW
+        self.peak = max(self.peak, self.in_flight)
+        if self.arrival is not None and not self.arrival.done():
+            self.arrival.set_result(None)
         if self.running is None or self.running.done():
             self.running = loop.create_task(self._drain())
-        return await future
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
+
+    async def _gather(self) -> None:
+        """Wait, at most LINGER, until as many registrations are pending as were lately in flight at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER
+        while len(self.pending) < min(MAX_BATCH, max(self.peak, self.peak_before)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.arrival = loop.create_future()
+            timer = loop.call_later(remaining, _wake, self.arrival)
+            try:
+                await self.arrival
+            finally:
+                timer.cancel()
+                self.arrival = None
 
     def _next_batch(self) -> list[tuple[Job, asyncio.Future[Answer | None]]]:
         batch: list[tuple[Job, asyncio.Future[Answer | None]]] = []
@@ -309,6 +354,7 @@ class RegistrationBatcher:
             if self.unsent > MAX_UNSENT and self.publishing is not None:
                 # Watchers' events fell behind: let them catch up before writing more.
                 await asyncio.gather(self.publishing, return_exceptions=True)
+            await self._gather()
             batch = self._next_batch()
             try:
                 done = await sync_to_async(with_fresh_connection, thread_sensitive=True)(
@@ -346,6 +392,11 @@ class RegistrationBatcher:
             self.unsent -= len(messages)
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RegistrationBatcher] = weakref.WeakKeyDictionary()
 
 
@@ -371,11 +422,8 @@ class Done:
 def _active_tokens(key_hashes: set[str]) -> list[ApiToken]:
     """``ApiToken.objects.filter(key_hash__in=key_hashes, is_active=True)`` as a raw query (cheaper to build)."""
     quote = db.connection.ops.quote_name
-    sql = (
-        f"SELECT * FROM {quote(ApiToken._meta.db_table)} WHERE {quote('is_active')} "
-        f"AND {quote('key_hash')} IN ({', '.join(['%s'] * len(key_hashes))})"
-    )
-    return list(ApiToken.objects.raw(sql, sorted(key_hashes)))
+    where = f"WHERE {quote('is_active')} AND {quote('key_hash')} IN ({', '.join(['%s'] * len(key_hashes))})"
+    return leases.select_rows(ApiToken, where, sorted(key_hashes))
 
 
 def run_batch(jobs: list[Job], now: datetime) -> Done:

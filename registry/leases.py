@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import IntegrityError, connection, connections, transaction
-from django.db.models import AutoField, JSONField, Max, Model
+from django.db.models import AutoField, Field, JSONField, Max, Model
 from django.utils import timezone
+from psycopg.adapt import Transformer
 
 from . import events, lease_store, lifecycle, reregister, revisions
 from .errors import Forbidden, NotFound
@@ -246,39 +248,41 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
             service.live_expires_at = service.lease_expires_at
         created = [p.service for p in work if p.created and p.service is not None]
         replaced = [p.service for p in work if not p.created and p.service is not None]
-        if created:
-            _insert_rows(Service, created)
         if replaced:
             Service.objects.bulk_update(replaced, [*_FIELDS, "weight", "revision", "recoveries_seen"])
         relabelled = [p.service for p in work if p.labels_changed and p.service is not None]
         if relabelled:
             ServiceLabel.objects.filter(service__in=[s.service_id for s in relabelled]).delete()
+        # New rows, their labels and every registration's history row in one step.
         _insert_rows(
-            ServiceLabel,
-            [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
+            (Service, created),
+            (
+                ServiceLabel,
+                [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
+            ),
+            (
+                ServiceEvent,
+                [
+                    lifecycle.event(
+                        p.service,
+                        Kind.REGISTERED if p.created else Kind.REREGISTERED,
+                        Actor.token(p.token),
+                        {
+                            **lifecycle.diff(p.before or {}, lifecycle.snapshot(p.service)),
+                            "lease_expires_at": [None, _iso(p.deadline_ms)],
+                        },
+                        now,
+                        p.service.effective_revision(now),
+                    )
+                    for p in work
+                    if p.service is not None
+                ],
+            ),
         )
         # After the inserts: a first registration that loses a race must not touch the winner's entry.
         _put_leases(r, [(p.service, p.deadline_ms) for p in work if p.service is not None])
         counts = {"registrations": len(created), "reregistrations": len(replaced)}
         transaction.on_commit(lambda: _count(r, counts))
-        _insert_rows(
-            ServiceEvent,
-            [
-                lifecycle.event(
-                    p.service,
-                    Kind.REGISTERED if p.created else Kind.REREGISTERED,
-                    Actor.token(p.token),
-                    {
-                        **lifecycle.diff(p.before or {}, lifecycle.snapshot(p.service)),
-                        "lease_expires_at": [None, _iso(p.deadline_ms)],
-                    },
-                    now,
-                    p.service.effective_revision(now),
-                )
-                for p in work
-                if p.service is not None
-            ],
-        )
         events.services_registered([(p.service, (p.before or {}).get("service_name")) for p in work if p.service])
     for index, p in enumerate(batch):
         if outcomes[index] is None and p.service is not None:
@@ -292,51 +296,113 @@ def _locked_rows(ids: list[str]) -> list[Service]:
     if not ids:
         return []
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    sql = (
-        f"SELECT * FROM {connection.ops.quote_name(Service._meta.db_table)} "
-        f"WHERE {connection.ops.quote_name('service_id')} IN ({', '.join(['%s'] * len(ids))}) "
-        f"ORDER BY {connection.ops.quote_name('service_id')}{lock}"
-    )
-    return list(Service.objects.raw(sql, ids))
-
-
-def _insert_rows(model: type[Model], rows: list[Any]) -> None:
-    """``bulk_create`` of ``rows`` (new ``model`` instances; an auto id is not read back). On PostgreSQL one
-    plain multi-row INSERT with the values Django prepares for each field: Django's own statement there
-    (INSERT ... SELECT * FROM UNNEST of one array per column) costs several times more to build and
-    bind for the few dozen rows of a batch."""
-    if not rows:
-        return
-    if connection.vendor != "postgresql":
-        model.objects.bulk_create(rows)
-        return
-    fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
     quote = connection.ops.quote_name
-    row = f"({', '.join(['%s'] * len(fields))})"
-    sql = (
-        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-        f"VALUES {', '.join([row] * len(rows))}"
-    )
+    where = f"WHERE {quote('service_id')} IN ({', '.join(['%s'] * len(ids))}) ORDER BY {quote('service_id')}{lock}"
+    return select_rows(Service, where, ids)
+
+
+# Per database connection and model: (index, converters, column) of each column whose value Django converts.
+_Converters = list[tuple[int, list[Callable[..., Any]], Any]]
+_converters: weakref.WeakKeyDictionary[Any, dict[type[Model], _Converters]] = weakref.WeakKeyDictionary()
+
+
+def select_rows(model: type[Model], where: str, params: Sequence[Any]) -> list[Any]:
+    """``model.objects.raw(f"SELECT * FROM <its table> {where}", params)``: the same instances, each value
+    through the same converters, without the raw queryset's machinery, which works out the columns, their
+    fields and their converters anew at every call (more than the database's answer costs, for a batch)."""
     db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
-    params = []
-    for obj in rows:
-        for f in fields:
-            value = f.pre_save(obj, True)
-            params.append(value if _is_plain(f, value) else f.get_db_prep_save(value, db))
+    fields = model._meta.concrete_fields
+    quote = db.ops.quote_name
+    sql = f"SELECT {', '.join(quote(f.column) for f in fields)} FROM {quote(model._meta.db_table)} {where}"
     with db.cursor() as cursor:
         cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    known = _converters.setdefault(db, {})
+    converters = known.get(model)
+    if converters is None:
+        converters = known[model] = []
+        for index, f in enumerate(fields):
+            column = f.get_col(model._meta.db_table)
+            functions = db.ops.get_db_converters(column) + column.get_db_converters(db)
+            if functions:
+                converters.append((index, functions, column))
+    out = []
+    for row in rows:
+        if converters:
+            values = list(row)
+            for index, functions, column in converters:
+                for convert in functions:
+                    values[index] = convert(values[index], column, db)
+            row = values
+        out.append(model.from_db(db.alias, None, row))
+    return out
+
+
+def _insert_rows(*groups: tuple[type[Model], list[Any]]) -> None:
+    """``bulk_create`` of each group's rows (new instances of its model; an auto id is not read back), in
+    the order given. On PostgreSQL ONE statement for all of them (each INSERT before the last a
+    data-modifying WITH query: PostgreSQL runs every one to completion, and checks the foreign keys, which
+    Django declares deferred, at commit), with the values Django prepares for each field written as the
+    literals psycopg's client-side binding writes. Django's own statement there (INSERT ... SELECT * FROM
+    UNNEST of one array per column) costs several times more to build and bind for the few dozen rows of
+    a batch, and psycopg splits a statement of more than 50 parameters anew at every call."""
+    groups = tuple((model, rows) for model, rows in groups if rows)
+    if not groups:
+        return
+    if connection.vendor != "postgresql":
+        for model, rows in groups:
+            model.objects.bulk_create(rows)
+        return
+    db = connections[connection.alias]  # the connection itself: each use of the proxy looks it up again
+    with db.cursor() as cursor:
+        literal = Transformer.from_context(cursor.cursor).as_literal
+        *first, last = [_insert_sql(model, rows, db, literal) for model, rows in groups]
+        sql = "".join([f"WITH {', '.join(f'i{n} AS ({s})' for n, s in enumerate(first))} " if first else "", last])
+        cursor.execute(sql)
+    for _model, rows in groups:
+        for obj in rows:
+            obj._state.adding = False
+            obj._state.db = db.alias
+
+
+# Per model: its INSERT up to VALUES, and for each column its field, the attribute to read when the field's
+# ``pre_save`` is Field's own (the attribute as it is; None: call it), and whether it is a JSON field.
+_InsertPlan = tuple[str, list[tuple[Any, str | None, bool]]]
+_insert_plans: dict[type[Model], _InsertPlan] = {}
+
+
+def _insert_plan(model: type[Model], db: Any) -> _InsertPlan:
+    plan = _insert_plans.get(model)
+    if plan is None:
+        fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoField)]
+        quote = db.ops.quote_name
+        head = f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) VALUES "
+        columns = [
+            (f, f.attname if type(f).pre_save is Field.pre_save else None, isinstance(f, JSONField)) for f in fields
+        ]
+        plan = _insert_plans[model] = (head, columns)
+    return plan
+
+
+def _insert_sql(model: type[Model], rows: list[Any], db: Any, literal: Callable[[Any], bytes]) -> str:
+    """A multi-row INSERT of ``rows`` with every value written as a literal (psycopg's ``as_literal``): the
+    value Django prepares for the field, or the value itself where Django would hand the driver it unchanged
+    (None, a plain str, int or bool, an aware datetime; never a JSON field's: Django wraps those)."""
+    head, columns = _insert_plan(model, db)
+    values = []
     for obj in rows:
-        obj._state.adding = False
-        obj._state.db = db.alias
-
-
-def _is_plain(field: Any, value: Any) -> bool:
-    """A value Django would hand the driver unchanged: None, a plain str, int or bool, an aware datetime;
-    never a JSON field's (Django wraps those for PostgreSQL)."""
-    kind = type(value)
-    if kind in (str, int, bool) or value is None:
-        return not isinstance(field, JSONField)
-    return kind is datetime and value.tzinfo is not None
+        row = []
+        for f, attname, is_json in columns:
+            value = getattr(obj, attname) if attname is not None else f.pre_save(obj, True)
+            kind = type(value)
+            if kind is str or kind is int or kind is bool or value is None:
+                if is_json:
+                    value = f.get_db_prep_save(value, db)
+            elif kind is not datetime or value.tzinfo is None:
+                value = f.get_db_prep_save(value, db)
+            row.append(b"NULL" if value is None else literal(value))
+        values.append(b"(" + b", ".join(row) + b")")
+    return head + b", ".join(values).decode(db.connection.info.encoding)
 
 
 # The row fields a registration sets (``_fields``).

@@ -5,6 +5,10 @@ re-registration checks in ``registry.fast_register``): the first item of a turn 
 the next turn, when every request whose bytes arrived with it has queued its item too, and sends them all
 (at most ``MAX_BATCH``; the rest start the next call) through ``call``. Each waiter gets its own reply; a
 reply that is an exception fails that waiter alone; an error of the call reaches every waiter of it.
+
+A batcher with ``SERIAL`` set has at most one call out at a time: what is queued while a call is out goes
+in the next call, sent when that one returns (requests that arrive one per turn, as clients answered one
+after another come back, then share a call instead of making one each).
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ class LoopBatcher(Generic[Item, Reply]):
     """One per event loop (``of_loop``); subclasses say how a batch is sent (``call``)."""
 
     MAX_BATCH = 256
+    SERIAL = False  # at most one call out at a time (see the module docstring)
     what = "items"  # for the error a short reply raises
 
     def __init__(self) -> None:
         self.pending: list[tuple[Item, asyncio.Future[Reply]]] = []
         self.tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        self.out = False  # a SERIAL batcher's call is out (or about to be sent)
 
     @classmethod
     def of_loop(cls) -> LoopBatcher[Item, Reply]:
@@ -49,18 +55,19 @@ class LoopBatcher(Generic[Item, Reply]):
         """Queue ``item``; the future is its reply (or the error of its call)."""
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
-        if len(self.pending) == 1:
+        if len(self.pending) == 1 and not self.out:
             self._start()
         return future
 
     def _start(self) -> None:
+        self.out = self.SERIAL
         task = asyncio.get_running_loop().create_task(self._send())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _send(self) -> None:
         batch, self.pending = self.pending[: self.MAX_BATCH], self.pending[self.MAX_BATCH :]
-        if self.pending:
+        if self.pending and not self.SERIAL:
             self._start()
         try:
             replies = await self.call([item for item, _ in batch])
@@ -70,11 +77,14 @@ class LoopBatcher(Generic[Item, Reply]):
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
+            self._next()
             return
         except BaseException:  # cancelled with its loop: so are its waiters
+            self.out = False
             for _, future in batch:
                 future.cancel()
             raise
+        self._next()
         for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
@@ -82,6 +92,13 @@ class LoopBatcher(Generic[Item, Reply]):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    def _next(self) -> None:
+        """A SERIAL batcher's call returned: send what was queued meanwhile."""
+        if self.SERIAL:
+            self.out = False
+            if self.pending:
+                self._start()
 
 
 _per_loop: dict[type, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBatcher]] = {}  # type: ignore[type-arg]

@@ -197,16 +197,13 @@ class RegisteredServiceSerializer(ServiceSerializer):
         ).data
 
 
-_DATETIME = serializers.DateTimeField()
-
-
 def registered_body(service: Service, now: Any, owner_name: str | None) -> dict[str, Any]:
     """What RegisteredServiceSerializer answers for ``service`` (its live lease attached), built directly:
     the serializer builds its fields anew for every instance, which costs more than the registration's
     own queries. ``owner_name``: the owner token's name (None: no owner). tests/test_register_unchanged.py
     holds the two to the same output."""
     expires = service.expires_at
-    iso = _DATETIME.to_representation
+    tz = timezone.get_current_timezone()
     return {
         "service_id": service.service_id,
         "service_name": service.service_name,
@@ -219,16 +216,16 @@ def registered_body(service: Service, now: Any, owner_name: str | None) -> dict[
         "weight": service.weight,
         "drained": service.drained,
         "operator_weight": service.operator_weight,
-        "registered_at": iso(service.registered_at),
-        "last_heartbeat": iso(service.last_heartbeat),
+        "registered_at": _iso(service.registered_at, tz),
+        "last_heartbeat": _iso(service.last_heartbeat, tz),
         "lease_duration": service.lease_duration,
         "deregister_after": service.deregister_after,
-        "lease_expires_at": iso(expires),
+        "lease_expires_at": _iso(expires, tz),
         "owner": owner_name,
         "lease": {
             "duration": service.lease_duration,
             "heartbeat_interval": max(1, service.lease_duration // 3),
-            "expires_at": iso(expires),
+            "expires_at": _iso(expires, tz),
         },
     }
 

@@ -285,3 +285,175 @@ def test_rows_written_by_a_batch_read_back_as_given(make_token):
         row.effective_revision(now),
     )
     assert event.change["labels"] == [None, quoted] and event.change["health"] == [None, "degraded"]
+
+
+def test_a_batch_waits_for_as_many_registrations_as_were_lately_in_flight_and_no_longer(monkeypatch):
+    """Clients answered by one batch come back while the next would start: it waits for them (up to
+    LINGER), so a steady load makes whole batches, not alternating small ones. Fewer than expected still
+    make their batch once LINGER is over, and a lone registration never waits."""
+    from registry import fast_register
+
+    sizes: list[int] = []
+
+    def run_batch(jobs: list[fast_register.Job], now: Any) -> fast_register.Done:
+        sizes.append(len(jobs))
+        return fast_register.Done([fast_register.Answer(201, {"id": j.service_id}, []) for j in jobs], [], [])
+
+    monkeypatch.setattr(fast_register, "run_batch", run_batch)
+
+    def job(i: int) -> fast_register.Job:
+        return fast_register.Job({"service_id": f"svc-{i}"}, "key-hash", "digest")
+
+    async def late(batcher: fast_register.RegistrationBatcher, i: int) -> Any:
+        for _turn in range(5):
+            await asyncio.sleep(0)
+        return await batcher.submit(job(i))
+
+    async def scenario() -> None:
+        alone = fast_register.RegistrationBatcher()
+        assert (await alone.submit(job(0))).body == {"id": "svc-0"}  # (LINGER is a minute here)
+        batcher = fast_register.RegistrationBatcher()
+        answers = await asyncio.gather(*(batcher.submit(job(i)) for i in range(4)))  # four in flight at once
+        assert [a.body["id"] for a in answers] == [f"svc-{i}" for i in range(4)]
+        await asyncio.gather(*(batcher.submit(job(i)) for i in range(10, 13)), late(batcher, 13))
+        assert batcher.in_flight == 0
+        fast_register.LINGER = 0.01
+        await asyncio.gather(*(batcher.submit(job(i)) for i in range(20, 23)))  # the fourth never comes
+
+    monkeypatch.setattr(fast_register, "LINGER", 60.0)
+    asyncio.run(scenario())
+    assert sizes == [1, 4, 4, 3]
+
+
+def _fields_of(obj: Any) -> list[tuple[str, type, Any]]:
+    return [(f.attname, type(getattr(obj, f.attname)), getattr(obj, f.attname)) for f in obj._meta.concrete_fields]
+
+
+def test_rows_a_batch_reads_are_what_the_raw_queryset_reads(make_token):
+    """``leases.select_rows`` (the batch's locking read and token read) builds the same instances as
+    ``Model.objects.raw`` of the same statement: every field's value and type (JSON decoded, datetimes
+    aware, NULLs None), marked as loaded from the database."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from registry import fast_register
+    from registry.models import ApiToken
+
+    owner, _ = make_token("owner")
+    staff, _ = make_token("staff", staff=True)
+    gone, _ = make_token("gone")
+    gone.is_active = False
+    gone.save()
+    now = timezone.now()
+    labels = {"env": "prod", "note": 'ü "q" ;', "e": ""}
+    leases.register_many(
+        [
+            (_valid(service_body("read-1", labels=labels, group_id="g-1", weight=7, health="degraded")), owner),
+            (_valid(service_body("read-2", labels={})), staff),
+        ],
+        now,
+    )
+    Service.objects.filter(pk="read-2").update(owner=None, operator_weight=3, drained=True)
+    ids = ["read-1", "read-2", "absent"]
+
+    rows = leases._locked_rows(ids)
+    quote = connection.ops.quote_name
+    table = quote(Service._meta.db_table)
+    expected = list(Service.objects.raw(f"SELECT * FROM {table} WHERE service_id IN (%s, %s, %s) ORDER BY 1", ids))
+    assert [_fields_of(r) for r in rows] == [_fields_of(r) for r in expected]
+    assert rows[0].labels == labels and rows[1].owner_id is None and rows[1].drained is True
+    assert all(not r._state.adding and r._state.db == "default" for r in rows)
+
+    tokens = fast_register._active_tokens({owner.key_hash, staff.key_hash, gone.key_hash, "no-such-token"})
+    found = ApiToken.objects.filter(key_hash__in=[owner.key_hash, staff.key_hash, gone.key_hash], is_active=True)
+    assert sorted(map(_fields_of, tokens)) == sorted(map(_fields_of, found))
+    assert {t.name for t in tokens} == {"owner", "staff"}
+
+
+def test_the_batch_insert_stores_what_bulk_create_stores(make_token):
+    """``leases._insert_rows`` (on PostgreSQL one statement of literals) stores every column of every row
+    as the ORM's ``bulk_create`` of the same instances does: JSON, enum members, aware datetimes in any
+    zone, NULLs, quotes and backslashes, non-ASCII text."""
+    from datetime import timedelta
+    from datetime import timezone as dt_timezone
+
+    from django.utils import timezone
+
+    from registry.models import Health, ServiceLabel
+
+    owner, _ = make_token("owner")
+    at = timezone.now().astimezone(dt_timezone(timedelta(hours=5, minutes=30)))
+    odd = 'it\'s "q" \\ ; -- ü 日本 %s %(x)s'
+
+    def rows(prefix: str) -> tuple[list[Service], list[ServiceLabel], list[ServiceEvent]]:
+        services = [
+            Service(
+                service_id=f"{prefix}-a",
+                service_name="name",
+                service_type="source",
+                endpoint="[::1]:80",
+                labels={"k": odd, "e": "", "n": "1"},
+                health=Health.DEGRADED,
+                group_id=None,
+                registered_weight=0,
+                weight=0,
+                lease_duration=1,
+                deregister_after=0,
+                registered_at=at,
+                lease_expires_at=at + timedelta(seconds=1),
+                owner=owner,
+                revision=2**40,
+                recoveries_seen=3,
+            ),
+            Service(
+                service_id=f"{prefix}-b",
+                service_name="b",
+                service_type="sink",
+                endpoint="h:1",
+                labels={},
+                group_id="g.1:x",
+                registered_weight=1000,
+                lease_duration=3600,
+                deregister_after=86400,
+                registered_at=at,
+                lease_expires_at=at,
+                owner=None,
+            ),
+        ]
+        labels = [ServiceLabel(service=services[0], key=k, value=v) for k, v in services[0].labels.items()]
+        events = [
+            ServiceEvent(
+                service_id=s.service_id,
+                service_name=s.service_name,
+                kind="registered",
+                at=at,
+                actor_kind="token",
+                actor=odd,
+                change={"labels": [None, s.labels], "weight": [None, 0], "x": [True, None, 1.5, odd]},
+                revision=7,
+            )
+            for s in services
+        ]
+        events[1].change = odd  # a JSON string (Django writes it as JSON, not as text)
+        return services, labels, events
+
+    services, labels, events = rows("fast")
+    leases._insert_rows((Service, services), (ServiceLabel, labels), (ServiceEvent, events))
+    services, labels, events = rows("orm")
+    Service.objects.bulk_create(services)
+    ServiceLabel.objects.bulk_create(labels)
+    ServiceEvent.objects.bulk_create(events)
+
+    def stored(prefix: str) -> list[Any]:
+        out: list[Any] = []
+        for model, lookup, order in (
+            (Service, "service_id__startswith", "service_id"),
+            (ServiceLabel, "service__service_id__startswith", "key"),
+            (ServiceEvent, "service_id__startswith", "service_id"),
+        ):
+            for row in model.objects.filter(**{lookup: prefix}).order_by(order).values():
+                out.append({k: v.removeprefix(prefix) if k == "service_id" else v for k, v in row.items() if k != "id"})
+        return out
+
+    assert stored("fast") == stored("orm")
+    assert len(stored("fast")) == 2 + 3 + 2

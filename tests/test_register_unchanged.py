@@ -230,9 +230,11 @@ def test_the_direct_answer_is_the_serializers(owner, make_token):
     gone.delete()
     for service in leases.attach_live_leases(Service.objects.select_related("owner")):
         for at in (now, now + timedelta(seconds=3600)):  # live, and lapsed
-            expected = RegisteredServiceSerializer(service, context={"now": at}).data
-            owner_name = service.owner.name if service.owner else None
-            assert json.dumps(registered_body(service, at, owner_name)) == json.dumps(expected)
+            for zone in ("UTC", "Europe/Paris", "America/St_Johns"):  # Z, and offsets
+                with timezone.override(zone):
+                    expected = RegisteredServiceSerializer(service, context={"now": at}).data
+                    owner_name = service.owner.name if service.owner else None
+                    assert json.dumps(registered_body(service, at, owner_name)) == json.dumps(expected)
 
 
 @pytest.mark.django_db(transaction=True)
