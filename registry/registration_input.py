@@ -13,6 +13,7 @@ holds the two to the same output over every field's edge cases.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -22,21 +23,18 @@ from .models import Health, ServiceType
 
 _SERVICE_TYPES = frozenset(value for value, _label in ServiceType.choices)
 _HEALTHS = frozenset(value for value, _label in Health.choices)
-# RegisterSerializer's integer fields and their bounds.
-_BOUNDS = {"lease_duration": (1, 3600), "deregister_after": (0, 86400), "weight": (0, 1000)}
-# RegisterSerializer's fields in their declared order: the order of its validated_data.
-_ORDER = (
-    "service_id",
-    "service_name",
-    "service_type",
-    "endpoint",
-    "labels",
-    "group_id",
-    "lease_duration",
-    "deregister_after",
-    "weight",
-    "health",
-)
+_INTEGERS = ("lease_duration", "deregister_after", "weight")
+
+
+@functools.cache
+def _form() -> tuple[tuple[str, ...], dict[str, tuple[int, int]]]:
+    """RegisterSerializer's fields in their declared order (the order of its validated_data), and the bounds
+    of its integer fields, read from the serializer itself."""
+    from .serializers import RegisterSerializer
+
+    fields = RegisterSerializer().fields
+    order = tuple(name for name, field in fields.items() if not field.read_only)
+    return order, {name: (fields[name].min_value, fields[name].max_value) for name in _INTEGERS}
 
 
 def _identifier(value: Any) -> bool:
@@ -44,7 +42,7 @@ def _identifier(value: Any) -> bool:
 
 
 def _integer(name: str, value: Any) -> bool:
-    low, high = _BOUNDS[name]
+    low, high = _form()[1][name]
     return type(value) is int and low <= value <= high
 
 
@@ -72,12 +70,12 @@ def common_registration(data: dict[str, Any]) -> dict[str, Any] | None:
             return None
     if "group_id" in data and not (data["group_id"] is None or _identifier(data["group_id"])):
         return None
-    for name in _BOUNDS:
+    for name in _INTEGERS:
         if name in data and not _integer(name, data[name]):
             return None
     if "health" in data and not (type(data["health"]) is str and data["health"] in _HEALTHS):
         return None
-    out = {name: data[name] for name in _ORDER if name in data}
+    out = {name: data[name] for name in _form()[0] if name in data}
     if "labels" in out:
         out["labels"] = dict(out["labels"])  # the serializer's LabelsField returns a copy
     return out
