@@ -110,7 +110,7 @@ def _read(query_string: bytes) -> Query | None:
     query = ServiceQuerySerializer(data=params)
     if not query.is_valid():
         return None  # the view's 400
-    filters = tuple(sorted((k, repr(v)) for k, v in query.validated_data.items()))
+    filters = listing.filters_key(query.validated_data)
     size_read = min(int(size), PAGE_SIZE_MAX) if size else PAGE_SIZE_DEFAULT
     return filters, int(page or 1), size_read, dict(query.validated_data)
 

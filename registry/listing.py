@@ -85,6 +85,18 @@ ESTIMATES_KEPT = 1024
 _estimates: dict[tuple[Any, ...], tuple[float, float]] = {}  # (database, pairs) -> (estimate, when read)
 
 
+def filters_key(params: dict[str, Any]) -> tuple[Any, ...]:
+    """A list's validated filters as ``PAGES`` keys them (the view and the fast path alike)."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def fuse_for(params: dict[str, Any]) -> Callable[[], bool] | None:
+    """What tells ``CountingPaginator`` whether the list's matches are few enough to read as ids: asked only
+    when the database is read, and only for a selector."""
+    selector = params.get("selector")
+    return (lambda: fuse_selector(selector)) if selector else None
+
+
 def fuse_selector(selector: dict[str, str]) -> bool:
     """Whether a selector's matches are few enough (estimated) to be read as ids (``CountingPaginator``)."""
     return bool(selector) and estimated_matches(selector) <= FUSE_AT_MOST
@@ -392,9 +404,7 @@ def read_fresh(
     """The count and page ``number`` of the list ``params`` selects (without a ``health`` filter), read and
     remembered as the view reads and remembers them (``CountingPaginator``); None for a page that does not
     exist (the view's 404)."""
-    selector = params.get("selector")
-    fuse = (lambda: fuse_selector(selector)) if selector else None
-    paginator = CountingPaginator(lambda: filtered(params), per_page, fuse, PAGES.entry(filters))
+    paginator = CountingPaginator(lambda: filtered(params), per_page, fuse_for(params), PAGES.entry(filters))
     try:
         rows = paginator.page(number).object_list
     except InvalidPage:

@@ -98,11 +98,9 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
-        if "selector" in params:
-            self.paginator.fuse = lambda: listing.fuse_selector(params["selector"])
+        self.paginator.fuse = listing.fuse_for(params)
         if "health" not in params:  # what the database holds for these filters may be remembered
-            filters = tuple(sorted((k, repr(v)) for k, v in params.items()))
-            self.paginator.reading = listing.PAGES.entry(filters)
+            self.paginator.reading = listing.PAGES.entry(listing.filters_key(params))
 
         def build() -> QuerySet[Service]:
             qs = listing.filtered(params)
