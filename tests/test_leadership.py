@@ -54,12 +54,13 @@ def test_fresh_masters_vote_only_after_one_ttl(masters):
 def test_leadership_survives_one_master_and_steps_down_without_a_majority(masters):
     # A node timeout well above a loaded machine's stalls: with one master down, a renewal needs both of
     # the others, and this test is about majorities, not about timeouts.
-    leader = contender(masters, "w1", ttl_ms=2 * TTL_MS, node_timeout_ms=250)
-    term = wait_for(leader.ensure, 3)
+    # A lease long enough that, past half of it, a loaded machine still has several renewal attempts left.
+    leader = contender(masters, "w1", ttl_ms=4 * TTL_MS, node_timeout_ms=250)
+    term = wait_for(leader.ensure, 4 * TTL_MS / 1000 + 3)  # a master just started votes after one TTL
     job_write(term)
 
     masters[0].kill()
-    time.sleep(2 * TTL_MS / 1000 * 0.6)  # past half the TTL: ensure() must renew on the two left
+    time.sleep(4 * TTL_MS / 1000 * 0.55)  # past half the TTL: ensure() must renew on the two left
     # (a busy machine can still make one renewal miss a node's timeout: ensure() tries again, and must
     # succeed while the lock is still valid)
     renewed = wait_for(
