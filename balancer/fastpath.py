@@ -27,7 +27,7 @@ from registry.redis_client import get_async_redis
 from registry_project import limits
 
 from . import selection
-from .selection import SELECT_LUA, SELECT_SHA, Blocking, Deadline, Outcome, Script, Store
+from .selection import SELECT, Blocking, Deadline, Outcome, Script, Store
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ async def run_flow_async(flow: Any, r: Any) -> Outcome:
         step = next(flow)
         while True:
             if isinstance(step, Script):
-                try:
-                    reply = await r.evalsha(SELECT_SHA, len(step.keys), *step.keys, *step.args)
-                except redis.exceptions.NoScriptError:
-                    reply = await r.eval(SELECT_LUA, len(step.keys), *step.keys, *step.args)
+                reply = await SELECT.run_async(r, step.keys, *step.args)
             elif isinstance(step, Deadline):
                 reply = await r.zscore(selection.lease_store.keys().deadline, step.service_id)
             elif isinstance(step, Store):

@@ -42,7 +42,7 @@ from registry import lease_store
 from registry.events import name_version_key
 from registry.leases import cache_token
 from registry.models import Health, Service
-from registry.redis_client import get_redis
+from registry.redis_client import Lua, get_redis
 
 from .hashing import RendezvousPool
 from .schedule import SmoothWeightedSchedule
@@ -84,7 +84,7 @@ if #lapsed == 0 then
 end
 return {'OK', version, step, deadlines, chosen, chosen_deadline}
 """
-SELECT_SHA = hashlib.sha1(SELECT_LUA.encode()).hexdigest()
+SELECT = Lua(SELECT_LUA)
 
 # A cached list is reloaded at least this often even if no change was announced: the bound on staleness if
 # a change's after-commit bump of the counter failed (Redis unreachable at that instant).
@@ -489,10 +489,7 @@ def run_flow(flow: Generator[Step, Any, Outcome], r: redis.Redis | None = None) 
         step = next(flow)
         while True:
             if isinstance(step, Script):
-                try:
-                    reply = r.evalsha(SELECT_SHA, len(step.keys), *step.keys, *step.args)
-                except redis.exceptions.NoScriptError:
-                    reply = r.eval(SELECT_LUA, len(step.keys), *step.keys, *step.args)
+                reply = SELECT.run(r, step.keys, *step.args)
             elif isinstance(step, Deadline):
                 reply = r.zscore(lease_store.keys().deadline, step.service_id)
             elif isinstance(step, Store):

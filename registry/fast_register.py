@@ -206,10 +206,7 @@ class UnchangedChecker(LoopBatcher[Check, Reply]):
         for _token, service_id, request_digest, health in items:
             args += [service_id, request_digest, health]
         r = get_async_redis()
-        try:
-            reply = await r.evalsha(reregister.RENEW_UNCHANGED_MANY_SHA, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            reply = await r.eval(reregister.RENEW_UNCHANGED_MANY_LUA, len(keys), *keys, *args)
+        reply = await reregister.RENEW_UNCHANGED_MANY.run_async(r, keys, *args)
         if len(reply) != 3 * len(items):
             raise redis.RedisError(f"{len(reply) // 3} replies to a batch of {len(items)} checks")
         return [(reply[i], reply[i + 1], reply[i + 2]) for i in range(0, len(reply), 3)]

@@ -11,7 +11,6 @@ state (no ``built`` marker), ``registry.leases.rebuild_lease_state`` restores it
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,8 @@ from datetime import UTC, datetime
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
+
+from .redis_client import Lua
 
 # Heartbeats: authenticate, authorise, renew and compare reported health, for a batch of heartbeats in
 # one round trip (the fast path sends those that arrive together; a lone one is a batch of one).
@@ -97,7 +98,7 @@ if renewed > 0 then redis.call('INCRBY', KEYS[5], renewed) end
 return replies
 """
 
-HEARTBEAT_SHA = hashlib.sha1(HEARTBEAT_LUA.encode()).hexdigest()
+HEARTBEAT = Lua(HEARTBEAT_LUA)
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,7 @@ def heartbeat_many(r: redis.Redis, beats: Sequence[Beat]) -> list[list[str] | re
     """Run ``beats`` in one HEARTBEAT_LUA call; one reply entry per beat, in order (see HEARTBEAT_LUA), or the
     error of that beat. A failure of the call itself (Redis unreachable) is raised."""
     call_keys, args = heartbeat_call(beats)
-    try:
-        reply = r.evalsha(HEARTBEAT_SHA, len(call_keys), *call_keys, *args)
-    except redis.exceptions.NoScriptError:
-        reply = r.eval(HEARTBEAT_LUA, len(call_keys), *call_keys, *args)
-    return _decoded(reply)
+    return _decoded(HEARTBEAT.run(r, call_keys, *args))
 
 
 def heartbeat_one(r: redis.Redis, beat: Beat) -> list[str]:
@@ -152,11 +149,7 @@ def heartbeat_one(r: redis.Redis, beat: Beat) -> list[str]:
 async def heartbeat_many_async(r: aredis.Redis, beats: Sequence[Beat]) -> list[list[str] | redis.ResponseError]:
     """``heartbeat_many`` on an asyncio client."""
     call_keys, args = heartbeat_call(beats)
-    try:
-        reply = await r.evalsha(HEARTBEAT_SHA, len(call_keys), *call_keys, *args)
-    except redis.exceptions.NoScriptError:
-        reply = await r.eval(HEARTBEAT_LUA, len(call_keys), *call_keys, *args)
-    return _decoded(reply)
+    return _decoded(await HEARTBEAT.run_async(r, call_keys, *args))
 
 
 # One service's whole lease entry, removed; the removal scripts below share it.

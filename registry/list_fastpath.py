@@ -42,7 +42,7 @@ from rest_framework.utils.urls import remove_query_param, replace_query_param
 from . import events, lease_store, listing
 from .fastpath import authenticate, host_allowed, json_request_headers, with_fresh_connection
 from .leases import cache_token
-from .redis_client import get_async_redis
+from .redis_client import Lua, get_async_redis
 
 RunSync = Callable[..., Awaitable[Any]]
 
@@ -59,7 +59,7 @@ PAGE_SIZE_MAX = listing.ServiceListPagination.max_page_size
 # ("" for unset), then the page's service ids.
 # Replies: {'TOKEN_MISS'} | {'STALE'} (the count and ids no longer hold) | {'ROWS', the change counter or ""}
 # (they do, but the page's rows are to be read) | {'OK', deadline or false, ...}.
-PAGE_LUA = """
+PAGE = Lua("""
 if not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'STALE'} end
 local names = #KEYS - 4
@@ -72,7 +72,7 @@ if #ARGV == names + 2 then return {'OK'} end
 local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, names + 3))
 table.insert(reply, 1, 'OK')
 return reply
-"""
+""")
 
 # What a query string reads as: None (Django's business) or (filters, page number, page size, the filters'
 # validated values). Remembered by the exact bytes of the query, short ones only.
@@ -201,11 +201,11 @@ class ServiceListFastPath:
                 keys += [events.services_version_key(), *listing.stamp_keys(stamps)]
                 args = [str(memo.version), "1" if page is not None else "0", *(v for _, v in stamps)]
                 args += [row[0] for row in rows]
-                reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
+                reply = await PAGE.run_async(r, keys, *args)
                 if reply[0] == b"TOKEN_MISS":
                     if not await self.load_token(token_hash):
                         return None
-                    reply = await r.eval(PAGE_LUA, len(keys), *keys, *args)
+                    reply = await PAGE.run_async(r, keys, *args)
                 if reply[0] == b"OK":
                     return memo.count, rows, reply[1:]
                 if reply[0] == b"ROWS" and memo.ids is not None and self.run_sync is not None:

@@ -1,9 +1,12 @@
-"""Shared Redis clients: one thread-safe sync client per URL, one asyncio client per URL and event loop."""
+"""Shared Redis clients (one thread-safe sync client per URL, one asyncio client per URL and event loop)
+and ``Lua``, a script run by its SHA1."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
@@ -35,6 +38,27 @@ def get_async_redis(url: str | None = None) -> aredis.Redis:
     if client is None:
         client = per_loop[url] = aredis.Redis.from_url(url, **_options())
     return client
+
+
+class Lua:
+    """A Lua script run by its SHA1 (EVALSHA), so a hot path does not send its text at every call; the text
+    goes once Redis answers that it does not know the script (NOSCRIPT: a Redis restarted or flushed)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def run(self, r: redis.Redis, keys: list[Any], *args: Any) -> Any:
+        try:
+            return r.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return r.eval(self.source, len(keys), *keys, *args)
+
+    async def run_async(self, r: aredis.Redis, keys: list[Any], *args: Any) -> Any:
+        try:
+            return await r.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await r.eval(self.source, len(keys), *keys, *args)
 
 
 def reset_clients() -> None:

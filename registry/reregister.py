@@ -36,7 +36,7 @@ from rest_framework.settings import api_settings
 
 from . import lease_store
 from .models import ApiToken
-from .redis_client import get_redis
+from .redis_client import Lua, get_redis
 
 # Set by registry.fast_register in the ASGI scope of a request it checked and passed on to Django.
 CHECKED = "registry.unchanged_checked"
@@ -243,7 +243,7 @@ return out
 """
 )
 
-RENEW_UNCHANGED_MANY_SHA = hashlib.sha1(RENEW_UNCHANGED_MANY_LUA.encode()).hexdigest()
+RENEW_UNCHANGED_MANY = Lua(RENEW_UNCHANGED_MANY_LUA)
 
 
 def unchanged_body(snapshot: bytes | str, deadline_ms: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import types
 import uuid
@@ -30,7 +29,8 @@ from typing import Any
 import msgpack
 from channels.layers import BaseChannelLayer
 from redis import asyncio as aioredis
-from redis.exceptions import NoScriptError
+
+from registry.redis_client import Lua
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,12 @@ for i = 1, #ARGV, 2 do
   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
 end
 """
-PUBLISH_MANY_SHA = hashlib.sha1(PUBLISH_MANY_LUA.encode()).hexdigest()
+PUBLISH_MANY = Lua(PUBLISH_MANY_LUA)
 
 
 async def _publish_many(redis: aioredis.Redis, batch: list[tuple[str, bytes, Any]]) -> None:
     args = [part for key, data, _ in batch for part in (key, data)]
-    try:
-        await redis.evalsha(PUBLISH_MANY_SHA, 0, *args)
-    except NoScriptError:
-        await redis.eval(PUBLISH_MANY_LUA, 0, *args)
+    await PUBLISH_MANY.run_async(redis, [], *args)
 
 
 class FanoutChannelLayer(BaseChannelLayer):
