@@ -120,7 +120,9 @@ def seed(n: int) -> None:
                 revision=i + 1,
             )
         )
-        rows += [ServiceLabel(service_id=f"q-{i}", key=k, value=v) for k, v in labels.items()]
+        rows += [
+            ServiceLabel(service_id=f"q-{i}", service_name=f"app-{i % 50}", key=k, value=v) for k, v in labels.items()
+        ]
     with transaction.atomic():
         Service.objects.bulk_create(services, batch_size=500)
         ServiceLabel.objects.bulk_create(rows, batch_size=2000)

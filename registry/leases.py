@@ -49,12 +49,6 @@ class NotOwner(Forbidden):
     """The token may not change this service: it did not create it and is not staff."""
 
 
-def _set_labels(service: Service, labels: dict[str, str], *, replace: bool) -> None:
-    if replace:
-        ServiceLabel.objects.filter(service=service).delete()
-    ServiceLabel.objects.bulk_create(ServiceLabel(service=service, key=k, value=v) for k, v in labels.items())
-
-
 def _restore_lease_entry(r: redis.Redis, service: Service, deadline_ms: int) -> None:
     """Recreate a missing Redis entry from the row (only where there is none). Its recovery count starts
     a jump above the row's, so the revision never goes back (registry.revisions)."""
@@ -137,7 +131,7 @@ class _Pending:
     service: Service | None = None
     created: bool = False
     before: dict[str, Any] | None = None
-    labels_changed: bool = False
+    relabel: bool = False  # its label rows are written again: its labels or its name (which they carry) change
 
 
 def _fields(data: dict[str, Any], now: datetime) -> tuple[dict[str, Any], int]:
@@ -228,7 +222,7 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
                     outcomes[index] = NotOwner(f"service {service.service_id!r} is registered by another token")
                     continue
                 p.before = lifecycle.snapshot(service)
-                p.labels_changed = service.labels != p.fields["labels"]
+                p.relabel = service.labels != p.fields["labels"] or service.service_name != p.fields["service_name"]
                 for name, value in p.fields.items():
                     setattr(service, name, value)
             service.weight = service.weight_in_effect()  # an operator's drain or weight outlives the restart
@@ -250,7 +244,7 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
         replaced = [p.service for p in work if not p.created and p.service is not None]
         if replaced:
             Service.objects.bulk_update(replaced, [*_FIELDS, "weight", "revision", "recoveries_seen"])
-        relabelled = [p.service for p in work if p.labels_changed and p.service is not None]
+        relabelled = [p.service for p in work if p.relabel and p.service is not None]
         if relabelled:
             ServiceLabel.objects.filter(service__in=[s.service_id for s in relabelled]).delete()
         # New rows, their labels and every registration's history row in one step.
@@ -258,7 +252,11 @@ def _register_batch(r: redis.Redis, batch: list[_Pending], now: datetime) -> lis
             (Service, created),
             (
                 ServiceLabel,
-                [ServiceLabel(service=s, key=k, value=v) for s in [*created, *relabelled] for k, v in s.labels.items()],
+                [
+                    ServiceLabel(service=s, service_name=s.service_name, key=k, value=v)
+                    for s in [*created, *relabelled]
+                    for k, v in s.labels.items()
+                ],
             ),
             (
                 ServiceEvent,

@@ -2,13 +2,13 @@
 database's tuples.
 
 For a selective label selector the ids of every match are read in the list's order, in one query of the
-label index (the selector's ranges intersected) that reads no service row but the order's; their number
-is the count, and the page's rows are then read by id. On 10,000 services and 834 matches this replaced a
-page query carrying ``COUNT(*) OVER ()`` (which kept every matching row until the count was known), and
-the ids outlive changes that cannot change them (below). For a broad result (no selector, or one most
-services carry) a page that stops after its rows plus a count that reads no row is cheaper:
-``fuse_selector`` estimates the matches from the label counts (one indexed count per pair, as a planner
-would, pairs taken as independent). Only a page past the end (or an empty result) reads no row.
+label index (the selector's ranges merged, each already in that order: ``matching_ids``) that reads no
+service row; their number is the count, and the page's rows are then read by id. On 10,000 services and
+834 matches this replaced a page query carrying ``COUNT(*) OVER ()`` (which kept every matching row until
+the count was known), and the ids outlive changes that cannot change them (below). For a broad result
+(no selector, or one most services carry) a page that stops after its rows plus a count that reads no row
+is cheaper: ``fuse_selector`` estimates the matches from the label counts (one indexed count per pair, as
+a planner would, pairs taken as independent). Only a page past the end (or an empty result) reads no row.
 
 Counts, a selector's ids and pages read from the database are remembered per process (``PAGES``), keyed
 by the list's filters and the registry's membership counter (``registry.events.services_membership_key``),
@@ -43,7 +43,7 @@ import redis
 from django.conf import settings
 from django.core.paginator import InvalidPage, Page, Paginator
 from django.db import connection
-from django.db.models import F, QuerySet
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.functional import cached_property
 
@@ -90,11 +90,48 @@ def filters_key(params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
-def fuse_for(params: dict[str, Any]) -> Callable[[], bool] | None:
-    """What tells ``CountingPaginator`` whether the list's matches are few enough to read as ids: asked only
-    when the database is read, and only for a selector."""
+IdsReader = Callable[[QuerySet[Any]], list[str] | None]
+
+
+def ids_for(params: dict[str, Any]) -> IdsReader | None:
+    """What gives ``CountingPaginator`` every id its queryset (the list's, ``params`` filtering it) selects,
+    in the list's order, when they are few (``fuse_selector``; None when they are not): called only when
+    the database is read, and only for a selector."""
     selector = params.get("selector")
-    return (lambda: fuse_selector(selector)) if selector else None
+    if not selector:
+        return None
+    return lambda queryset: matching_ids(params, queryset) if fuse_selector(selector) else None
+
+
+# Filters a selector's ids are read for from the label index alone (each label row carries its name).
+LABEL_FILTERS = frozenset({"selector", "name"})
+
+
+def matching_ids(params: dict[str, Any], queryset: QuerySet[Any]) -> list[str]:
+    """Every id of ``queryset``, the list's with the filters ``params`` (a selector among them), in the list's
+    order (name, id).
+
+    With no filter but the selector and a name, from the label index alone: each key=value pair is a range of
+    it in that order already (``ServiceLabel``), and the ranges are merged in one statement that reads no
+    service row and sorts nothing: SQLite runs an ``INTERSECT`` ordered as they are as a merge of them,
+    PostgreSQL runs ``EXISTS`` semi-joins on (name, id) as merge semi joins. On 10,000 services and 834
+    matches of two pairs, about a quarter of the time of the ranges' ids intersected and then looked up
+    in the service table for their order. With other filters, ``queryset``'s ids."""
+    if not params.keys() <= LABEL_FILTERS:
+        return list(queryset.values_list("pk", flat=True))
+    narrow = {"service_name": params["name"]} if "name" in params else {}
+    ranges = [ServiceLabel.objects.filter(key=key, value=value, **narrow) for key, value in params["selector"].items()]
+    order = ("service_name", "service_id")
+    if connection.vendor == "sqlite":
+        pairs = [r.values_list(*order) for r in ranges]
+        merged = pairs[0].intersection(*pairs[1:]) if len(pairs) > 1 else pairs[0]
+        return [service_id for _name, service_id in merged.order_by(*order)]
+    first = ranges[0]
+    for other in ranges[1:]:
+        first = first.filter(
+            Exists(other.filter(service_name=OuterRef("service_name"), service_id=OuterRef("service_id")))
+        )
+    return list(first.order_by(*order).values_list("service_id", flat=True))
 
 
 def fuse_selector(selector: dict[str, str]) -> bool:
@@ -404,7 +441,7 @@ def read_fresh(
     """The count and page ``number`` of the list ``params`` selects (without a ``health`` filter), read and
     remembered as the view reads and remembers them (``CountingPaginator``); None for a page that does not
     exist (the view's 404)."""
-    paginator = CountingPaginator(lambda: filtered(params), per_page, fuse_for(params), PAGES.entry(filters))
+    paginator = CountingPaginator(lambda: filtered(params), per_page, ids_for(params), PAGES.entry(filters))
     try:
         rows = paginator.page(number).object_list
     except InvalidPage:
@@ -430,9 +467,9 @@ def read_page(
 
 class CountingPaginator(Paginator):
     """A Django paginator over a queryset, built by ``build`` only when the database is read, whose pages
-    are ``COLUMNS`` tuples (``page_rows``). With ``fuse`` (a callable, asked only when the database is
-    read) saying the filters match few services, the ids of every match are read in the list's order (one
-    query of the label index, no row), which gives the count, and then the page's rows by id. Otherwise
+    are ``COLUMNS`` tuples (``page_rows``). With ``ids`` (a callable, asked only when the database is
+    read) giving the ids of every match in the list's order (they are few: ``ids_for``), their number is
+    the count, and the page's rows are read by id. Otherwise
     ``count`` is ``queryset.count()`` and a page is a walk of the list's index. With ``reading``, the count,
     ids and pages come from its entry while they hold, and go to it when read."""
 
@@ -440,12 +477,12 @@ class CountingPaginator(Paginator):
         self,
         build: Callable[[], QuerySet[Any]],
         per_page: int,
-        fuse: Callable[[], bool] | None = None,
+        ids: IdsReader | None = None,
         reading: Reading | None = None,
     ) -> None:
         super().__init__(build, per_page)  # type: ignore[arg-type]
         self.build = build
-        self.fuse = fuse
+        self.ids = ids
         self.reading = reading
         self.memo = reading.memo if reading is not None else None
 
@@ -466,12 +503,12 @@ class CountingPaginator(Paginator):
         return count
 
     def matching_ids(self) -> list[str] | None:
-        """Every match's id in the list's order, remembered or read; None unless ``fuse`` says they are few."""
+        """Every match's id in the list's order, remembered or read by ``ids``; None when they are many."""
         if self.memo is not None and self.memo.ids is not None:
             return self.memo.ids
-        if self.fuse is None or not self.fuse():
+        ids = self.ids(self.queryset) if self.ids is not None else None
+        if ids is None:
             return None
-        ids = list(self.queryset.values_list("pk", flat=True))
         if self.memo is not None:
             PAGES.add_ids(self.memo, ids)
         return ids
@@ -525,14 +562,14 @@ def _page_number(number: Any) -> int | None:
 
 
 class ServiceListPagination(RegistryPagination):
-    """RegistryPagination, each page a list of ``COLUMNS`` tuples from ``CountingPaginator``; ``fuse`` and
-    ``remembered`` are set by the view per request."""
+    """RegistryPagination, each page a list of ``COLUMNS`` tuples from ``CountingPaginator``; ``ids`` and
+    ``reading`` are set by the view per request."""
 
-    fuse: Callable[[], bool] | None = None
+    ids: IdsReader | None = None
     reading: Reading | None = None
 
     def django_paginator_class(self, build: Any, per_page: int) -> CountingPaginator:  # type: ignore[override]
-        return CountingPaginator(build, per_page, self.fuse, self.reading)
+        return CountingPaginator(build, per_page, self.ids, self.reading)
 
 
 def representation(

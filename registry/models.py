@@ -188,16 +188,22 @@ class Service(models.Model):
 
 
 class ServiceLabel(models.Model):
-    """One label of a service, so selectors are indexed equality lookups on any database."""
+    """One label of a service, so selectors are indexed equality lookups on any database.
+
+    The row carries its service's name (written with it by every registration, the only writer of either),
+    so that a key=value pair's index range is in the service list's order (name, id): a selector's matches
+    come in that order from the label index alone (``registry.listing.selector_ids``), without reading or
+    sorting service rows."""
 
     service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="label_rows")
+    service_name = models.CharField(max_length=128)
     key = models.CharField(max_length=63)
     value = models.CharField(max_length=256)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["service", "key"], name="unique_label_key_per_service")]
-        # Covering: a selector's key=value pair is one index range that yields the service ids.
-        indexes = [models.Index(fields=["key", "value", "service"], name="label_key_value_service")]
+        # Covering: a selector's key=value pair is one index range that yields the service ids in list order.
+        indexes = [models.Index(fields=["key", "value", "service_name", "service"], name="label_pair_in_list_order")]
 
 
 class LeaderTerm(models.Model):

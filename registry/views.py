@@ -98,7 +98,7 @@ class ServiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         query = ServiceQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
-        self.paginator.fuse = listing.fuse_for(params)
+        self.paginator.ids = listing.ids_for(params)
         if "health" not in params:  # what the database holds for these filters may be remembered
             self.paginator.reading = listing.PAGES.entry(listing.filters_key(params))
 

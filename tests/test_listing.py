@@ -120,7 +120,10 @@ def test_a_selective_selector_reads_its_matches_ids_then_the_page_by_id(api: Any
     listing._estimates.clear()
     selective = queries("?selector=env=prod,zone=a,n=3")
     estimate, ids, rows = selective
-    assert "registry_servicelabel" in estimate and "INTERSECT" in ids and "registry_servicelabel" not in rows
+    assert "registry_servicelabel" in estimate and "registry_servicelabel" not in rows
+    # the matches' ids come from the label index alone, already in the list's order: no service row is read
+    assert '"registry_service"' not in ids and "ORDER BY" in ids
+    assert ("INTERSECT" if connection.vendor == "sqlite" else "EXISTS") in ids
     assert not any("COUNT(*) AS" in sql for sql in selective)  # the count is the number of ids
     assert queries("?selector=env=prod,zone=a,n=3") == []  # remembered
     # after a change of a listed service the ids are kept (the matches cannot have changed): only the
@@ -201,3 +204,59 @@ def test_an_empty_list_is_one_count_and_no_page_query(api: Any, fleet: None) -> 
     assert body == {"count": 0, "next": None, "previous": None, "results": []}
     reads = [q["sql"] for q in captured.captured_queries if '"registry_service"' in q["sql"]]
     assert len(reads) == 1 and "COUNT(*)" in reads[0]
+
+
+def test_a_new_name_rewrites_the_label_rows_and_moves_the_service_in_a_selectors_list(api: Any, fleet: None) -> None:
+    """Label rows carry their service's name (a selector's ids are read from them in the list's order): a
+    re-registration that changes only the name rewrites them, so the name filter and the order follow."""
+    from registry.models import ServiceLabel
+
+    def listed(query: str) -> list[str]:
+        listing.PAGES.clear()
+        return [s["service_id"] for s in api.get(f"/api/v1/services/?{query}").json()["results"]]
+
+    assert "f-01" in listed("selector=env=prod&name=name-1")
+    with time_machine.travel(T0 + timedelta(seconds=1), tick=False):
+        register(api, "f-01", service_name="a-first-name", labels={"env": "prod", "zone": "b", "n": "1"})
+    assert set(ServiceLabel.objects.filter(service_id="f-01").values_list("service_name", flat=True)) == {
+        "a-first-name"
+    }
+    assert "f-01" not in listed("selector=env=prod&name=name-1")
+    assert listed("selector=env=prod,zone=b&name=a-first-name") == ["f-01"]
+    in_order = Service.objects.filter(labels__env="prod").order_by("service_name", "service_id")
+    assert listed("selector=env=prod") == [s.service_id for s in in_order][:100]
+    assert listed("selector=env=prod")[0] == "f-01"  # its new name sorts first
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_gives_existing_label_rows_their_services_name() -> None:
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("registry", "0009_query_indexes")], [("registry", "0010_label_service_name")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    OldService, OldLabel = old.get_model("registry", "Service"), old.get_model("registry", "ServiceLabel")
+    for i, name in enumerate(["pay", "pay", "ship"]):
+        OldService.objects.create(
+            service_id=f"m-{i}",
+            service_name=name,
+            service_type="sink",
+            endpoint="10.0.0.1:1",
+            labels={"env": "prod"},
+            lease_duration=10,
+            deregister_after=60,
+            registered_at=T0,
+            lease_expires_at=T0,
+        )
+        OldLabel.objects.create(service_id=f"m-{i}", key="env", value="prod")
+    executor = MigrationExecutor(connection)
+    executor.migrate(after)
+    new = executor.loader.project_state(after).apps.get_model("registry", "ServiceLabel")
+    assert sorted(new.objects.values_list("service_id", "service_name")) == [
+        ("m-0", "pay"),
+        ("m-1", "pay"),
+        ("m-2", "ship"),
+    ]
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())

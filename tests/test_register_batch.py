@@ -420,7 +420,10 @@ def test_the_batch_insert_stores_what_bulk_create_stores(make_token):
                 owner=None,
             ),
         ]
-        labels = [ServiceLabel(service=services[0], key=k, value=v) for k, v in services[0].labels.items()]
+        labels = [
+            ServiceLabel(service=services[0], service_name=services[0].service_name, key=k, value=v)
+            for k, v in services[0].labels.items()
+        ]
         events = [
             ServiceEvent(
                 service_id=s.service_id,
