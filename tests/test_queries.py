@@ -61,8 +61,8 @@ def seed_fleet(n: int, owner: ApiToken, now: datetime, lapsed: bool) -> None:
             [(f"m-{i}", Health.DEGRADED if i % 4 == 0 else Health.HEALTHY, *constant) for i in range(n)],
         )
         cursor.executemany(
-            "INSERT INTO registry_servicelabel (service_id, key, value) VALUES (%s, %s, %s)",
-            [(f"m-{i}", "env", "prod") for i in range(n)],
+            "INSERT INTO registry_servicelabel (service_id, service_name, key, value) VALUES (%s, %s, %s, %s)",
+            [(f"m-{i}", "mass", "env", "prod") for i in range(n)],
         )
     r, k = get_redis(), lease_store.keys()
     ms = lease_store.to_ms(deadline)
