@@ -43,7 +43,7 @@ import redis
 from django.conf import settings
 from django.core.paginator import InvalidPage, Page, Paginator
 from django.db import connection
-from django.db.models import Exists, F, OuterRef, QuerySet
+from django.db.models import F, QuerySet
 from django.utils import timezone
 from django.utils.functional import cached_property
 
@@ -90,13 +90,13 @@ def filters_key(params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
-IdsReader = Callable[[QuerySet[Any]], list[str] | None]
+IdsReader = Callable[[Callable[[], QuerySet[Any]]], list[str] | None]
 
 
 def ids_for(params: dict[str, Any]) -> IdsReader | None:
-    """What gives ``CountingPaginator`` every id its queryset (the list's, ``params`` filtering it) selects,
-    in the list's order, when they are few (``fuse_selector``; None when they are not): called only when
-    the database is read, and only for a selector."""
+    """What gives ``CountingPaginator`` every id its queryset (the list's, ``params`` filtering it, built by
+    the callable it is given) selects, in the list's order, when they are few (``fuse_selector``; None when
+    they are not): called only when the database is read, and only for a selector."""
     selector = params.get("selector")
     if not selector:
         return None
@@ -107,31 +107,62 @@ def ids_for(params: dict[str, Any]) -> IdsReader | None:
 LABEL_FILTERS = frozenset({"selector", "name"})
 
 
-def matching_ids(params: dict[str, Any], queryset: QuerySet[Any]) -> list[str]:
-    """Every id of ``queryset``, the list's with the filters ``params`` (a selector among them), in the list's
-    order (name, id).
+def matching_ids(params: dict[str, Any], queryset: Callable[[], QuerySet[Any]]) -> list[str]:
+    """Every id of the list's queryset (``queryset()`` builds it; ``params`` are its filters, a selector among
+    them), in the list's order (name, id).
 
     With no filter but the selector and a name, from the label index alone: each key=value pair is a range of
     it in that order already (``ServiceLabel``), and the ranges are merged in one statement that reads no
-    service row and sorts nothing: SQLite runs an ``INTERSECT`` ordered as they are as a merge of them,
-    PostgreSQL runs ``EXISTS`` semi-joins on (name, id) as merge semi joins. On 10,000 services and 834
-    matches of two pairs, about a quarter of the time of the ranges' ids intersected and then looked up
-    in the service table for their order. With other filters, ``queryset``'s ids."""
+    service row and sorts nothing (``_label_statement``). On 10,000 services and 834 matches of two pairs,
+    about a third of the time of the ranges' ids intersected and then looked up in the service table for
+    their order, Python's part included. With other filters, the queryset's ids."""
     if not params.keys() <= LABEL_FILTERS:
-        return list(queryset.values_list("pk", flat=True))
-    narrow = {"service_name": params["name"]} if "name" in params else {}
-    ranges = [ServiceLabel.objects.filter(key=key, value=value, **narrow) for key, value in params["selector"].items()]
-    order = ("service_name", "service_id")
+        return list(queryset().values_list("pk", flat=True))
+    selector: dict[str, str] = params["selector"]
+    name = params.get("name")
+    values: list[str] = []
+    for key, value in selector.items():
+        values += [key, value] if name is None else [key, value, name]
+    with connection.cursor() as cursor:
+        cursor.execute(_label_statement(len(selector), name is not None), values)
+        return [row[0] for row in cursor.fetchall()]
+
+
+_LABEL_STATEMENTS: dict[tuple[str, int, bool], str] = {}
+
+
+def _label_statement(pairs: int, named: bool) -> str:
+    """The statement reading the ids of the services carrying ``pairs`` key=value pairs (and, if ``named``, a
+    name), in the list's order; its parameters are each pair's key, value (and name). SQLite runs an
+    ``INTERSECT`` of the ranges ordered as they are as a merge of them; PostgreSQL runs the ``EXISTS``
+    semi-joins on (name, id) as merge semi joins."""
+    found = _LABEL_STATEMENTS.get((connection.vendor, pairs, named))
+    if found is not None:
+        return found
+    q = connection.ops.quote_name
+    label, name, service, key, value = (
+        q(ServiceLabel._meta.db_table),
+        q("service_name"),
+        q("service_id"),
+        q("key"),
+        q("value"),
+    )
     if connection.vendor == "sqlite":
-        pairs = [r.values_list(*order) for r in ranges]
-        merged = pairs[0].intersection(*pairs[1:]) if len(pairs) > 1 else pairs[0]
-        return [service_id for _name, service_id in merged.order_by(*order)]
-    first = ranges[0]
-    for other in ranges[1:]:
-        first = first.filter(
-            Exists(other.filter(service_name=OuterRef("service_name"), service_id=OuterRef("service_id")))
+        one = f"SELECT {service}, {name} FROM {label} WHERE {key} = %s AND {value} = %s"
+        one += f" AND {name} = %s" if named else ""
+        # the ids are the first column; the order is (name, id) as the list's
+        statement = " INTERSECT ".join([one] * pairs) + " ORDER BY 2, 1"
+    else:
+        where = [f"p0.{key} = %s AND p0.{value} = %s" + (f" AND p0.{name} = %s" if named else "")]
+        for i in range(1, pairs):
+            match = f"p{i}.{key} = %s AND p{i}.{value} = %s" + (f" AND p{i}.{name} = %s" if named else "")
+            same = f"p{i}.{name} = p0.{name} AND p{i}.{service} = p0.{service}"
+            where.append(f"EXISTS (SELECT 1 FROM {label} p{i} WHERE {match} AND {same})")
+        statement = (
+            f"SELECT p0.{service} FROM {label} p0 WHERE " + " AND ".join(where) + f" ORDER BY p0.{name}, p0.{service}"
         )
-    return list(first.order_by(*order).values_list("service_id", flat=True))
+    _LABEL_STATEMENTS[(connection.vendor, pairs, named)] = statement
+    return statement
 
 
 def fuse_selector(selector: dict[str, str]) -> bool:
@@ -506,7 +537,7 @@ class CountingPaginator(Paginator):
         """Every match's id in the list's order, remembered or read by ``ids``; None when they are many."""
         if self.memo is not None and self.memo.ids is not None:
             return self.memo.ids
-        ids = self.ids(self.queryset) if self.ids is not None else None
+        ids = self.ids(lambda: self.queryset) if self.ids is not None else None
         if ids is None:
             return None
         if self.memo is not None:
