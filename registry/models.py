@@ -82,8 +82,8 @@ class ServiceQuerySet(models.QuerySet["Service"]):
     def matching(self, selector: dict[str, str]) -> ServiceQuerySet:
         """Services carrying every ``key=value`` of the selector.
 
-        Each pair is a range of the covering (key, value, service) index of ServiceLabel, read once per
-        query, not a probe per service row; the ranges are intersected in one ``INTERSECT`` (on 10,000
+        Each pair is a range of the covering (key, value, name, service) index of ServiceLabel, read once
+        per query, not a probe per service row; the ranges are intersected in one ``INTERSECT`` (on 10,000
         services, two pairs and 834 matches, about a third cheaper on SQLite than an ``IN`` per pair)."""
         labels = ServiceLabel.objects
         ranges = [labels.filter(key=key, value=value).values("service_id") for key, value in selector.items()]
