@@ -149,6 +149,9 @@ def test_rows_read_on_a_plain_cursor_are_the_orm_values(owner: tuple[ApiToken, s
     orm = list(every.annotate(owner_name=F("owner__name")).values_list(*listing.COLUMNS))
     assert len(orm) == 26
     assert listing.page_rows(every, 0, 100) == orm
+    # the times are the ORM's to their time zone objects, not only the same instants (PostgreSQL's C loader)
+    zones = [(row[10].tzinfo, row[13].tzinfo) for row in orm]
+    assert [(row[10].tzinfo, row[13].tzinfo) for row in listing.rows_of([row[0] for row in orm])] == zones
     assert listing.page_rows(every, 5, 3) == orm[5:8]
     assert listing.rows_of([row[0] for row in orm[::-1]]) == orm[::-1]
     assert listing.rows_of(["f-01", "gone"]) is None  # a stale id list is noticed
