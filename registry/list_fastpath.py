@@ -5,8 +5,9 @@ A page this process remembers (``registry.listing.PageCache``) is a query-string
 call and a JSON encoding on the event loop: the script checks the token against the token cache, that the
 registry's membership counter and the change counter of each service name on the page still have the
 values the page was read at, and reads the page's lease deadlines. When only a name's counter moved (a
-service on the page changed), or the page was not read yet, and the selector's matching ids are
-remembered, the page's rows are read by id (``listing.read_page``: one statement); anything else not
+service on the page changed), the rows of that name are read again by id, the others kept
+(``listing.read_page``: one statement); a page not read yet, of a selector's remembered matching ids, is
+read by id whole; anything else not
 remembered is read as the view reads it (``listing.read_fresh``: the view's own paginator and queries).
 Both run on one of Django's request threads (``run_sync``), the token checked in Redis first, and are
 remembered for the next time. The body is the view's: the same rows and count, written by
@@ -57,17 +58,22 @@ PAGE_SIZE_MAX = listing.ServiceListPagination.max_page_size
 # counter, then the change counter of each service name on the page. ARGV: the membership counter's value the
 # entry was read at, whether the page is remembered ("1") or not ("0"), each name's counter as remembered
 # ("" for unset), then the page's service ids.
-# Replies: {'TOKEN_MISS'} | {'STALE'} (the count and ids no longer hold) | {'ROWS', the change counter or ""}
-# (they do, but the page's rows are to be read) | {'OK', deadline or false, ...}.
+# Replies: {'TOKEN_MISS'} | {'STALE'} (the count and ids no longer hold) | {'ROWS', the change counter or "",
+# the 1-based index of each name whose counter moved, ...} (they do, but the page's rows are to be read: those
+# of the names given, or all of them for a page not remembered) | {'OK', deadline or false, ...}.
 PAGE = Lua("""
 if not redis.call('GET', KEYS[1]) then return {'TOKEN_MISS'} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'STALE'} end
 local names = #KEYS - 4
-local rows = ARGV[2] == '0'
+local moved = {}
 for i = 1, names do
-  if (redis.call('GET', KEYS[4 + i]) or '') ~= ARGV[2 + i] then rows = true end
+  if (redis.call('GET', KEYS[4 + i]) or '') ~= ARGV[2 + i] then moved[#moved + 1] = i end
 end
-if rows then return {'ROWS', redis.call('GET', KEYS[4]) or ''} end
+if ARGV[2] == '0' or #moved > 0 then
+  local reply = {'ROWS', redis.call('GET', KEYS[4]) or ''}
+  for _, i in ipairs(moved) do reply[#reply + 1] = i end
+  return reply
+end
 if #ARGV == names + 2 then return {'OK'} end
 local reply = redis.call('ZMSCORE', KEYS[3], unpack(ARGV, names + 3))
 table.insert(reply, 1, 'OK')
@@ -213,7 +219,8 @@ class ServiceListFastPath:
                     if not ids and number > 1:
                         return None  # past the end: the view's 404
                     changes = reply[1] or None  # the registry's change counter before the rows are read
-                    read = await self.run_sync(listing.read_page, memo, (number, per_page), ids, changes)
+                    moved = {stamps[i - 1][0] for i in reply[2:]}  # the names whose rows changed
+                    read = await self.run_sync(listing.read_page, memo, (number, per_page), ids, changes, page, moved)
                     if read is not None:
                         return memo.count, read, await deadlines(r, ids)
                 # a registration or removal since, a page that is a walk of the index, or a gone id: read afresh

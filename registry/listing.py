@@ -513,18 +513,33 @@ def read_fresh(
 
 
 def read_page(
-    memo: Remembered, page: tuple[int, int], ids: list[str], changes: bytes | None
+    memo: Remembered,
+    page: tuple[int, int],
+    ids: list[str],
+    changes: bytes | None,
+    before: RememberedPage | None = None,
+    moved: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]] | None:
     """The rows of ``ids``, page ``page`` (number, size) of ``memo``'s remembered ids, remembered with it
     (``changes``: the registry's change counter before they were read); None if one is gone, and then
-    ``memo`` is dropped."""
-    rows = rows_of(ids)
-    if rows is None:
+    ``memo`` is dropped. With ``before``, the page as remembered, only the rows of the names ``moved`` (whose
+    change counters moved) are read: the others hold, their counters having held (the membership counter
+    too, so the page's ids and order are the same)."""
+    partial = before is not None and bool(moved) and [row[0] for row in before.rows] == ids
+    wanted = [row[0] for row in before.rows if row[1] in moved] if before is not None and partial else ids
+    fresh = rows_of(wanted)
+    if fresh is None:
         PAGES.forget(memo)
         return None
-    stamps = stamps_after(rows, changes)
+    if before is None or not partial:
+        rows, kept = fresh, ()
+    else:
+        read = {row[0]: row for row in fresh}
+        rows = [read.get(row[0], row) for row in before.rows]
+        kept = tuple((name, stamp) for name, stamp in before.stamps if name not in moved)
+    stamps = stamps_after(fresh, changes)
     if stamps is not None:
-        PAGES.add_page(memo, page, rows, stamps)
+        PAGES.add_page(memo, page, rows, tuple(sorted(kept + stamps)))
     return rows
 
 

@@ -141,6 +141,27 @@ def test_after_a_change_of_a_listed_service_the_fast_path_reads_only_the_rows(ow
 
 
 @pytest.mark.django_db
+def test_after_a_change_of_a_listed_service_only_the_rows_of_its_name_are_read_again(owner, api) -> None:
+    for sid, name in (("a", "pay"), ("b", "pay"), ("c", "ship"), ("d", "ship")):
+        register(api, sid, service_name=name, labels={"env": "prod"})
+    path = "/api/v1/services/?selector=env=prod"
+    get(path, owner[1])
+    assert get(path, owner[1])[2] == 0
+    leases.set_operator_weight(["c"], 3)  # a "ship"
+    with CaptureQueriesContext(connection) as captured:
+        response = asgi_request("GET", path, headers={"Authorization": f"Bearer {owner[1]}"})
+    (query,) = captured.captured_queries
+    assert '"c"' in query["sql"] and '"d"' in query["sql"] and '"a"' not in query["sql"]  # ship's rows alone
+    assert b'"operator_weight":3' in response.content
+    assert read_by_view(path, owner[1]) == response.content
+    assert get(path, owner[1])[2] == 0  # remembered again, with ship's new counter and pay's old one
+    leases.set_operator_weight(["a"], 4)  # then a "pay": its rows alone, ship's kept as read above
+    _, body, queries = get(path, owner[1])
+    assert queries == 1 and b'"operator_weight":4' in body and b'"operator_weight":3' in body
+    assert read_by_view(path, owner[1]) == body
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     "query", ["?health=healthy", "?page=last", "?page=0", "?page=9", "?page_size=0&page=1", "?format=json"]
 )
