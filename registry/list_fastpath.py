@@ -7,8 +7,8 @@ registry's membership counter and the change counter of each service name on the
 values the page was read at, and reads the page's lease deadlines. When only a name's counter moved (a
 service on the page changed), the rows of that name are read again by id, the others kept
 (``listing.read_page``: one statement); a page not read yet, of a selector's remembered matching ids, is
-read by id whole; anything else not
-remembered is read as the view reads it (``listing.read_fresh``: the view's own paginator and queries).
+read by id whole; anything else not remembered is read as the view reads it (``listing.read_fresh``: the
+view's own paginator and queries).
 Both run on one of Django's request threads (``run_sync``), the token checked in Redis first, and are
 remembered for the next time. The body is the view's: the same rows and count, written by
 ``listing.representation`` with the live deadlines, the next and previous links built by DRF's own

@@ -16,11 +16,12 @@ which every registration and removal bumps inside its transaction and again afte
 caches' name counters are: they hold while no service was registered or removed since they were read,
 and for at most PAGE_CACHE_SECONDS. A page also holds only while the change counter of every service name
 on it is unchanged (each registry event bumps its service's name's counter, ``stamps_after``): a change of
-health, drain or weight makes the next list read that page's rows again, not the matches, and leaves the
-other pages as they were. Should a remembered id be gone all the same (its removal's bump lost), the page
-notices the missing row and reads afresh. What is live in Redis (each lease's deadline, hence the effective
-health) is read for every answer, so only database rows are remembered; a health filter, which depends on
-the lapsed leases of the moment, is never served from memory.
+health, drain or weight makes the next list read again the page's rows of that name (``read_page``), not
+the matches nor the page's other rows, and leaves the other pages as they were. Should a remembered id be
+gone all the same (its removal's bump lost), the page notices the missing row and reads afresh. What is
+live in Redis (each lease's deadline, hence the effective health) is read for every answer, so only
+database rows are remembered; a health filter, which depends on the lapsed leases of the moment, is never
+served from memory.
 
 The rows are tuples of exactly the columns the list shows, the owner's name joined in: no model instance
 per service. ``representation`` writes each as ``registry.serializers.read_representation`` writes a
@@ -340,15 +341,16 @@ def stamp_keys(stamps: Stamps) -> list[str]:
     return [events.name_version_key(name) for name, _ in stamps]
 
 
-def stamps_hold(stamps: Stamps) -> bool:
-    """Whether every name's change counter still has the value of ``stamps``."""
+def moved_names(stamps: Stamps) -> set[str] | None:
+    """The names of ``stamps`` whose change counter no longer has its value there (none: the page they
+    stamp holds); None when the counters cannot be read."""
     if not stamps:
-        return True
+        return set()
     try:
         now = get_redis().mget(stamp_keys(stamps))
     except (redis.RedisError, OSError):
-        return False
-    return all((value or b"").decode() == stamp for (_, stamp), value in zip(stamps, now, strict=True))
+        return None
+    return {name for (name, stamp), value in zip(stamps, now, strict=True) if (value or b"").decode() != stamp}
 
 
 def stamps_after(rows: list[tuple[Any, ...]], changes: bytes | None) -> Stamps | None:
@@ -596,8 +598,18 @@ class CountingPaginator(Paginator):
         memo = self.memo
         if memo is not None and memo.count is not None and wanted is not None:
             remembered = memo.pages.get((wanted, self.per_page))
-            if remembered is not None and stamps_hold(remembered.stamps):
+            moved = moved_names(remembered.stamps) if remembered is not None else None
+            if remembered is not None and moved == set():
                 return self._get_page(remembered.rows, self.validate_number(number), self)
+            if remembered is not None and moved and memo.ids is not None and self.reading is not None:
+                # as the fast path does: the rows of the names that changed, the others kept
+                ids = memo.ids[(wanted - 1) * self.per_page : wanted * self.per_page]
+                key = (wanted, self.per_page)
+                rows = read_page(memo, key, ids, self.reading.changes, remembered, moved)
+                if rows is not None:
+                    return self._get_page(rows, self.validate_number(number), self)
+                self.memo = None  # a remembered id is gone (read_page dropped the entry): read afresh
+                memo = None
         if wanted is not None and wanted >= 1 and "count" not in self.__dict__:
             ids = self.matching_ids()
             if ids is not None:

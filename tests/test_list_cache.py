@@ -175,9 +175,9 @@ def test_rows_read_while_the_registry_changed_are_not_remembered() -> None:
     assert listing.stamps_after(rows, b"5") == (("other", ""), ("sink", "11"))
     r.incr(events.services_version_key())  # a change committed (and counted) while the rows were read
     assert listing.stamps_after(rows, b"5") is None
-    assert listing.stamps_hold((("other", ""), ("sink", "11")))
+    assert listing.moved_names((("other", ""), ("sink", "11"))) == set()
     r.incr(events.name_version_key("other"))
-    assert not listing.stamps_hold((("other", ""), ("sink", "11")))
+    assert listing.moved_names((("other", ""), ("sink", "11"))) == {"other"}
 
 
 @pytest.mark.django_db(transaction=True)

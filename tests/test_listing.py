@@ -268,3 +268,20 @@ def test_the_migration_gives_existing_label_rows_their_services_name() -> None:
     ]
     executor = MigrationExecutor(connection)
     executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_the_view_reads_again_only_the_rows_of_the_name_that_changed(api: Any, fleet: None) -> None:
+    path = "/api/v1/services/?selector=env=prod"
+    listing.PAGES.clear()
+    with time_machine.travel(T0 + timedelta(seconds=30), tick=False):
+        api.get(path)
+        with CaptureQueriesContext(connection) as captured:
+            api.get(path)
+        assert not [q for q in captured.captured_queries if "registry_service" in q["sql"]]  # remembered
+        leases.set_operator_weight(["f-03"], 5)  # a name-3
+        with CaptureQueriesContext(connection) as captured:
+            partly = api.get(path).json()
+        (rows,) = [q["sql"] for q in captured.captured_queries if "registry_service" in q["sql"]]
+        assert "f-03" in rows and "f-07" in rows and "f-01" not in rows  # name-3's rows alone
+        listing.PAGES.clear()
+        assert api.get(path).json() == partly  # as read afresh
