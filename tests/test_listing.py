@@ -285,3 +285,18 @@ def test_the_view_reads_again_only_the_rows_of_the_name_that_changed(api: Any, f
         assert "f-03" in rows and "f-07" in rows and "f-01" not in rows  # name-3's rows alone
         listing.PAGES.clear()
         assert api.get(path).json() == partly  # as read afresh
+
+
+def test_a_selector_of_the_most_pairs_a_service_can_carry_is_answered(api: Any, fleet: None) -> None:
+    """64 pairs: one statement of 64 ranges (SQLite's compound SELECT allows 500 terms), no 500."""
+    labels = {f"k{i:02}": f"v{i}" for i in range(64)}
+    register(api, "wide", labels=labels)
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    for query, found in (("", ["wide"]), ("&name=kafka-source", ["wide"]), ("&name=payments", [])):
+        listing.PAGES.clear()
+        response = api.get(f"/api/v1/services/?selector={selector}{query}")
+        assert response.status_code == 200, response.content[:300]
+        assert [s["service_id"] for s in response.json()["results"]] == found
+    too_many = selector + ",k64=v64"
+    response = api.get(f"/api/v1/services/?selector={too_many}")
+    assert response.status_code == 400 and "selector" in response.json()
