@@ -30,6 +30,7 @@ Service (the same keys, order and values; tests compare them).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -148,17 +149,20 @@ def _label_statement(pairs: int, named: bool) -> str:
         q("key"),
         q("value"),
     )
+
+    def pair(of: str = "") -> str:
+        """One pair's range (``of``: the table's alias and a dot, if any)."""
+        return f"{of}{key} = %s AND {of}{value} = %s" + (f" AND {of}{name} = %s" if named else "")
+
     if connection.vendor == "sqlite":
-        one = f"SELECT {service}, {name} FROM {label} WHERE {key} = %s AND {value} = %s"
-        one += f" AND {name} = %s" if named else ""
+        one = f"SELECT {service}, {name} FROM {label} WHERE {pair()}"
         # the ids are the first column; the order is (name, id) as the list's
         statement = " INTERSECT ".join([one] * pairs) + " ORDER BY 2, 1"
     else:
-        where = [f"p0.{key} = %s AND p0.{value} = %s" + (f" AND p0.{name} = %s" if named else "")]
+        where = [pair("p0.")]
         for i in range(1, pairs):
-            match = f"p{i}.{key} = %s AND p{i}.{value} = %s" + (f" AND p{i}.{name} = %s" if named else "")
             same = f"p{i}.{name} = p0.{name} AND p{i}.{service} = p0.{service}"
-            where.append(f"EXISTS (SELECT 1 FROM {label} p{i} WHERE {match} AND {same})")
+            where.append(f"EXISTS (SELECT 1 FROM {label} p{i} WHERE {pair(f'p{i}.')} AND {same})")
         statement = (
             f"SELECT p0.{service} FROM {label} p0 WHERE " + " AND ".join(where) + f" ORDER BY p0.{name}, p0.{service}"
         )
@@ -384,14 +388,16 @@ def page_rows(queryset: QuerySet[Any], offset: int, limit: int) -> list[tuple[An
 def _fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """The ``COLUMNS`` rows ``sql`` reads, as the ORM's values (``_converter``)."""
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql" and _C_TIMES is not None:
-            cursor.cursor.adapters.register_loader("timestamptz", _C_TIMES)
+        if connection.vendor == "postgresql" and _c_times() is not None:
+            cursor.cursor.adapters.register_loader("timestamptz", _c_times())
         cursor.execute(sql, params)
         return _converter()(cursor.fetchall())
 
 
+@functools.cache
 def _c_times() -> Any:
-    """psycopg's C loader of ``timestamptz`` (psycopg[binary]), or None. Django's own loader, which the
+    """psycopg's C loader of ``timestamptz`` (psycopg[binary]), or None; looked up on first use, so that a
+    deployment on SQLite does not import psycopg. Django's own loader, which the
     connection has, is its pure-Python one followed by a ``replace`` of the time zone: on a page of 100
     rows its two times cost about as much as the statement. ``_converter`` makes the same ``replace``."""
     try:
@@ -400,9 +406,6 @@ def _c_times() -> Any:
         return None
     loader = adapters.get_loader(postgres.types["timestamptz"].oid, pq.Format.TEXT)
     return loader if loader is not None and loader.__module__.startswith("psycopg_") else None
-
-
-_C_TIMES = _c_times()
 
 
 def _converter() -> Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]]:
@@ -527,13 +530,13 @@ def read_page(
     ``memo`` is dropped. With ``before``, the page as remembered, only the rows of the names ``moved`` (whose
     change counters moved) are read: the others hold, their counters having held (the membership counter
     too, so the page's ids and order are the same)."""
-    partial = before is not None and bool(moved) and [row[0] for row in before.rows] == ids
-    wanted = [row[0] for row in before.rows if row[1] in moved] if before is not None and partial else ids
-    fresh = rows_of(wanted)
+    if before is not None and (not moved or [row[0] for row in before.rows] != ids):
+        before = None  # nothing to keep: read the whole page
+    fresh = rows_of(ids if before is None else [row[0] for row in before.rows if row[1] in moved])
     if fresh is None:
         PAGES.forget(memo)
         return None
-    if before is None or not partial:
+    if before is None:
         rows, kept = fresh, ()
     else:
         read = {row[0]: row for row in fresh}
